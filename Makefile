@@ -1,0 +1,26 @@
+# `make run` and `make test` work on a fresh machine: each builds .venv on first use
+# with the exact versions in constraints.txt, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test benchmark clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) train/run.py
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/optimizer_step.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,57 @@
+"""dualoptax: DualOptim+ and DualOptim for JAX, as composable optax transformations.
+
+Unlearning trains on two objectives, FORGET and RETAIN, whose gradients often conflict.
+DualOptim keeps a separate Adam state per objective; DualOptim+ keeps one shared base
+state plus a per-objective delta, so objectives share momentum when they agree and are
+kept apart when they conflict. See ``dualoptim_plus`` for the optimizer, the
+``scale_by_*`` transforms to compose your own, and ``dualoptim_plus_diagnostics`` for the
+conflict cosines of the paper's Figure 2.
+"""
+
+from dualoptax.alias import (
+    adam,
+    adamw,
+    dualoptim,
+    dualoptim_plus,
+    multi_objective_dualoptim,
+    multi_objective_dualoptim_plus,
+)
+from dualoptax.diagnostics import (
+    ConflictDiagnostics,
+    dualoptim_diagnostics,
+    dualoptim_plus_diagnostics,
+    find_state,
+)
+from dualoptax.objectives import FORGET, RETAIN, scheduled_objective
+from dualoptax.transform import (
+    ScaleByDualOptimPlusState,
+    ScaleByDualOptimState,
+    ScaleByObjectiveLearningRateState,
+    scale_by_dualoptim,
+    scale_by_dualoptim_plus,
+    scale_by_objective_learning_rate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORGET",
+    "RETAIN",
+    "ConflictDiagnostics",
+    "ScaleByDualOptimPlusState",
+    "ScaleByDualOptimState",
+    "ScaleByObjectiveLearningRateState",
+    "adam",
+    "adamw",
+    "dualoptim",
+    "dualoptim_diagnostics",
+    "dualoptim_plus",
+    "dualoptim_plus_diagnostics",
+    "find_state",
+    "multi_objective_dualoptim",
+    "multi_objective_dualoptim_plus",
+    "scale_by_dualoptim",
+    "scale_by_dualoptim_plus",
+    "scale_by_objective_learning_rate",
+    "scheduled_objective",
+]

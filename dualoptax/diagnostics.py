@@ -1,0 +1,191 @@
+"""Conflict diagnostics (the paper's Figure 2): how far apart the objectives' updates are.
+
+For DualOptim+ the update term of objective ``o`` is its bias-corrected first moment
+``Dh_o + Bh``; its preconditioned update is ``(Dh_o + Bh) / (sqrt(|Eh_o + Vh|) + eps)``.
+When forget and retain agree, the base explains both and the two terms point the same
+way (cosine near 1) with small deltas; when they conflict, the base shrinks and the
+deltas carry opposite directions (cosine near -1), which is DualOptim's decoupled regime.
+For DualOptim the terms are each objective's own ``m_o`` and ``m_o / (sqrt(v_o) + eps)``.
+
+The functions read a state (a transform's own state or any optax state containing
+exactly one of them, e.g. the alias's chain state) and return per-leaf values, shaped like
+the params, and totals over all leaves. They are pure and jittable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Type, TypeVar
+
+import jax
+import jax.numpy as jnp
+
+from dualoptax import _numerics, objectives, transform
+
+State = TypeVar("State")
+
+
+class ConflictDiagnostics(NamedTuple):
+  """Cosines and norms of the objectives' update terms; each field per leaf or total.
+
+  For K objectives, ``a`` and ``b`` are the two objectives compared (FORGET and RETAIN
+  by default); ``*_norm`` and ``delta_base_cosine`` have a leading axis of size K.
+  """
+
+  update_cosine: Any  # cos(first-moment term of a, of b): Dh_a + Bh vs Dh_b + Bh.
+  preconditioned_cosine: Any  # cos of the full updates of a and b (before the lr).
+  delta_base_cosine: Any  # (K,) cos(Dh_o, Bh); zeros for DualOptim (no base).
+  update_norm: Any  # (K,) norm of each objective's first-moment term.
+  delta_norm: Any  # (K,) norm of each objective's bias-corrected delta Dh_o.
+  base_norm: Any  # norm of the bias-corrected base Bh (zero for DualOptim).
+
+
+def find_state(opt_state: Any, state_type: Type[State]) -> State:
+  """Returns the single ``state_type`` inside ``opt_state`` (e.g. a chain's state).
+
+  Raises:
+    ValueError: if there is none, or more than one.
+  """
+  found = [
+      s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
+      if isinstance(s, state_type)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one {state_type.__name__} in the optimizer state, found "
+        f"{len(found)}")
+  return found[0]
+
+
+def _correct(moment: jax.Array, beta: Any, count: jax.Array) -> jax.Array:
+  """Bias-corrects a moment that has absorbed ``count`` values; zero if ``count`` is 0."""
+  denominator = _numerics.one_minus_power(beta, count)
+  safe = jnp.where(count > 0, denominator, 1.0)
+  return moment.astype(jnp.float32) / safe
+
+
+def _gram(stacked: jax.Array) -> jax.Array:
+  """(K, K) matrix of dot products between the K rows of a (K, ...) array."""
+  rows = stacked.reshape(stacked.shape[0], -1)
+  return jnp.matmul(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _sums(first, precond, base) -> dict[str, jax.Array]:
+  """Sufficient statistics of one leaf: dot products and squared norms (float32)."""
+  delta = (first - base[None]).reshape(first.shape[0], -1)
+  base = base.reshape(-1)
+  return dict(
+      first_dot=_gram(first),
+      precond_dot=_gram(precond),
+      delta_base=delta @ base if base.size else jnp.zeros(first.shape[0]),
+      delta_sq=jnp.sum(delta * delta, axis=1),
+      base_sq=jnp.sum(base * base),
+  )
+
+
+def _finish(sums: dict[str, jax.Array], a: int, b: int) -> ConflictDiagnostics:
+  def cosine(dot, sq_x, sq_y):
+    return dot / jnp.maximum(jnp.sqrt(sq_x * sq_y), jnp.finfo(jnp.float32).tiny)
+
+  first_sq = jnp.diagonal(sums["first_dot"])
+  precond_sq = jnp.diagonal(sums["precond_dot"])
+  return ConflictDiagnostics(
+      update_cosine=cosine(sums["first_dot"][a, b], first_sq[a], first_sq[b]),
+      preconditioned_cosine=cosine(sums["precond_dot"][a, b], precond_sq[a], precond_sq[b]),
+      delta_base_cosine=cosine(sums["delta_base"], sums["delta_sq"], sums["base_sq"]),
+      update_norm=jnp.sqrt(first_sq),
+      delta_norm=jnp.sqrt(sums["delta_sq"]),
+      base_norm=jnp.sqrt(sums["base_sq"]),
+  )
+
+
+def _diagnose(terms_per_leaf, like, a, b):
+  """Per-leaf and total diagnostics from a tree of (first, precond, base) tuples."""
+  treedef = jax.tree.structure(like)
+  leaf_sums = [_sums(*terms) for terms in treedef.flatten_up_to(terms_per_leaf)]
+  per_leaf = [_finish(s, a, b) for s in leaf_sums]
+  per_leaf = ConflictDiagnostics(*(  # one tree per field
+      treedef.unflatten([getattr(d, f) for d in per_leaf])
+      for f in ConflictDiagnostics._fields))
+  total = _finish(jax.tree.map(lambda *xs: sum(xs), *leaf_sums), a, b)
+  return per_leaf, total
+
+
+def dualoptim_plus_diagnostics(
+    opt_state: Any,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    base_b1: float = 0.9,
+    base_b2: float = 0.95,
+    eps: float = 1e-8,
+    a: int = objectives.FORGET,
+    b: int = objectives.RETAIN,
+) -> tuple[ConflictDiagnostics, ConflictDiagnostics]:
+  """Conflict diagnostics of a DualOptim+ state, as of its last step.
+
+  Pass the same decays and eps as the optimizer (the defaults are the alias's).
+
+  Args:
+    opt_state: a ``ScaleByDualOptimPlusState`` or a state containing exactly one.
+    b1, b2, base_b1, base_b2, eps: the optimizer's hyperparameters.
+    a, b: the two objectives compared by the cosines.
+
+  Returns:
+    ``(per_leaf, total)``: per-leaf diagnostics (each field a tree like the params) and
+    the same quantities over all leaves together.
+
+  Example:
+    >>> import jax.numpy as jnp, dualoptax
+    >>> tx = dualoptax.dualoptim_plus(1e-3)
+    >>> params = {'w': jnp.ones(4)}
+    >>> state = tx.init(params)
+    >>> for g in (jnp.array([1., 2, 3, 4]), jnp.array([-1., -2, -3, 4])):
+    ...   _, state = tx.update({'w': g}, state, params)
+    >>> per_leaf, total = dualoptax.dualoptim_plus_diagnostics(state)
+    >>> bool(total.update_cosine < 1.0)
+    True
+  """
+  s = find_state(opt_state, transform.ScaleByDualOptimPlusState)
+  counts = s.objective_counts
+
+  def terms(base_mu, base_nu, delta_mu, delta_nu):
+    mu_base = _correct(base_mu, base_b1, s.count)
+    nu_base = _correct(base_nu, base_b2, s.count)
+    k_counts = counts.reshape((-1,) + (1,) * base_mu.ndim)
+    delta_first = _correct(delta_mu, b1, k_counts)
+    delta_second = _correct(delta_nu, b2, k_counts)
+    first = delta_first + mu_base[None]
+    precond = first / (jnp.sqrt(jnp.abs(delta_second + nu_base[None])) + eps)
+    return first, precond, mu_base
+
+  out = jax.tree.map(terms, s.base_mu, s.base_nu, s.delta_mu, s.delta_nu)
+  return _diagnose(out, s.base_mu, a, b)
+
+
+def dualoptim_diagnostics(
+    opt_state: Any,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    a: int = objectives.FORGET,
+    b: int = objectives.RETAIN,
+) -> tuple[ConflictDiagnostics, ConflictDiagnostics]:
+  """Conflict diagnostics of a DualOptim state (no base: deltas are the moments).
+
+  Args: as :func:`dualoptim_plus_diagnostics` without the base decays.
+
+  Returns:
+    ``(per_leaf, total)`` as :func:`dualoptim_plus_diagnostics`.
+  """
+  s = find_state(opt_state, transform.ScaleByDualOptimState)
+  counts = s.objective_counts
+
+  def terms(mu, nu):
+    k_counts = counts.reshape((-1,) + (1,) * (mu.ndim - 1))
+    first = _correct(mu, b1, k_counts)
+    precond = first / (jnp.sqrt(_correct(nu, b2, k_counts)) + eps)
+    return first, precond, jnp.zeros_like(first[0])
+
+  out = jax.tree.map(terms, s.mu, s.nu)
+  return _diagnose(out, jax.tree.map(lambda m: m[0], s.mu), a, b)
