@@ -1,0 +1,435 @@
+"""Block-wise 8-bit dynamic quantization, code-for-code equal to bitsandbytes' CPU quantizer.
+
+DualOptim+ 8-bit stores each moment tensor as one uint8 code per value plus one float32
+scale per block of ``block_size`` (256) values, as in Dettmers et al., "8-bit Optimizers
+via Block-wise Quantization". A code indexes a 256-entry "dynamic tree" map on [-1, 1]
+(signed) or [0, 1] (unsigned) whose entries crowd towards zero, so small moments keep
+relative precision.
+
+Quantizing a block (the rule of the bitsandbytes 0.50.2 CPU backend, which produced the
+golden files; see ``shared/golden/README.md``):
+
+* ``absmax`` = max |x| over the block (blocks run over the row-major flattening; the last
+  one may be partial and its padding never counts);
+* if ``absmax == 0`` every code of the block is 0, which dequantizes to 0 with either map
+  (``map[0] * 0``);
+* otherwise ``y = clip(x * (1 / absmax), -1, 1)``, the reciprocal rounded to float32 first;
+  ``j = trunc((y + 1) * 0.5 * 65535 + 0.5)`` evaluated in float32; the code is ``lut[j]``,
+  where ``lut`` (:func:`make_code_lut`) counts the map midpoints below grid point ``j``.
+
+This is NOT the nearest map entry: where neighbouring entries are closer than the 3.05e-5
+grid step (near zero) a value can land one or more codes away from the nearest one, and
+an exact 0 inside a non-zero block becomes signed code 131 (2.125e-5 * absmax) or unsigned
+code 7 (1.5625e-5 * absmax), never 0. Dequantization is ``map[code] * absmax`` in float32.
+
+Example::
+
+  >>> import jax.numpy as jnp
+  >>> from dualoptax import quantization
+  >>> tables = quantization.signed_tables()
+  >>> q = quantization.quantize(jnp.array([0.5, -2.0, 0.0]), tables)
+  >>> q.codes, q.absmax
+  (Array([201,   0, 131], dtype=uint8), Array([2.], dtype=float32))
+  >>> q.dequantize(tables)  # The exact 0 comes back as 2.125e-5 * absmax.
+  Array([ 4.9531248e-01, -1.9859375e+00,  4.2499996e-05], dtype=float32)
+
+Tables are data, not constants: :class:`QuantizationTables` is a pytree, and every function
+here takes it as an argument, so callers can pass the 64 KiB lookup table into their jitted
+function (e.g. inside an optimizer state) instead of having XLA embed it in the program.
+The project found embedded tables slower inside a whole optimizer step; for quantize or
+dequantize alone (``benchmarks/quantization.py``, XLA:CPU) the two compile equally fast.
+
+Non-finite inputs (measured on XLA:CPU, jax 0.10.2). They never vanish silently: a block
+holding a NaN or an infinity reads back as non-finite values throughout; other blocks are
+unaffected.
+
+* NaN anywhere in a block makes its ``absmax`` NaN, so all of the block's values
+  dequantize to NaN whatever their codes. (The codes are then meaningless: on XLA:CPU
+  NaN converts to grid index 0, giving code 0.)
+* +-Inf (and no NaN) in a block makes its ``absmax`` +Inf and the reciprocal 0. Finite
+  values get the code of y = 0 (signed 131, unsigned 7) and dequantize to +Inf. The
+  infinities themselves become ``inf * 0 = NaN`` and code 0, which dequantizes to -Inf
+  with the signed map (``map[0] < 0``: +Inf comes back as -Inf) and to NaN with the
+  unsigned map (``map[0] = 0``).
+
+An all-zero block dequantizes to -0.0 with the signed map (``map[0] * 0`` with
+``map[0] < 0``), as in the reference. A block whose absmax is a float32 subnormal
+(< 2**-126) can differ from the reference: XLA:CPU flushes subnormals to zero, so the
+block quantizes as all-zero, while the reference computes with the subnormal. At the
+other end, a block with absmax >= 2**126 (~8.5e37) has a subnormal reciprocal; this module
+rescales such a block by 2**-64 first to keep it normal, so its values are quantized
+correctly but a code can differ by one from the reference's where a value sits on a bin
+edge (the reference's reciprocal carries fewer significant bits there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from fractions import Fraction
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_BLOCK_SIZE = 256
+NUM_CODES = 256
+# Resolution of the reference's intermediate grid on [-1, 1]: 65536 points 2/65535 apart.
+NUM_GRID_POINTS = 65536
+
+# 1 / absmax is a float32 subnormal from here on (see quantize_blockwise).
+_LARGEST_NORMAL_RECIPROCAL_ABSMAX = 2.0**126
+
+# Parameters of the dynamic tree map: 7 decades below 1 (1e-6 .. 1) for 8-bit codes.
+_NUM_DECADES = 7
+_FRACTION_LOW = 0.1
+_FRACTION_HIGH = 1.0
+
+
+class QuantizationTables(NamedTuple):
+  """The two tables that define one quantization map; a pytree of two arrays.
+
+  Attributes:
+    code_map: float32 (256,), sorted map entries; code ``c`` stands for ``code_map[c]``.
+    lut: uint8 (65536,), the code the reference quantizer assigns to grid point ``j``.
+  """
+
+  code_map: Any
+  lut: Any
+
+
+# ---------------------------------------------------------------------------------------
+# Building the tables (numpy, once per process).
+# ---------------------------------------------------------------------------------------
+
+
+def _fused_multiply_add_f32(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+  """``a * b + c`` rounded once to float32, as a hardware FMA computes it.
+
+  The reference map generator (PyTorch's float32 ``linspace``, built for AVX2) evaluates
+  ``start + step * i`` with one fused rounding; rounding the product separately changes
+  the last bit of 42 signed and 31 unsigned map entries.
+  """
+  exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+  # The product of two float32 numbers is exact in float64, and for the operands used
+  # here the sum spans well under 53 bits, so it is exact too. Checked, not assumed:
+  # np.float32(...) below must be the only rounding.
+  wide = float(a) * float(b) + float(c)
+  if Fraction(wide) != exact:
+    raise ArithmeticError(f"fma({a}, {b}, {c}) is not exact in float64")
+  return np.float32(wide)
+
+
+def _linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
+  """``num`` evenly spaced float32 points, rounded the way the reference generator did.
+
+  The step is rounded to float32 once. The first half counts up from ``start`` and the
+  second half down from ``stop`` (so both ends are exact), each point with one fused
+  multiply-add.
+  """
+  start32, stop32 = np.float32(start), np.float32(stop)
+  step = np.float32((stop32 - start32) / np.float32(num - 1))
+  points = np.empty(num, np.float32)
+  for i in range(num):
+    if i < num // 2:
+      points[i] = _fused_multiply_add_f32(step, np.float32(i), start32)
+    else:
+      points[i] = _fused_multiply_add_f32(-step, np.float32(num - 1 - i), stop32)
+  return points
+
+
+def create_dynamic_map(signed: bool) -> np.ndarray:
+  """The 256-entry dynamic tree quantization map (Dettmers et al.), sorted, float32.
+
+  Each decade ``10**-6, ..., 10**0`` holds a linear "fraction" grid: decade ``d`` (0 for
+  1e-6 up to 6 for 1) splits [0.1, 1] into ``2**d`` equal intervals (signed map, once per
+  sign) or ``2**(d + 1)`` (unsigned map, which spends the sign bit on precision) and takes
+  their midpoints times ``10**(d - 6)``. With 0 and 1 added this gives 2 * 127 + 2 (signed)
+  or 254 + 2 (unsigned) = 256 entries. Signed: -0.99296874 ... 0 (index 127) ... 1.
+  Unsigned: 0 (index 0) ... 1. The float32 rounding follows the reference bit for bit.
+
+  Args:
+    signed: whether the map covers [-1, 1] (True) or [0, 1] (False).
+
+  Returns:
+    float32 array of shape (256,), ascending.
+  """
+  entries = [np.float32(0.0), np.float32(1.0)]
+  for decade in range(_NUM_DECADES):
+    intervals = 2**decade if signed else 2**(decade + 1)
+    edges = _linspace_f32(_FRACTION_LOW, _FRACTION_HIGH, intervals + 1)
+    midpoints = (edges[:-1] + edges[1:]) / np.float32(2.0)
+    scale = np.float32(10.0**(decade - (_NUM_DECADES - 1)))
+    magnitudes = scale * midpoints  # float32 * float32, one rounding.
+    entries.extend(magnitudes)
+    if signed:
+      entries.extend(-magnitudes)
+  code_map = np.sort(np.asarray(entries, np.float32))
+  assert code_map.shape == (NUM_CODES,), code_map.shape
+  return code_map
+
+
+def lut_grid() -> np.ndarray:
+  """The float32 grid ``-1 + 2 i / 65535`` (i = 0 .. 65535) the lookup table is indexed by."""
+  i = np.arange(NUM_GRID_POINTS, dtype=np.float32)
+  return (np.float32(-1.0) + np.float32(2.0) * i / np.float32(NUM_GRID_POINTS - 1)).astype(
+      np.float32)
+
+
+def make_code_lut(code_map: np.ndarray) -> np.ndarray:
+  """Lookup table from grid index to code, as the reference CPU quantizer builds it.
+
+  ``lut[i]`` is the number of float32 midpoints ``(map[k] + map[k + 1]) * 0.5`` strictly
+  below grid point ``i`` (see :func:`lut_grid`), i.e. the code whose interval between
+  midpoints contains the grid point, ties going to the lower code.
+
+  Args:
+    code_map: float32 (256,) ascending map.
+
+  Returns:
+    uint8 array of shape (65536,).
+  """
+  code_map = np.asarray(code_map, np.float32)
+  midpoints = ((code_map[:-1] + code_map[1:]) * np.float32(0.5)).astype(np.float32)
+  # side="left" counts midpoints < grid point (strictly).
+  return np.searchsorted(midpoints, lut_grid(), side="left").astype(np.uint8)
+
+
+@functools.cache
+def numpy_tables(signed: bool) -> QuantizationTables:
+  """Read-only numpy tables for the signed or unsigned dynamic map (cached)."""
+  code_map = create_dynamic_map(signed)
+  lut = make_code_lut(code_map)
+  code_map.flags.writeable = False
+  lut.flags.writeable = False
+  return QuantizationTables(code_map=code_map, lut=lut)
+
+
+@functools.cache
+def tables_for(signed: bool) -> QuantizationTables:
+  """Device (jax) tables for the signed or unsigned dynamic map (cached).
+
+  Pass the result into jitted code as an argument, not as a closed-over constant.
+  """
+  # Concrete even when first called while tracing, so no tracer lands in the cache.
+  with jax.ensure_compile_time_eval():
+    return QuantizationTables(*(jnp.asarray(table) for table in numpy_tables(signed)))
+
+
+def signed_tables() -> QuantizationTables:
+  """Tables of the signed map, for moments that can be negative."""
+  return tables_for(True)
+
+
+def unsigned_tables() -> QuantizationTables:
+  """Tables of the unsigned map, for non-negative moments (second moments)."""
+  return tables_for(False)
+
+
+# ---------------------------------------------------------------------------------------
+# Quantize / dequantize (jax.numpy, jittable, vmappable).
+# ---------------------------------------------------------------------------------------
+
+
+def num_blocks(size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+  """``ceil(size / block_size)``: how many absmax values an array of ``size`` needs."""
+  _check_block_size(block_size)
+  return -(-size // block_size)
+
+
+def _check_block_size(block_size: Any) -> None:
+  if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+    raise ValueError(f"block_size must be a positive Python int, got {block_size!r}")
+
+
+def _per_element(per_block: jax.Array, size: int, block_size: int) -> jax.Array:
+  """Repeats each block's value over its ``block_size`` elements, cut to ``size``.
+
+  A broadcast + reshape + slice that XLA fuses into the consumer, so no (size,) array of
+  scales is materialised and no gather is needed.
+  """
+  blocks = per_block.shape[0]
+  repeated = jnp.broadcast_to(per_block[:, None], (blocks, block_size)).reshape(-1)
+  return repeated[:size]
+
+
+def _block_absmax(flat: jax.Array, block_size: int) -> jax.Array:
+  blocks = num_blocks(flat.size, block_size)
+  # Zero padding cannot raise a maximum of absolute values (and a NaN still wins).
+  padded = jnp.pad(flat, (0, blocks * block_size - flat.size))
+  return jnp.max(jnp.abs(padded.reshape(blocks, block_size)), axis=1)
+
+
+def quantize_blockwise(
+    x: jax.Array,
+    tables: QuantizationTables,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+  """Quantizes ``x`` block-wise with the reference CPU rule (see the module docstring).
+
+  Args:
+    x: array of any shape; cast to float32. Blocks of ``block_size`` run over its
+      row-major flattening; the last block may be partial.
+    tables: :class:`QuantizationTables` of the map to use (signed or unsigned).
+    block_size: values per block (a Python int; static under ``jax.jit``).
+
+  Returns:
+    ``(codes, absmax)``: uint8 codes of ``x.shape`` and float32 per-block absolute maxima
+    of shape ``(ceil(x.size / block_size),)``.
+  """
+  _check_block_size(block_size)
+  x = jnp.asarray(x, jnp.float32)
+  flat = x.reshape(-1)
+  absmax = _block_absmax(flat, block_size)
+
+  # The reference multiplies by a float32 reciprocal rather than dividing: that rounds
+  # differently, and the codes must match. 1/0 = inf is harmless: those blocks are all
+  # zero and their codes are overwritten below.
+  # Past absmax = 2**126 the reciprocal is a subnormal, which XLA:CPU flushes to zero
+  # (every code would become that of 0). Such blocks are scaled by 2**-64 first, exactly,
+  # keeping the reciprocal normal; for all other blocks the scale is 1 and changes nothing.
+  prescale = jnp.where(absmax >= _LARGEST_NORMAL_RECIPROCAL_ABSMAX, jnp.float32(2.0**-64),
+                       jnp.float32(1.0))
+  inverse = jnp.float32(1.0) / (absmax * prescale)
+  zero_block = _per_element(absmax == 0, flat.size, block_size)
+  prescaled = flat * _per_element(prescale, flat.size, block_size)
+  y = jnp.clip(prescaled * _per_element(inverse, flat.size, block_size), -1.0, 1.0)
+  # j = trunc((y + 1) * 0.5 * 65535 + 0.5), each operation rounded to float32. The product
+  # with 65535 is written as h * 65536 - h (h * 65536 is exact) so that a compiler fusing
+  # a multiply and an add into an FMA cannot skip a rounding: with or without fusion the
+  # result is round(h * 65535), then + 0.5 is rounded separately.
+  half = (y + 1.0) * 0.5
+  scaled = half * jnp.float32(NUM_GRID_POINTS) - half
+  grid_index = (scaled + 0.5).astype(jnp.int32)  # Non-negative, so the cast truncates.
+  codes = jnp.take(tables.lut, grid_index, mode="clip")
+  codes = jnp.where(zero_block, jnp.uint8(0), codes)
+  return codes.reshape(x.shape), absmax
+
+
+def dequantize_blockwise(
+    codes: jax.Array,
+    absmax: jax.Array,
+    tables: QuantizationTables,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+  """``code_map[code] * absmax[block]`` in float32, in the shape of ``codes``.
+
+  Args:
+    codes: uint8 codes of any shape (row-major blocks, as from :func:`quantize_blockwise`).
+    absmax: float32 (ceil(codes.size / block_size),) per-block scales.
+    tables: :class:`QuantizationTables` of the map the codes index.
+    block_size: values per block (a Python int; static under ``jax.jit``).
+
+  Returns:
+    float32 array of ``codes.shape``.
+  """
+  _check_block_size(block_size)
+  codes = jnp.asarray(codes)
+  absmax = jnp.asarray(absmax, jnp.float32)
+  expected_blocks = num_blocks(codes.size, block_size)
+  if absmax.shape != (expected_blocks,):
+    raise ValueError(
+        f"absmax has shape {absmax.shape}, expected ({expected_blocks},) for "
+        f"{codes.size} codes in blocks of {block_size}")
+  flat = codes.reshape(-1).astype(jnp.int32)
+  values = jnp.take(jnp.asarray(tables.code_map, jnp.float32), flat, mode="clip")
+  return (values * _per_element(absmax, flat.size, block_size)).reshape(codes.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# A pytree holding one quantized array.
+# ---------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "absmax"],
+    meta_fields=["block_size", "signed"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """An array stored as 8-bit codes plus per-block float32 scales.
+
+  A pytree whose leaves are ``codes`` and ``absmax`` only. ``block_size`` and ``signed``
+  are static metadata (part of the tree structure), so jit, ``jax.tree.map`` and
+  checkpointing see two arrays and a change of map or block size is a change of
+  structure.
+
+  Attributes:
+    codes: uint8, the original array's shape.
+    absmax: float32 (ceil(codes.size / block_size),).
+    block_size: values per block.
+    signed: True if the codes index the signed map, False for the unsigned one.
+  """
+
+  codes: Any
+  absmax: Any
+  block_size: int = DEFAULT_BLOCK_SIZE
+  signed: bool = True
+
+  @classmethod
+  def quantize(
+      cls,
+      x: jax.Array,
+      tables: Optional[QuantizationTables] = None,
+      block_size: int = DEFAULT_BLOCK_SIZE,
+      signed: bool = True,
+  ) -> "QuantizedArray":
+    """Quantizes ``x`` with the ``signed`` (or unsigned) map.
+
+    Args:
+      x: array to quantize (any shape; cast to float32).
+      tables: the tables of the map chosen by ``signed``; the caller must keep the two
+        consistent. None uses :func:`tables_for`, which inside ``jit`` embeds them as
+        constants (slower than passing them in).
+      block_size: values per block.
+      signed: which map the codes index.
+
+    Returns:
+      The quantized array.
+    """
+    if tables is None:
+      tables = tables_for(signed)
+    codes, absmax = quantize_blockwise(x, tables, block_size)
+    return cls(codes=codes, absmax=absmax, block_size=block_size, signed=bool(signed))
+
+  def dequantize(self, tables: Optional[QuantizationTables] = None) -> jax.Array:
+    """Float32 values of the original shape (``tables`` None: :func:`tables_for`)."""
+    if tables is None:
+      tables = tables_for(self.signed)
+    return dequantize_blockwise(self.codes, self.absmax, tables, self.block_size)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the original (and dequantized) array."""
+    return tuple(self.codes.shape)
+
+  @property
+  def size(self) -> int:
+    """Number of quantized values."""
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held by codes and absmax (works on tracers and abstract arrays too)."""
+    return sum(
+        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        for leaf in (self.codes, self.absmax))
+
+
+def quantize(
+    x: jax.Array,
+    tables: Optional[QuantizationTables] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    signed: bool = True,
+) -> QuantizedArray:
+  """Functional form of :meth:`QuantizedArray.quantize`."""
+  return QuantizedArray.quantize(x, tables, block_size, signed)
+
+
+def dequantize(
+    quantized: QuantizedArray, tables: Optional[QuantizationTables] = None) -> jax.Array:
+  """Functional form of :meth:`QuantizedArray.dequantize`."""
+  return quantized.dequantize(tables)
