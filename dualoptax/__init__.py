@@ -18,10 +18,14 @@ from dualoptax.alias import (
 )
 from dualoptax.diagnostics import (
     ConflictDiagnostics,
+    bytes_per_parameter,
     dualoptim_diagnostics,
     dualoptim_plus_diagnostics,
     find_state,
+    state_nbytes,
 )
+from dualoptax.quantization import QuantizedArray
+from dualoptax._moments import Precision
 from dualoptax.objectives import FORGET, RETAIN, scheduled_objective
 from dualoptax.transform import (
     ScaleByDualOptimPlusState,
@@ -38,11 +42,14 @@ __all__ = [
     "FORGET",
     "RETAIN",
     "ConflictDiagnostics",
+    "Precision",
+    "QuantizedArray",
     "ScaleByDualOptimPlusState",
     "ScaleByDualOptimState",
     "ScaleByObjectiveLearningRateState",
     "adam",
     "adamw",
+    "bytes_per_parameter",
     "dualoptim",
     "dualoptim_diagnostics",
     "dualoptim_plus",
@@ -54,4 +61,5 @@ __all__ = [
     "scale_by_dualoptim_plus",
     "scale_by_objective_learning_rate",
     "scheduled_objective",
+    "state_nbytes",
 ]

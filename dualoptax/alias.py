@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax.numpy as jnp
 import optax
 
-from dualoptax import _checks, transform
+from dualoptax import _checks, _numerics, objectives, transform
+from dualoptax._moments import Precision
 
 ScalarOrSchedule = transform.ScalarOrSchedule
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -25,6 +26,26 @@ MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 def _decoupled_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientTransformation:
   _checks.check_non_negative("weight_decay", weight_decay)
   return optax.add_decayed_weights(weight_decay, mask)
+
+
+def _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps):
+  """Checks the forget/retain arguments under the names the caller used."""
+  _checks.check_non_negative("forget_lr_ratio", forget_lr_ratio)
+  _checks.check_non_negative("retain_lr_ratio", retain_lr_ratio)
+  objectives.validate_objective_steps([forget_steps], "forget_steps")
+  objectives.validate_objective_steps([retain_steps], "retain_steps")
+  if all(_numerics.is_concrete_number(v) for v in (forget_steps, retain_steps)) and (
+      forget_steps == 0 and retain_steps == 0):
+    raise ValueError(
+        "forget_steps and retain_steps must not both be 0, got forget_steps=0, retain_steps=0")
+
+
+def _check_multi(objective_steps, objective_lr_ratios):
+  objectives.validate_objective_steps(objective_steps, "objective_steps")
+  _checks.check_same_length("objective_lr_ratios", objective_lr_ratios, len(objective_steps),
+                            "the length of objective_steps")
+  for i, ratio in enumerate(objective_lr_ratios):
+    _checks.check_non_negative(f"objective_lr_ratios[{i}]", ratio)
 
 
 def _lr_chain(
@@ -54,7 +75,13 @@ def multi_objective_dualoptim_plus(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
+    state_bits: int = 32,
+    min_8bit_size: int = 4096,
+    block_size: int = 256,
+    keep_fp32: MaskOrFn = None,
+    quantize_base: bool = True,
+    quantize_deltas: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ for K objectives: one shared base state plus one delta per objective.
 
@@ -69,16 +96,27 @@ def multi_objective_dualoptim_plus(
     eps: added to the square root, after bias correction.
     weight_decay: decoupled weight decay, scaled by the per-objective learning rate.
     weight_decay_mask: optional mask (or function of params) choosing decayed leaves.
-    state_dtype: dtype of the moments.
+    state_dtype: dtype of the unquantized moments (None: float32).
+    state_bits: 32 for float32 moments, 8 for block-wise quantized moments.
+    min_8bit_size: with 8-bit states, leaves smaller than this keep float32 moments.
+    block_size: with 8-bit states, values per quantization block.
+    keep_fp32: with 8-bit states, a tree of bools like the params (or a function of the
+      params returning one) marking leaves that keep float32 moments, e.g. embeddings.
+    quantize_base: with 8-bit states, whether the base moments are quantized.
+    quantize_deltas: with 8-bit states, whether the delta moments are quantized.
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=`` (int or int32 array).
   """
+  objectives.validate_objective_steps(objective_steps, "objective_steps")
   if objective_lr_ratios is None:
     objective_lr_ratios = (1.0,) * len(objective_steps)
+  _check_multi(objective_steps, objective_lr_ratios)
   return _lr_chain(
       transform.scale_by_dualoptim_plus(
-          b1, b2, base_b1, base_b2, eps, objective_steps, state_dtype),
+          b1, b2, base_b1, base_b2, eps, objective_steps,
+          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype),
+          quantize_base=quantize_base, quantize_deltas=quantize_deltas),
       learning_rate, weight_decay, weight_decay_mask, objective_lr_ratios, objective_steps)
 
 
@@ -95,7 +133,13 @@ def dualoptim_plus(
     forget_steps: int = 1,
     retain_steps: int = 1,
     weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
+    state_bits: int = 32,
+    min_8bit_size: int = 4096,
+    block_size: int = 256,
+    keep_fp32: MaskOrFn = None,
+    quantize_base: bool = True,
+    quantize_deltas: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ (arXiv 2605.21539) for unlearning: forget and retain objectives.
 
@@ -120,7 +164,14 @@ def dualoptim_plus(
     forget_steps: forget steps per cycle of the schedule (the paper's TOFU runs: 1).
     retain_steps: retain steps per cycle of the schedule (the paper's TOFU runs: 5).
     weight_decay_mask: optional mask (or function of params) choosing decayed leaves.
-    state_dtype: dtype of the moments.
+    state_dtype: dtype of the unquantized moments (None: float32).
+    state_bits: 32 for float32 moments, 8 for block-wise quantized moments.
+    min_8bit_size: with 8-bit states, leaves smaller than this keep float32 moments.
+    block_size: with 8-bit states, values per quantization block.
+    keep_fp32: with 8-bit states, a tree of bools like the params (or a function of the
+      params returning one) marking leaves that keep float32 moments, e.g. embeddings.
+    quantize_base: with 8-bit states, whether the base moments are quantized.
+    quantize_deltas: with 8-bit states, whether the delta moments are quantized.
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
@@ -136,10 +187,13 @@ def dualoptim_plus(
     >>> updates, state = tx.update(grads, state, params)  # step 0 serves FORGET
     >>> params = optax.apply_updates(params, updates)
   """
+  _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return multi_objective_dualoptim_plus(
       learning_rate, (forget_steps, retain_steps), (forget_lr_ratio, retain_lr_ratio),
       b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, state_dtype=state_dtype)
+      weight_decay_mask=weight_decay_mask, state_dtype=state_dtype, state_bits=state_bits,
+      min_8bit_size=min_8bit_size, block_size=block_size, keep_fp32=keep_fp32,
+      quantize_base=quantize_base, quantize_deltas=quantize_deltas)
 
 
 def multi_objective_dualoptim(
@@ -151,7 +205,11 @@ def multi_objective_dualoptim(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
+    state_bits: int = 32,
+    min_8bit_size: int = 4096,
+    block_size: int = 256,
+    keep_fp32: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim for K objectives: separate Adam moments and counters per objective.
 
@@ -160,10 +218,14 @@ def multi_objective_dualoptim(
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
   """
+  objectives.validate_objective_steps(objective_steps, "objective_steps")
   if objective_lr_ratios is None:
     objective_lr_ratios = (1.0,) * len(objective_steps)
+  _check_multi(objective_steps, objective_lr_ratios)
   return _lr_chain(
-      transform.scale_by_dualoptim(b1, b2, eps, objective_steps, state_dtype),
+      transform.scale_by_dualoptim(
+          b1, b2, eps, objective_steps,
+          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype)),
       learning_rate, weight_decay, weight_decay_mask, objective_lr_ratios, objective_steps)
 
 
@@ -178,7 +240,11 @@ def dualoptim(
     forget_steps: int = 1,
     retain_steps: int = 1,
     weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
+    state_bits: int = 32,
+    min_8bit_size: int = 4096,
+    block_size: int = 256,
+    keep_fp32: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim (NeurIPS 2025): an independent AdamW state per objective.
 
@@ -187,10 +253,12 @@ def dualoptim(
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
   """
+  _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return multi_objective_dualoptim(
       learning_rate, (forget_steps, retain_steps), (forget_lr_ratio, retain_lr_ratio),
       b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, state_dtype=state_dtype)
+      weight_decay_mask=weight_decay_mask, state_dtype=state_dtype, state_bits=state_bits,
+      min_8bit_size=min_8bit_size, block_size=block_size, keep_fp32=keep_fp32)
 
 
 def adamw(
@@ -219,6 +287,7 @@ def adamw(
   _checks.check_decay("b1", b1)
   _checks.check_decay("b2", b2)
   _checks.check_non_negative("eps", eps)
+  _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return _lr_chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay,
       weight_decay_mask, (forget_lr_ratio, retain_lr_ratio), (forget_steps, retain_steps))

@@ -43,8 +43,9 @@ def validate_objective_steps(steps: Sequence[Any], name: str = "objective_steps"
       continue
     as_float = float(value)
     if as_float != int(as_float) or as_float < 0:
+      where = name if len(steps) == 1 and not name.startswith("objective") else f"{name}[{i}]"
       raise ValueError(
-          f"{name}[{i}] must be a non-negative integer number of steps, got {value!r}")
+          f"{where} must be a non-negative integer number of steps, got {where}={value!r}")
     concrete.append(int(as_float))
   if len(concrete) == len(steps) and sum(concrete) == 0:
     raise ValueError(f"{name} must contain at least one positive count, got {tuple(steps)!r}")

@@ -19,14 +19,15 @@ neither copied nor touched and one compiled step serves every objective.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from dualoptax import _checks, _numerics, _tree, objectives
+from dualoptax import _checks, _moments, _numerics, _tree, objectives
+from dualoptax._moments import Precision
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -40,6 +41,7 @@ class ScaleByDualOptimPlusState(NamedTuple):
   base_nu: optax.Updates  # V: EMA of every step's squared gradient.
   delta_mu: optax.Updates  # D: per objective, EMA of g - Bh; leaves (K, *param.shape).
   delta_nu: optax.Updates  # E: per objective, EMA of g^2 - Vh; may be negative.
+  tables: Optional[_moments.StateTables] = None  # code tables when states are 8-bit.
 
 
 class ScaleByDualOptimState(NamedTuple):
@@ -49,6 +51,7 @@ class ScaleByDualOptimState(NamedTuple):
   objective_counts: jax.Array  # int32 (K,), steps taken per objective.
   mu: optax.Updates  # per objective Adam first moment; leaves (K, *param.shape).
   nu: optax.Updates  # per objective Adam second moment; leaves (K, *param.shape).
+  tables: Optional[_moments.StateTables] = None  # code tables when states are 8-bit.
 
 
 class ScaleByObjectiveLearningRateState(NamedTuple):
@@ -57,18 +60,20 @@ class ScaleByObjectiveLearningRateState(NamedTuple):
   count: jax.Array  # int32 (), steps taken: input to the schedule and the lr schedule.
 
 
-def _zeros_stacked(params: Any, num_objectives: int, dtype: Any) -> Any:
+def _zero_moments(params, precision: Precision, quantize: bool, signed: bool,
+                  num_objectives: Optional[int] = None) -> Any:
+  """Zero moments like ``params`` (stacked K times if ``num_objectives``)."""
+  which = precision.which_leaves(params)
   return jax.tree.map(
-      lambda p: jnp.zeros((num_objectives, *jnp.shape(p)), dtype or jnp.result_type(p)),
-      params)
+      lambda p, q: precision.zeros(p, quantize and q, signed, num_objectives), params, which)
 
 
-def _row(stacked: jax.Array, index: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_index_in_dim(stacked, index, axis=0, keepdims=False)
-
-
-def _set_row(stacked: jax.Array, row: jax.Array, index: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_update_index_in_dim(stacked, row.astype(stacked.dtype), index, 0)
+def _moment_tree(moments: Any) -> Any:
+  """``moments`` with 8-bit moments as leaves, for checking against the updates."""
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(
+          m.codes.shape, jnp.float32) if isinstance(m, _moments.quantization.QuantizedArray) else m,
+      moments, is_leaf=_moments.is_moment_leaf)
 
 
 def _check_common(b1: Any, b2: Any, eps: Any, objective_steps: Sequence[Any]) -> None:
@@ -85,7 +90,9 @@ def scale_by_dualoptim_plus(
     base_b2: float = 0.95,
     eps: float = 1e-8,
     objective_steps: Sequence[int] = (1, 1),
-    state_dtype: Any = jnp.float32,
+    precision: Precision = Precision(),
+    quantize_base: bool = True,
+    quantize_deltas: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by the DualOptim+ rule (shared base + per-objective deltas).
 
@@ -101,6 +108,12 @@ def scale_by_dualoptim_plus(
   :func:`scale_by_objective_learning_rate`). The base is bias-corrected as of the
   previous step because it absorbs ``g`` only after the update.
 
+  With ``precision.state_bits == 8``, leaves of at least ``precision.min_8bit_size``
+  elements store the six moments as block-wise 8-bit codes: ``B``, ``D``, ``E`` with the
+  signed dynamic map (``E`` can be negative), ``V`` with the unsigned one. A step
+  dequantizes the four moments it touches, updates them in float32 and re-quantizes them
+  with fresh absmax; the inactive objectives' codes are left as they are.
+
   NaN or Inf in ``g`` enters the base and the active delta and stays there; wrap the
   optimizer in ``optax.apply_if_finite`` to skip such steps instead.
 
@@ -112,7 +125,9 @@ def scale_by_dualoptim_plus(
     eps: added to the square root, after bias correction.
     objective_steps: steps per objective in one cycle of the alternating schedule; its
       length is the number of objectives K.
-    state_dtype: dtype of all moments (float32 by default, whatever the params are).
+    precision: how moments are stored (float32 or 8-bit, see :class:`Precision`).
+    quantize_base: with 8-bit states, whether the base ``B, V`` is quantized.
+    quantize_deltas: with 8-bit states, whether the deltas ``D, E`` are quantized.
 
   Returns:
     A transformation accepting the ``objective=`` extra argument (an int or int32 array).
@@ -135,19 +150,21 @@ def scale_by_dualoptim_plus(
     return ScaleByDualOptimPlusState(
         count=jnp.zeros([], jnp.int32),
         objective_counts=jnp.zeros([num_objectives], jnp.int32),
-        base_mu=otu.zeros_like(params, dtype=state_dtype),
-        base_nu=otu.zeros_like(params, dtype=state_dtype),
-        delta_mu=_zeros_stacked(params, num_objectives, state_dtype),
-        delta_nu=_zeros_stacked(params, num_objectives, state_dtype),
+        base_mu=_zero_moments(params, precision, quantize_base, signed=True),
+        base_nu=_zero_moments(params, precision, quantize_base, signed=False),
+        delta_mu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
+        delta_nu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
+        tables=precision.tables(),
     )
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    _checks.check_tree_matches(updates, state.base_mu, "DualOptim+ state")
+    _checks.check_tree_matches(updates, _moment_tree(state.base_mu), "DualOptim+ state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     count = optax.safe_increment(state.count)
     objective_counts = state.objective_counts.at[active].add(1)
     active_count = objective_counts[active]
+    tables = state.tables
 
     # The base has absorbed count - 1 gradients; it is still all-zero at count 1.
     base_previous = count - 1
@@ -162,24 +179,28 @@ def scale_by_dualoptim_plus(
     def leaf_update(g, base_mu, base_nu, delta_mu, delta_nu):
       g32 = g.astype(jnp.float32)
       g_sq = g32 * g32
-      mu_hat_base = base_mu.astype(jnp.float32) / base_c1
-      nu_hat_base = base_nu.astype(jnp.float32) / base_c2
-      d = b1 * _row(delta_mu, active).astype(jnp.float32) + one_minus_b1 * (g32 - mu_hat_base)
-      e = b2 * _row(delta_nu, active).astype(jnp.float32) + one_minus_b2 * (g_sq - nu_hat_base)
+      old_base_mu = _moments.load(base_mu, tables)
+      old_base_nu = _moments.load(base_nu, tables)
+      mu_hat_base = old_base_mu / base_c1
+      nu_hat_base = old_base_nu / base_c2
+      d = b1 * _moments.load_row(delta_mu, active, tables) + one_minus_b1 * (g32 - mu_hat_base)
+      e = b2 * _moments.load_row(delta_nu, active, tables) + one_minus_b2 * (g_sq - nu_hat_base)
       direction = (d / delta_c1 + mu_hat_base) / (
           jnp.sqrt(jnp.abs(e / delta_c2 + nu_hat_base)) + eps)
-      new_base_mu = base_b1 * base_mu.astype(jnp.float32) + one_minus_bb1 * g32
-      new_base_nu = base_b2 * base_nu.astype(jnp.float32) + one_minus_bb2 * g_sq
-      return (direction.astype(g.dtype), new_base_mu.astype(base_mu.dtype),
-              new_base_nu.astype(base_nu.dtype), _set_row(delta_mu, d, active),
-              _set_row(delta_nu, e, active))
+      new_base_mu = base_b1 * old_base_mu + one_minus_bb1 * g32
+      new_base_nu = base_b2 * old_base_nu + one_minus_bb2 * g_sq
+      return (direction.astype(g.dtype),
+              _moments.store(new_base_mu, base_mu, tables),
+              _moments.store(new_base_nu, base_nu, tables),
+              _moments.store_row(delta_mu, d, active, tables),
+              _moments.store_row(delta_nu, e, active, tables))
 
     out = jax.tree.map(
         leaf_update, updates, state.base_mu, state.base_nu, state.delta_mu, state.delta_nu)
     direction, base_mu, base_nu, delta_mu, delta_nu = _tree.unzip(out, updates, 5)
     return direction, ScaleByDualOptimPlusState(
         count=count, objective_counts=objective_counts, base_mu=base_mu,
-        base_nu=base_nu, delta_mu=delta_mu, delta_nu=delta_nu)
+        base_nu=base_nu, delta_mu=delta_mu, delta_nu=delta_nu, tables=tables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -189,7 +210,7 @@ def scale_by_dualoptim(
     b2: float = 0.999,
     eps: float = 1e-8,
     objective_steps: Sequence[int] = (1, 1),
-    state_dtype: Any = jnp.float32,
+    precision: Precision = Precision(),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Adam on the active objective's own moments (DualOptim).
 
@@ -198,7 +219,8 @@ def scale_by_dualoptim(
       m_o = b1 m_o + (1 - b1) g;  v_o = b2 v_o + (1 - b2) g^2
       u = (m_o / (1 - b1^t_o)) / (sqrt(v_o / (1 - b2^t_o)) + eps)
 
-  With one objective this is exactly ``optax.scale_by_adam``.
+  With one objective this is exactly ``optax.scale_by_adam``. With 8-bit ``precision``,
+  ``m`` uses the signed map and ``v`` the unsigned one.
 
   Args:
     b1: decay of the first moments.
@@ -206,7 +228,7 @@ def scale_by_dualoptim(
     eps: added to the square root, after bias correction.
     objective_steps: steps per objective in one cycle of the alternating schedule; its
       length is the number of objectives K.
-    state_dtype: dtype of the moments (float32 by default).
+    precision: how moments are stored (float32 or 8-bit, see :class:`Precision`).
 
   Returns:
     A transformation accepting the ``objective=`` extra argument.
@@ -218,33 +240,36 @@ def scale_by_dualoptim(
     return ScaleByDualOptimState(
         count=jnp.zeros([], jnp.int32),
         objective_counts=jnp.zeros([num_objectives], jnp.int32),
-        mu=_zeros_stacked(params, num_objectives, state_dtype),
-        nu=_zeros_stacked(params, num_objectives, state_dtype),
+        mu=_zero_moments(params, precision, True, True, num_objectives),
+        nu=_zero_moments(params, precision, True, False, num_objectives),
+        tables=precision.tables(),
     )
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
     _checks.check_tree_matches(
-        updates, jax.tree.map(lambda m: m[0], state.mu), "DualOptim state")
+        updates, jax.tree.map(lambda m: m[0], _moment_tree(state.mu)), "DualOptim state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     objective_counts = state.objective_counts.at[active].add(1)
     active_count = objective_counts[active]
     c1 = _numerics.one_minus_power(b1, active_count)
     c2 = _numerics.one_minus_power(b2, active_count)
     one_minus_b1, one_minus_b2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
+    tables = state.tables
 
     def leaf_update(g, mu, nu):
       g32 = g.astype(jnp.float32)
-      m = b1 * _row(mu, active).astype(jnp.float32) + one_minus_b1 * g32
-      v = b2 * _row(nu, active).astype(jnp.float32) + one_minus_b2 * (g32 * g32)
+      m = b1 * _moments.load_row(mu, active, tables) + one_minus_b1 * g32
+      v = b2 * _moments.load_row(nu, active, tables) + one_minus_b2 * (g32 * g32)
       direction = (m / c1) / (jnp.sqrt(v / c2) + eps)
-      return direction.astype(g.dtype), _set_row(mu, m, active), _set_row(nu, v, active)
+      return (direction.astype(g.dtype), _moments.store_row(mu, m, active, tables),
+              _moments.store_row(nu, v, active, tables))
 
     out = jax.tree.map(leaf_update, updates, state.mu, state.nu)
     direction, mu, nu = _tree.unzip(out, updates, 3)
     return direction, ScaleByDualOptimState(
         count=optax.safe_increment(state.count), objective_counts=objective_counts,
-        mu=mu, nu=nu)
+        mu=mu, nu=nu, tables=tables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

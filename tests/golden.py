@@ -87,6 +87,9 @@ def optimizer_for(case: GoldenCase) -> optax.GradientTransformationExtraArgs:
       forget_lr_ratio=hp["lr_ratio_1"], retain_lr_ratio=hp["lr_ratio_2"],
       forget_steps=hp["switch_freq_1"], retain_steps=hp["switch_freq_2"])
   betas = hp["betas"]
+  if case.meta.get("min_8bit_size"):
+    common.update(state_bits=8, min_8bit_size=int(case.meta["min_8bit_size"]),
+                  block_size=int(case.meta["blocksize"]))
   if case.kind.startswith("dualoptim_plus"):
     return dualoptax.dualoptim_plus(
         hp["lr"], b1=betas[0], b2=betas[1], base_b1=betas[2], base_b2=betas[3], **common)
@@ -100,6 +103,7 @@ class ReplayResult:
   params: list[dict[str, np.ndarray]]  # after each step, [0] = init
   state: Any
   objectives: list[int]  # the objective the schedule chose at each step
+  states: list[Any] = dataclasses.field(default_factory=list)  # after each step (if kept)
 
 
 def replay(
@@ -107,6 +111,7 @@ def replay(
     tx: optax.GradientTransformationExtraArgs,
     explicit_objective: bool,
     inner_state: Callable[[Any], Any] = lambda s: s,
+    keep_states: bool = False,
 ) -> ReplayResult:
   """Runs the case's gradients through ``tx``, jitted, one step at a time."""
 
@@ -120,6 +125,7 @@ def replay(
   state = tx.init(params)
   history = [jax.tree.map(np.asarray, params)]
   chosen = []
+  states = []
   modes = case.objectives()
   for t in range(case.steps):
     chosen.append(int(dualoptax.scheduled_objective(
@@ -127,7 +133,10 @@ def replay(
                        case.meta["hyperparameters"]["switch_freq_2"]))))
     params, state = step(params, state, case.grads(t), jnp.int32(modes[t]))
     history.append(jax.tree.map(np.asarray, params))
-  return ReplayResult(params=history, state=inner_state(state), objectives=chosen)
+    if keep_states:
+      states.append(jax.tree.map(np.asarray, state))
+  return ReplayResult(params=history, state=inner_state(state), objectives=chosen,
+                      states=states)
 
 
 @dataclasses.dataclass
