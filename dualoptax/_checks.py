@@ -9,14 +9,21 @@ import jax
 from dualoptax import _numerics
 
 
+def _reject_non_numbers(name: str, value: Any) -> None:
+  if isinstance(value, (str, bytes, bool)):
+    raise ValueError(f"{name} must be a number, got {name}={value!r}")
+
+
 def check_decay(name: str, value: Any) -> None:
   """A decay rate (beta) must lie in [0, 1)."""
+  _reject_non_numbers(name, value)
   if _numerics.is_concrete_number(value) and not 0.0 <= float(value) < 1.0:
     raise ValueError(f"{name} must be in [0, 1), got {name}={value!r}")
 
 
 def check_non_negative(name: str, value: Any) -> None:
   """Learning rates, ratios, eps and weight decay must be finite and >= 0."""
+  _reject_non_numbers(name, value)
   if callable(value) or not _numerics.is_concrete_number(value):
     return  # schedules and traced values are checked by whoever produces them
   as_float = float(value)

@@ -32,8 +32,8 @@ def _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_
   """Checks the forget/retain arguments under the names the caller used."""
   _checks.check_non_negative("forget_lr_ratio", forget_lr_ratio)
   _checks.check_non_negative("retain_lr_ratio", retain_lr_ratio)
-  objectives.validate_objective_steps([forget_steps], "forget_steps")
-  objectives.validate_objective_steps([retain_steps], "retain_steps")
+  objectives.check_step_count("forget_steps", forget_steps)
+  objectives.check_step_count("retain_steps", retain_steps)
   if all(_numerics.is_concrete_number(v) for v in (forget_steps, retain_steps)) and (
       forget_steps == 0 and retain_steps == 0):
     raise ValueError(

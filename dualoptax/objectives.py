@@ -29,6 +29,18 @@ RETAIN = 1
 OBJECTIVE_NAMES = {FORGET: "forget", RETAIN: "retain"}
 
 
+def check_step_count(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is a non-negative integer (or traced)."""
+  if isinstance(value, (str, bytes, bool)):
+    raise ValueError(f"{name} must be a non-negative integer number of steps, got {name}={value!r}")
+  if not _numerics.is_concrete_number(value):
+    return
+  as_float = float(value)
+  if as_float != int(as_float) or as_float < 0:
+    raise ValueError(
+        f"{name} must be a non-negative integer number of steps, got {name}={value!r}")
+
+
 def validate_objective_steps(steps: Sequence[Any], name: str = "objective_steps") -> None:
   """Raises ``ValueError`` unless ``steps`` is a usable schedule.
 
@@ -36,18 +48,10 @@ def validate_objective_steps(steps: Sequence[Any], name: str = "objective_steps"
   entries (under ``optax.inject_hyperparams``) cannot be checked and are accepted.
   """
   if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or not steps:
-    raise ValueError(f"{name} must be a non-empty sequence of step counts, got {steps!r}")
-  concrete = []
+    raise ValueError(f"{name} must be a non-empty sequence of step counts, got {name}={steps!r}")
   for i, value in enumerate(steps):
-    if not _numerics.is_concrete_number(value):
-      continue
-    as_float = float(value)
-    if as_float != int(as_float) or as_float < 0:
-      where = name if len(steps) == 1 and not name.startswith("objective") else f"{name}[{i}]"
-      raise ValueError(
-          f"{where} must be a non-negative integer number of steps, got {where}={value!r}")
-    concrete.append(int(as_float))
-  if len(concrete) == len(steps) and sum(concrete) == 0:
+    check_step_count(f"{name}[{i}]", value)
+  if all(_numerics.is_concrete_number(v) for v in steps) and sum(int(v) for v in steps) == 0:
     raise ValueError(f"{name} must contain at least one positive count, got {tuple(steps)!r}")
 
 
@@ -91,6 +95,8 @@ def checked_objective(objective: Any, num_objectives: int) -> jax.Array:
   message (through a host callback that only fires on the bad value), rather than
   silently training some other objective.
   """
+  if isinstance(objective, (str, bytes, bool)):
+    raise ValueError(f"objective={objective!r} is not a valid objective id; expected an int")
   if _numerics.is_concrete_number(objective):
     as_float = float(objective)
     if as_float != int(as_float) or not 0 <= as_float < num_objectives:

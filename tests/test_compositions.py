@@ -9,7 +9,6 @@ algorithm written here from the specification (design/ALGORITHM.md).
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -439,15 +438,6 @@ EXACT_BETAS = {"dualoptim_plus": dict(b1=0.875, b2=0.9375, base_b1=0.75, base_b2
                "dualoptim": dict(b1=0.875, b2=0.9921875)}
 
 
-_STATE_DTYPE = inspect.signature(dualoptax.dualoptim_plus).parameters.get("state_dtype")
-
-
-@pytest.mark.xfail(
-    _STATE_DTYPE is not None and callable(_STATE_DTYPE.default), strict=True, reason=(
-        "dualoptim_plus's `state_dtype` default (jnp.float32) is callable, so "
-        "optax.inject_hyperparams treats it as a schedule and passes an array as the "
-        "dtype ('Passing an array as a dtype argument is no longer supported'); it works "
-        "only with static_args=('state_dtype',)"))
 def test_inject_hyperparams_without_static_args():
   kw = {**HP, **EXACT_BETAS["dualoptim_plus"]}
   injected = optax.inject_hyperparams(dualoptax.dualoptim_plus)(**kw)
@@ -645,13 +635,17 @@ def test_traced_objective_compiles_once_and_matches_schedule(name):
     assert_trees_close(explicit.states[i], scheduled.states[i], rtol=1e-6, atol=1e-8)
 
 
+MULTI_FACTORIES = {"dualoptim_plus": dualoptax.multi_objective_dualoptim_plus,
+                   "dualoptim": dualoptax.multi_objective_dualoptim}
+
+
 @pytest.mark.parametrize("name", ["dualoptim_plus", "dualoptim"])
 def test_explicit_objective_overrides_the_schedule(name):
   """RETAIN on every step of a (2, 3) run equals a run whose schedule is all retain."""
   n = 6
   grads = _grads(n, seed=18)
   explicit = run(make(name, **COMMON), grads, objectives=[dualoptax.RETAIN] * n)
-  all_retain = run(make(name, **{**COMMON, "forget_steps": 0}), grads)
+  all_retain = run(MULTI_FACTORIES[name](1e-2, (0, 3), (0.5, 1.0), weight_decay=0.1), grads)
   for i in range(n + 1):
     assert_trees_close(explicit.params[i], all_retain.params[i], rtol=1e-6, atol=1e-8)
   s = dualoptax.find_state(explicit.states[-1], STATE_TYPES[name])
@@ -659,6 +653,18 @@ def test_explicit_objective_overrides_the_schedule(name):
   # The forget learning rate ratio (0.5) was never used: a forget-only run differs.
   assert _max_abs_diff(explicit.params[-1], run(
       make(name, **COMMON), grads, objectives=[dualoptax.FORGET] * n).params[-1]) > 1e-3
+
+
+@pytest.mark.parametrize("name,steps", [
+    ("dualoptim_plus", (0, 3)), ("dualoptim_plus", (2, 0)), ("dualoptim", (0, 3))])
+def test_two_objective_alias_accepts_one_zero_step_count(name, steps):
+  """A retain-only (or forget-only) schedule, valid for the multi-objective form."""
+  alias = FACTORIES[name](forget_steps=steps[0], retain_steps=steps[1])
+  multi = MULTI_FACTORIES[name](1e-2, steps)
+  grads = _grads(3, seed=27)
+  got, want = run(alias, grads), run(multi, grads)
+  for i in range(3):
+    assert_trees_equal(got.params[i + 1], want.params[i + 1])
 
 
 def test_python_int_objective_matches_traced_objective():

@@ -57,7 +57,7 @@ def _cases(optimizers, name, values):
 
 
 DECAYS = (1.0, -0.1, 1.5)
-VALID_NAMES = (
+HYPERPARAMETER_CASES = (
     _cases(ALL_OPTIMIZERS, "learning_rate", (-1e-3, math.nan, math.inf))
     + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "b1", DECAYS)
     + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "b2", DECAYS)
@@ -70,7 +70,7 @@ VALID_NAMES = (
 )
 
 
-@pytest.mark.parametrize("factory,name,value", VALID_NAMES)
+@pytest.mark.parametrize("factory,name,value", HYPERPARAMETER_CASES)
 def test_invalid_hyperparameter_is_named_with_its_value(factory, name, value):
   with pytest.raises(ValueError) as info:
     factory(**{name: value})
@@ -83,9 +83,9 @@ def test_invalid_hyperparameter_is_named_with_its_value(factory, name, value):
 
 
 # The two-objective aliases take the schedule and the ratios as separate arguments
-# (forget_steps, retain_steps, forget_lr_ratio, retain_lr_ratio); the multi-objective
-# forms take objective_lr_ratios. The checks run on internal sequences and the messages
-# name those ('lr_ratios[0]', 'objective_steps[1]', 'lr_ratios').
+# (forget_steps, retain_steps, forget_lr_ratio, retain_lr_ratio) that become internal
+# sequences; the multi-objective forms take objective_lr_ratios. The messages must name
+# the argument the caller passed, not the internal 'lr_ratios[0]' or 'objective_steps[1]'.
 RATIO_ARGUMENTS = [
     (dict(forget_lr_ratio=-0.5), "forget_lr_ratio", "-0.5"),
     (dict(retain_lr_ratio=-2.0), "retain_lr_ratio", "-2.0"),
@@ -299,3 +299,20 @@ def test_nested_path_is_named_in_full():
   missing = {"layer": {"w": jnp.ones((3, 2))}, "head": jnp.ones(2)}
   with pytest.raises(ValueError, match=re.escape("['layer']['b']")):
     tx.update(missing, state, params)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(learning_rate="0.01"), dict(forget_steps=True), dict(b1="0.9")])
+def test_strings_and_bools_are_not_numbers(kwargs):
+  kwargs = {"learning_rate": 1e-3, **kwargs}
+  with pytest.raises(ValueError, match=next(k for k in kwargs if k != "learning_rate")
+                     if len(kwargs) > 1 else "learning_rate"):
+    dualoptax.dualoptim_plus(**kwargs)
+
+
+@pytest.mark.parametrize("objective", ["1", True])
+def test_objective_must_be_an_int(objective):
+  tx = dualoptax.dualoptim_plus(1e-3)
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match="objective"):
+    tx.update(params, tx.init(params), params, objective=objective)
