@@ -14,7 +14,6 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from dualoptax import _numerics, quantization
 
@@ -94,7 +93,7 @@ class Precision:
 
 
 def is_moment_leaf(x: Any) -> bool:
-  return isinstance(x, quantization.QuantizedArray) or isinstance(x, optax.MaskedNode)
+  return isinstance(x, quantization.QuantizedArray)
 
 
 def _table(tables: Optional[StateTables], q: quantization.QuantizedArray):
@@ -143,3 +142,28 @@ def store_row(stacked: Moment, value: jax.Array, index: jax.Array,
         stacked, codes=_update(stacked.codes, row.codes, index),
         absmax=_update(stacked.absmax, row.absmax, index))
   return _update(stacked, value, index)
+
+
+def _row_mask(stacked: jax.Array, index: jax.Array) -> jax.Array:
+  """Boolean (K, 1, ..., 1), True at row ``index``."""
+  num = stacked.shape[0]
+  return (jnp.arange(num, dtype=jnp.int32) == index).reshape((num,) + (1,) * (stacked.ndim - 1))
+
+
+def update_row(stacked: Moment, update: Callable[[jax.Array], jax.Array], index: jax.Array,
+               tables: Optional[StateTables]) -> tuple[Moment, jax.Array]:
+  """Replaces row ``index`` of ``stacked`` by ``update(row)``; returns (stack, new row).
+
+  ``update`` must be elementwise (it may broadcast against operands shaped like one row).
+  For float32 storage the update is written as ONE select over the whole stack, and the
+  new row is read back from the result: the old stack then has no reader but its own
+  update, so XLA rewrites the donated buffer in place. (Reading the old row with a dynamic
+  slice and writing it with a dynamic update slice makes XLA:CPU copy every stacked
+  moment twice per step, and run the update single-threaded.) Every row is computed but
+  only row ``index`` changes; the cost is one pass over all K rows.
+  """
+  if isinstance(stacked, quantization.QuantizedArray) or stacked.dtype != jnp.float32:
+    value = update(load_row(stacked, index, tables))
+    return store_row(stacked, value, index, tables), value
+  new = jnp.where(_row_mask(stacked, index), update(stacked), stacked)
+  return new, _index(new, index)

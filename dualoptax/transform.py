@@ -68,12 +68,13 @@ def _zero_moments(params, precision: Precision, quantize: bool, signed: bool,
       lambda p, q: precision.zeros(p, quantize and q, signed, num_objectives), params, which)
 
 
-def _moment_tree(moments: Any) -> Any:
-  """``moments`` with 8-bit moments as leaves, for checking against the updates."""
-  return jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(
-          m.codes.shape, jnp.float32) if isinstance(m, _moments.quantization.QuantizedArray) else m,
-      moments, is_leaf=_moments.is_moment_leaf)
+def _moment_shapes(moments: Any, stacked: bool = False) -> Any:
+  """Shapes of the parameters ``moments`` were built for (rows of stacked moments), with
+  8-bit moments as single leaves, to check incoming updates against."""
+  def shape_of(m):
+    shape = m.codes.shape if isinstance(m, _moments.quantization.QuantizedArray) else m.shape
+    return jax.ShapeDtypeStruct(shape[1:] if stacked else shape, jnp.float32)
+  return jax.tree.map(shape_of, moments, is_leaf=_moments.is_moment_leaf)
 
 
 def _check_common(b1: Any, b2: Any, eps: Any, objective_steps: Sequence[Any]) -> None:
@@ -159,7 +160,7 @@ def scale_by_dualoptim_plus(
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    _checks.check_tree_matches(updates, _moment_tree(state.base_mu), "DualOptim+ state")
+    _checks.check_tree_matches(updates, _moment_shapes(state.base_mu), "DualOptim+ state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     count = optax.safe_increment(state.count)
     objective_counts = state.objective_counts.at[active].add(1)
@@ -170,6 +171,7 @@ def scale_by_dualoptim_plus(
     base_previous = count - 1
     base_c1 = jnp.where(base_previous > 0, _numerics.one_minus_power(base_b1, base_previous), 1.0)
     base_c2 = jnp.where(base_previous > 0, _numerics.one_minus_power(base_b2, base_previous), 1.0)
+    inv_base_c1, inv_base_c2 = 1.0 / base_c1, 1.0 / base_c2
     delta_c1 = _numerics.one_minus_power(b1, active_count)
     delta_c2 = _numerics.one_minus_power(b2, active_count)
     one_minus_b1, one_minus_b2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
@@ -181,10 +183,14 @@ def scale_by_dualoptim_plus(
       g_sq = g32 * g32
       old_base_mu = _moments.load(base_mu, tables)
       old_base_nu = _moments.load(base_nu, tables)
-      mu_hat_base = old_base_mu / base_c1
-      nu_hat_base = old_base_nu / base_c2
-      d = b1 * _moments.load_row(delta_mu, active, tables) + one_minus_b1 * (g32 - mu_hat_base)
-      e = b2 * _moments.load_row(delta_nu, active, tables) + one_minus_b2 * (g_sq - nu_hat_base)
+      # Times a scalar reciprocal: XLA recomputes a multiply inside each fusion that needs
+      # Bh and Vh, but would materialize a divide as a temporary array.
+      mu_hat_base = old_base_mu * inv_base_c1
+      nu_hat_base = old_base_nu * inv_base_c2
+      delta_mu, d = _moments.update_row(
+          delta_mu, lambda dm: b1 * dm + one_minus_b1 * (g32 - mu_hat_base), active, tables)
+      delta_nu, e = _moments.update_row(
+          delta_nu, lambda dn: b2 * dn + one_minus_b2 * (g_sq - nu_hat_base), active, tables)
       direction = (d / delta_c1 + mu_hat_base) / (
           jnp.sqrt(jnp.abs(e / delta_c2 + nu_hat_base)) + eps)
       new_base_mu = base_b1 * old_base_mu + one_minus_bb1 * g32
@@ -192,8 +198,7 @@ def scale_by_dualoptim_plus(
       return (direction.astype(g.dtype),
               _moments.store(new_base_mu, base_mu, tables),
               _moments.store(new_base_nu, base_nu, tables),
-              _moments.store_row(delta_mu, d, active, tables),
-              _moments.store_row(delta_nu, e, active, tables))
+              delta_mu, delta_nu)
 
     out = jax.tree.map(
         leaf_update, updates, state.base_mu, state.base_nu, state.delta_mu, state.delta_nu)
@@ -248,7 +253,7 @@ def scale_by_dualoptim(
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
     _checks.check_tree_matches(
-        updates, jax.tree.map(lambda m: m[0], _moment_tree(state.mu)), "DualOptim state")
+        updates, _moment_shapes(state.mu, stacked=True), "DualOptim state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     objective_counts = state.objective_counts.at[active].add(1)
     active_count = objective_counts[active]
@@ -259,11 +264,13 @@ def scale_by_dualoptim(
 
     def leaf_update(g, mu, nu):
       g32 = g.astype(jnp.float32)
-      m = b1 * _moments.load_row(mu, active, tables) + one_minus_b1 * g32
-      v = b2 * _moments.load_row(nu, active, tables) + one_minus_b2 * (g32 * g32)
+      # Same operand order as optax.scale_by_adam ((1 - b) g + b m), so that XLA contracts
+      # it the same way and K = 1 reproduces optax bit for bit.
+      mu, m = _moments.update_row(mu, lambda mo: one_minus_b1 * g32 + b1 * mo, active, tables)
+      nu, v = _moments.update_row(
+          nu, lambda no: one_minus_b2 * (g32 * g32) + b2 * no, active, tables)
       direction = (m / c1) / (jnp.sqrt(v / c2) + eps)
-      return (direction.astype(g.dtype), _moments.store_row(mu, m, active, tables),
-              _moments.store_row(nu, v, active, tables))
+      return direction.astype(g.dtype), mu, nu
 
     out = jax.tree.map(leaf_update, updates, state.mu, state.nu)
     direction, mu, nu = _tree.unzip(out, updates, 3)

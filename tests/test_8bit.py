@@ -117,3 +117,12 @@ def test_8bit_state_checkpoint_round_trip(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: dualoptax.dualoptim(3e-3, state_bits=8, min_8bit_size=2048),
+    lambda: dualoptax.dualoptim_plus(3e-3, state_bits=8, min_8bit_size=2048),
+], ids=["dualoptim", "dualoptim_plus"])
+def test_8bit_optimizers_train(make):
+  initial = _train_mlp(dualoptax.dualoptim_plus(0.0), steps=1)
+  assert _train_mlp(make()) < 0.5 * initial

@@ -8,13 +8,6 @@ import golden
 
 CASES = golden.case_names(("dualoptim_plus_8bit",))
 MIN_EQUAL_CODES = 0.999
-# In dualoptim_plus_8bit_02 one E_r code (w_big element 2013) lands one code off the
-# reference's at step 13: the value sits on a bin edge and float32 rounding order differs
-# (the golden README reports the same ±1 misses for an independent float32 evaluation).
-# At step 24 that element becomes its block's absmax, so the whole block's absmax moves
-# by ~1.4 % and codes in block 7 drift by up to 17; 1.3 k late element-steps of w_big then
-# miss the 2e-5 parameter tolerance. Kept strict so a fix shows up as XPASS.
-CASCADING_CASES = {"dualoptim_plus_8bit_02"}
 
 
 def test_golden_8bit_cases_are_found():
@@ -37,10 +30,7 @@ def _moments(state, p):
   }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(
-        strict=True, reason="one bin-edge code cascades through a block absmax; see above"))
-    if n in CASCADING_CASES else n for n in CASES])
+@pytest.mark.parametrize("name", CASES)
 def test_8bit_replay_matches_reference(name):
   case = golden.load_case(name)
   tx = golden.optimizer_for(case)
