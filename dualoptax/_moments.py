@@ -67,7 +67,11 @@ class Precision:
   def tables(self) -> Optional[StateTables]:
     if not self.quantized:
       return None
-    return StateTables(quantization.signed_tables(), quantization.unsigned_tables())
+    # Fresh device arrays for every state: a state is donated to jitted steps, which
+    # deletes its buffers, so states must never share the (cached) tables.
+    fresh = lambda signed: quantization.QuantizationTables(
+        *(jnp.array(t) for t in quantization.numpy_tables(signed)))
+    return StateTables(fresh(True), fresh(False))
 
   def which_leaves(self, params: Any) -> Any:
     """Tree of bools like ``params``: True where the states are quantized."""

@@ -12,9 +12,11 @@ Which objective ``o`` a step serves comes from the alternating schedule
 (:mod:`dualoptax.objectives`) or from the ``objective=`` extra argument.
 
 Per-objective moments are stored stacked: a parameter of shape ``S`` has delta (or Adam)
-moments of shape ``(K, *S)``. A step reads and writes only row ``o`` of them, with a
-dynamic slice and an in-place dynamic update, so the other objectives' moments are
-neither copied nor touched and one compiled step serves every objective.
+moments of shape ``(K, *S)``. A step changes only row ``o``: the other objectives'
+moments stay bit-identical (8-bit ones are not even re-quantized), and one compiled step
+serves every objective. For float32 moments the row is written with one select over the
+stack, which XLA updates in place in a donated buffer; a dynamic-update-slice would be
+copied by XLA:CPU every step (see ``_moments.update_row`` and ``tests/test_in_place.py``).
 """
 
 from __future__ import annotations

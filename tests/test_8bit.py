@@ -126,3 +126,16 @@ def test_8bit_state_checkpoint_round_trip(tmp_path):
 def test_8bit_optimizers_train(make):
   initial = _train_mlp(dualoptax.dualoptim_plus(0.0), steps=1)
   assert _train_mlp(make()) < 0.5 * initial
+
+
+def test_states_do_not_share_table_buffers_across_donation():
+  """Donating one state must not delete the tables of another (or of a later init)."""
+  tx = dualoptax.dualoptim_plus(1e-3, state_bits=8)
+  first, second = tx.init(PARAMS), tx.init(PARAMS)
+
+  def step(s):
+    return tx.update(jax.tree.map(jnp.ones_like, PARAMS), s, PARAMS)[1]
+
+  jax.jit(step, donate_argnums=0)(first)
+  jax.block_until_ready(jax.jit(step, donate_argnums=0)(second))
+  jax.block_until_ready(jax.jit(step, donate_argnums=0)(tx.init(PARAMS)))
