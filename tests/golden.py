@@ -73,6 +73,17 @@ def case_names(kinds: tuple[str, ...]) -> list[str]:
   return names
 
 
+def case_params(kinds: tuple[str, ...]) -> list[Any]:
+  """pytest parameters for the cases of ``kinds``; one skipped entry saying why if none."""
+  import pytest  # only the tests use this helper
+  names = case_names(kinds)
+  if names:
+    return names
+  return [pytest.param(None, marks=pytest.mark.skip(
+      reason=f"no golden cases of kind {kinds} at {GOLDEN_DIR} (the folder lives beside "
+             "the project in ../shared/golden and is never copied into the repository)"))]
+
+
 def load_case(name: str) -> GoldenCase:
   data = np.load(GOLDEN_DIR / f"{name}.npz", allow_pickle=False)
   meta = json.loads(str(data["meta_json"]))

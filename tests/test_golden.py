@@ -40,7 +40,7 @@ def _our_states(case, state, p):
 
 
 @pytest.mark.parametrize("explicit_objective", [False, True], ids=["schedule", "explicit"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", golden.case_params(FP32_KINDS))
 def test_replay_matches_reference(name, explicit_objective):
   case = golden.load_case(name)
   result = golden.replay(case, golden.optimizer_for(case), explicit_objective)

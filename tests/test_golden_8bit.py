@@ -30,7 +30,7 @@ def _moments(state, p):
   }
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", golden.case_params(("dualoptim_plus_8bit",)))
 def test_8bit_replay_matches_reference(name):
   case = golden.load_case(name)
   tx = golden.optimizer_for(case)
