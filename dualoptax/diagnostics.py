@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Type, TypeVar
 import jax
 import jax.numpy as jnp
 
-from dualoptax import _numerics, objectives, transform
+from dualoptax import _numerics, objectives, quantization, transform
 
 State = TypeVar("State")
 
@@ -39,6 +39,10 @@ class ConflictDiagnostics(NamedTuple):
   base_norm: Any  # norm of the bias-corrected base Bh (zero for DualOptim).
 
 
+def _is_quantized(x: Any) -> bool:
+  return isinstance(x, quantization.QuantizedArray)
+
+
 def find_state(opt_state: Any, state_type: Type[State]) -> State:
   """Returns the single ``state_type`` inside ``opt_state`` (e.g. a chain's state).
 
@@ -56,11 +60,23 @@ def find_state(opt_state: Any, state_type: Type[State]) -> State:
   return found[0]
 
 
+def _as_float32(moment: Any, tables: Any, stacked: bool) -> jax.Array:
+  """A moment as float32, dequantizing 8-bit ones (row by row when stacked)."""
+  if not isinstance(moment, quantization.QuantizedArray):
+    return moment.astype(jnp.float32)
+  table = tables.signed if moment.signed else tables.unsigned
+  dequantize = lambda codes, absmax: quantization.dequantize_blockwise(
+      codes, absmax, table, moment.block_size)
+  if stacked:
+    return jax.vmap(dequantize)(moment.codes, moment.absmax)
+  return dequantize(moment.codes, moment.absmax)
+
+
 def _correct(moment: jax.Array, beta: Any, count: jax.Array) -> jax.Array:
-  """Bias-corrects a moment that has absorbed ``count`` values; zero if ``count`` is 0."""
+  """Bias-corrects a float32 moment that has absorbed ``count`` values (0 -> unchanged)."""
   denominator = _numerics.one_minus_power(beta, count)
   safe = jnp.where(count > 0, denominator, 1.0)
-  return moment.astype(jnp.float32) / safe
+  return moment / safe
 
 
 def _gram(stacked: jax.Array) -> jax.Array:
@@ -149,17 +165,17 @@ def dualoptim_plus_diagnostics(
   counts = s.objective_counts
 
   def terms(base_mu, base_nu, delta_mu, delta_nu):
-    mu_base = _correct(base_mu, base_b1, s.count)
-    nu_base = _correct(base_nu, base_b2, s.count)
-    k_counts = counts.reshape((-1,) + (1,) * base_mu.ndim)
-    delta_first = _correct(delta_mu, b1, k_counts)
-    delta_second = _correct(delta_nu, b2, k_counts)
+    mu_base = _correct(_as_float32(base_mu, s.tables, False), base_b1, s.count)
+    nu_base = _correct(_as_float32(base_nu, s.tables, False), base_b2, s.count)
+    k_counts = counts.reshape((-1,) + (1,) * mu_base.ndim)
+    delta_first = _correct(_as_float32(delta_mu, s.tables, True), b1, k_counts)
+    delta_second = _correct(_as_float32(delta_nu, s.tables, True), b2, k_counts)
     first = delta_first + mu_base[None]
     precond = first / (jnp.sqrt(jnp.abs(delta_second + nu_base[None])) + eps)
     return first, precond, mu_base
 
-  out = jax.tree.map(terms, s.base_mu, s.base_nu, s.delta_mu, s.delta_nu)
-  return _diagnose(out, s.base_mu, a, b)
+  out = jax.tree.map(terms, s.base_mu, s.base_nu, s.delta_mu, s.delta_nu, is_leaf=_is_quantized)
+  return _diagnose(out, jax.tree.map(lambda m: 0, s.base_mu, is_leaf=_is_quantized), a, b)
 
 
 def dualoptim_diagnostics(
@@ -182,13 +198,14 @@ def dualoptim_diagnostics(
   counts = s.objective_counts
 
   def terms(mu, nu):
+    mu, nu = _as_float32(mu, s.tables, True), _as_float32(nu, s.tables, True)
     k_counts = counts.reshape((-1,) + (1,) * (mu.ndim - 1))
     first = _correct(mu, b1, k_counts)
     precond = first / (jnp.sqrt(_correct(nu, b2, k_counts)) + eps)
     return first, precond, jnp.zeros_like(first[0])
 
-  out = jax.tree.map(terms, s.mu, s.nu)
-  return _diagnose(out, jax.tree.map(lambda m: m[0], s.mu), a, b)
+  out = jax.tree.map(terms, s.mu, s.nu, is_leaf=_is_quantized)
+  return _diagnose(out, jax.tree.map(lambda m: 0, s.mu, is_leaf=_is_quantized), a, b)
 
 
 def state_nbytes(opt_state: Any) -> int:

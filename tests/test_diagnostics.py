@@ -141,3 +141,32 @@ def test_diagnostics_are_jittable_and_find_state_errors():
   np.testing.assert_allclose(jitted.update_cosine, eager.update_cosine, rtol=1e-6)
   with pytest.raises(ValueError, match="ScaleByDualOptimPlusState"):
     dualoptax.dualoptim_plus_diagnostics(optax.adam(1e-3).init({"w": jnp.ones(2)}))
+
+
+@pytest.mark.parametrize("name", ["dualoptim_plus", "dualoptim"])
+def test_diagnostics_of_8bit_states_follow_the_fp32_ones(name):
+  """8-bit states dequantize for the diagnostics; cosines stay close to fp32's."""
+  make = {"dualoptim_plus": lambda **kw: dualoptax.dualoptim_plus(1e-2, **kw),
+          "dualoptim": lambda **kw: dualoptax.dualoptim(1e-2, b1=B1, b2=B2, **kw)}[name]
+  diagnose = {"dualoptim_plus": dualoptax.dualoptim_plus_diagnostics,
+              "dualoptim": lambda s: dualoptax.dualoptim_diagnostics(s, b1=B1, b2=B2)}[name]
+  c = np.random.default_rng(5).normal(size=(64, 64))
+
+  def grads_fn(t, rng):
+    s = -1.0 if t % 2 == 0 else 1.0
+    return {"w": jnp.asarray(s * c + 0.3 * rng.normal(size=c.shape), jnp.float32)}
+
+  def run(tx):
+    params = {"w": jnp.zeros((64, 64))}
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    for t in range(10):
+      _, state = tx.update(grads_fn(t, rng), state, params)
+    return state
+
+  per_leaf8, total8 = diagnose(run(make(state_bits=8, min_8bit_size=1024)))
+  _, total32 = diagnose(run(make()))
+  assert float(total32.update_cosine) < -0.5
+  np.testing.assert_allclose(total8.update_cosine, total32.update_cosine, atol=0.02)
+  np.testing.assert_allclose(total8.update_norm, total32.update_norm, rtol=0.05)
+  assert per_leaf8.update_cosine["w"].shape == ()
