@@ -1,0 +1,291 @@
+"""Typed run configuration: frozen dataclasses, read from YAML plus ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig`. Every field has a default, so an empty YAML
+file (or none) is a valid configuration; ``section.field=value`` overrides (as on the
+command line: ``python train/run.py optimizer.name=dualoptim_plus loss.name=NPO+GD``)
+are applied on top. Values are parsed as YAML scalars (``1e-4``, ``true``, ``[1, 5]``)
+and checked against the field's type; unknown sections or fields, wrong types and values
+outside their allowed set raise ``ConfigError`` naming the full key and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration key or value is invalid; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which model to train: a local Hugging Face folder, or a tiny one built from scratch."""
+
+  path: Optional[str] = None  # local HF checkpoint folder; None: the tiny default model
+  family: str = "llama"  # for the tiny model: llama | phi | gpt2
+  hidden_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  dtype: str = "float32"  # compute/param dtype: float32 | bfloat16
+
+  def validate(self, key: str) -> None:
+    _one_of(f"{key}.family", self.family, ("llama", "phi", "gpt2"))
+    _one_of(f"{key}.dtype", self.dtype, ("float32", "bfloat16"))
+    _positive(key, self, ("hidden_size", "num_layers", "num_heads"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the TOFU-format data is and how it is batched."""
+
+  path: Optional[str] = None  # TOFU-format folder; None: generate the embedded benchmark
+  forget_split: str = "forget10"
+  retain_split: Optional[str] = None  # None: the complement of forget_split
+  task_id: Optional[int] = None  # continual unlearning: which forget task
+  template: str = "plain"  # prompt template preset
+  max_length: int = 128
+  batch_size: int = 8
+  seed: int = 0
+
+  def validate(self, key: str) -> None:
+    _positive(key, self, ("max_length", "batch_size"))
+
+
+OPTIMIZERS = ("adam", "dualoptim", "dualoptim_plus")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer and its hyperparameters (names as in ``dualoptax``)."""
+
+  name: str = "dualoptim_plus"
+  learning_rate: float = 1e-4
+  forget_lr_ratio: float = 1.0
+  retain_lr_ratio: float = 1.0
+  forget_steps: int = 1
+  retain_steps: int = 5
+  b1: float = 0.9
+  b2: float = 0.95
+  base_b1: float = 0.9
+  base_b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.01
+  state_bits: int = 32
+  clip_norm: Optional[float] = 1.0
+  warmup_steps: int = 0
+
+  def validate(self, key: str) -> None:
+    _one_of(f"{key}.name", self.name, OPTIMIZERS)
+    _one_of(f"{key}.state_bits", self.state_bits, (8, 32))
+    for name in ("learning_rate", "forget_lr_ratio", "retain_lr_ratio", "eps", "weight_decay"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)!r}")
+    for name in ("b1", "b2", "base_b1", "base_b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ConfigError(f"{key}.{name} must be in [0, 1), got {getattr(self, name)!r}")
+    if self.forget_steps < 0 or self.retain_steps < 0 or self.forget_steps + self.retain_steps == 0:
+      raise ConfigError(
+          f"{key}.forget_steps and {key}.retain_steps must be >= 0 and not both 0, got "
+          f"{self.forget_steps!r} and {self.retain_steps!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The unlearning loss pair, e.g. ``ME+GD`` or ``NPO+GD``."""
+
+  name: str = "ME+GD"
+  forget_coeff: float = 1.0
+  retain_coeff: float = 1.0
+  beta: float = 0.1  # NPO / SimNPO / DPO temperature
+
+  def validate(self, key: str) -> None:
+    if "+" not in self.name:
+      raise ConfigError(f"{key}.name must look like FORGET+RETAIN (e.g. ME+GD), got {self.name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+  """Steps, modes and periodic work of the unlearning run."""
+
+  steps: int = 60
+  mode: str = "alternating"  # alternating: one objective per step; joint: weighted sum
+  grad_accum: int = 1
+  diagnostics_every: int = 10  # both objectives' gradients at the same params, every N
+  checkpoint_every: int = 20
+  keep_checkpoints: int = 2
+  log_every: int = 1
+  seed: int = 0
+
+  def validate(self, key: str) -> None:
+    _one_of(f"{key}.mode", self.mode, ("alternating", "joint"))
+    _positive(key, self, ("steps", "grad_accum", "diagnostics_every", "checkpoint_every",
+                          "keep_checkpoints", "log_every"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh: sizes of the data-parallel and FSDP axes (-1: all remaining devices)."""
+
+  data: int = 1
+  fsdp: int = -1
+
+  def validate(self, key: str) -> None:
+    for name in ("data", "fsdp"):
+      value = getattr(self, name)
+      if value == 0 or value < -1:
+        raise ConfigError(f"{key}.{name} must be a positive size or -1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation after the run."""
+
+  max_items: Optional[int] = None
+  max_new_tokens: int = 32
+  batch_size: int = 16
+
+  def validate(self, key: str) -> None:
+    _positive(key, self, ("max_new_tokens", "batch_size"))
+    if self.max_items is not None and self.max_items <= 0:
+      raise ConfigError(f"{key}.max_items must be positive or null, got {self.max_items!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything a run needs; see the section classes for the fields."""
+
+  output_dir: str = "runs/default"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  loss: LossConfig = LossConfig()
+  training: TrainingConfig = TrainingConfig()
+  mesh: MeshConfig = MeshConfig()
+  eval: EvalConfig = EvalConfig()
+
+  def validate(self) -> "RunConfig":
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if dataclasses.is_dataclass(value):
+        value.validate(field.name)
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
+  for name in names:
+    value = getattr(obj, name)
+    if value <= 0:
+      raise ConfigError(f"{section}.{name} must be positive, got {value!r}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+  """``value`` checked (and, for int -> float, converted) against a field annotation."""
+  hint = annotation
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(hint)
+    if value is None and type(None) in options:
+      return None
+    hint = next(a for a in options if a is not type(None))
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint is float and isinstance(value, str):
+    # YAML 1.1 reads "3e-4" (no dot) as a string; accept what Python reads as a float.
+    try:
+      return float(value)
+    except ValueError:
+      pass
+  if hint in (int, float, str, bool) and (type(value) is not hint):
+    raise ConfigError(f"{key} must be a {hint.__name__}, got {value!r} ({type(value).__name__})")
+  return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    where = f"{prefix}." if prefix else ""
+    raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                      f"known: {sorted(fields)}")
+  kwargs = {}
+  for name, value in values.items():
+    key = f"{prefix}.{name}" if prefix else name
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields, got {value!r}")
+      kwargs[name] = _build(hint, value, key)
+    else:
+      kwargs[name] = _coerce(key, value, hint)
+  return cls(**kwargs)
+
+
+def _nested(overrides: Sequence[str]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"an override must look like section.field=value, got {item!r}")
+    try:
+      value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({e})") from e
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"override {key} conflicts with another override of {part}")
+    node[parts[-1]] = value
+  return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for key, value in extra.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = _merge(out[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+def load_config(path: Optional[str | pathlib.Path] = None,
+                overrides: Sequence[str] = ()) -> RunConfig:
+  """Reads a YAML file (optional), applies ``key=value`` overrides, validates.
+
+  Raises:
+    ConfigError: naming the key and value at fault.
+    FileNotFoundError: if ``path`` does not exist.
+  """
+  values: dict[str, Any] = {}
+  if path is not None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"config file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, Mapping):
+      raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    values = dict(loaded)
+  values = _merge(values, _nested(overrides))
+  return _build(RunConfig, values, "").validate()
+
+
+def save_config(config: RunConfig, path: str | pathlib.Path) -> None:
+  """Writes ``config`` as YAML that :func:`load_config` reads back to an equal config."""
+  pathlib.Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
