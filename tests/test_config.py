@@ -41,7 +41,8 @@ def test_round_trip(tmp_path):
     ("training.steps=0", "training.steps"),
     ("training.steps=ten", "training.steps"),
     ("training.mode=both", "training.mode"),
-    ("loss.name=ME", "loss.name"),
+    ("loss.name=XX+GD", "loss"),
+    ("loss.beta=-1.0", "loss"),
     ("mesh.fsdp=0", "mesh.fsdp"),
     ("optimizer", "optimizer"),
 ])

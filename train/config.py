@@ -18,6 +18,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from train import losses
+
 
 class ConfigError(ValueError):
   """A configuration key or value is invalid; the message names it."""
@@ -96,17 +98,25 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """The unlearning loss pair, e.g. ``ME+GD`` or ``NPO+GD``."""
+class LossSection:
+  """The unlearning loss pair, e.g. ``ME+GD`` or ``NPO+GD`` (see ``train.losses``)."""
 
   name: str = "ME+GD"
   forget_coeff: float = 1.0
   retain_coeff: float = 1.0
-  beta: float = 0.1  # NPO / SimNPO / DPO temperature
+  beta: float = 0.1  # NPO / SimNPO / DPO / AP inverse temperature
 
   def validate(self, key: str) -> None:
-    if "+" not in self.name:
-      raise ConfigError(f"{key}.name must look like FORGET+RETAIN (e.g. ME+GD), got {self.name!r}")
+    self.build(key)
+
+  def build(self, key: str = "loss") -> losses.LossConfig:
+    """The ``train.losses.LossConfig`` this section describes."""
+    try:
+      return losses.LossConfig.from_spec(
+          self.name, forget_coeff=self.forget_coeff, retain_coeff=self.retain_coeff,
+          beta=self.beta)
+    except ValueError as e:
+      raise ConfigError(f"{key}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +174,7 @@ class RunConfig:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
-  loss: LossConfig = LossConfig()
+  loss: LossSection = LossSection()
   training: TrainingConfig = TrainingConfig()
   mesh: MeshConfig = MeshConfig()
   eval: EvalConfig = EvalConfig()
