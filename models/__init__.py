@@ -1,0 +1,37 @@
+"""Flax NNX decoder-only causal LMs that read and write Hugging Face checkpoints.
+
+Supported HF architectures: Phi-1.5/Phi-2 (`phi`), Llama (`llama`), GPT-2 (`gpt2`).
+
+Public API:
+  load_pretrained(path, dtype=..., param_dtype=...) -> (CausalLM, ModelConfig)
+  save_pretrained(model, config, path, tokenizer=None, max_shard_bytes=None)
+  load_tokenizer(path)
+  generate(model, input_ids, attention_mask, max_new_tokens=..., eos_token_id=..., pad_token_id=...)
+  apply_lora / merge_lora / lora_mask / lora_labels, LoRAConfig, LoRAParam
+
+This package knows nothing of unlearning; parameter axis names are listed in
+`models/sharding.py`.
+"""
+
+from models.checkpoint import export_tensors, load_pretrained, load_tokenizer, save_pretrained
+from models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from models.generate import generate
+from models.lora import LoRAConfig, LoRAParam, apply_lora, lora_labels, lora_mask, merge_lora
+from models.transformer import CausalLM
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "CausalLM",
+    "LoRAConfig",
+    "LoRAParam",
+    "ModelConfig",
+    "apply_lora",
+    "export_tensors",
+    "generate",
+    "load_pretrained",
+    "load_tokenizer",
+    "lora_labels",
+    "lora_mask",
+    "merge_lora",
+    "save_pretrained",
+]

@@ -1,0 +1,158 @@
+"""Decoder block and the causal LM (embeddings -> blocks -> norm -> LM head)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import sharding
+from models.attention import Attention, KVCache
+from models.config import ModelConfig
+from models.layers import Dense, DenseMLP, Embedding, GatedMLP, make_norm, param
+from models.rotary import rotary_angles
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm transformer block, sequential or parallel (Phi) residual."""
+
+  def __init__(self, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+    self.parallel_residual = config.parallel_residual
+    self.attn_norm = make_norm(config, rngs)
+    self.attn = Attention(config, layer_idx, rngs)
+    # Phi's attention and MLP share one norm; the others norm before the MLP.
+    self.mlp_norm = nnx.data(None) if config.parallel_residual else make_norm(config, rngs)
+    mlp_cls = GatedMLP if config.mlp_type == "gated" else DenseMLP
+    self.mlp = mlp_cls(config, rngs)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      mask: jax.Array,
+      rope: tuple[jax.Array, jax.Array] | None,
+      cache: KVCache | None = None,
+      cache_index: jax.Array | int = 0,
+  ) -> tuple[jax.Array, KVCache | None]:
+    h = self.attn_norm(x)
+    attn_out, cache = self.attn(h, mask, rope, cache, cache_index)
+    if self.parallel_residual:
+      return x + attn_out + self.mlp(h), cache
+    x = x + attn_out
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+  """Position of each token counting only real tokens (0 for left padding).
+
+  Matches HF generation's `cumsum(mask) - 1` and, for right padding, the plain
+  `arange` HF uses in a forward pass.
+  """
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class CausalLM(nnx.Module):
+  """Decoder-only language model for every `ModelConfig` family.
+
+  Attributes:
+    embed: Token embedding ("vocab", "embed").
+    pos_embed: Learned absolute positions (GPT-2) or None.
+    layers: The decoder blocks.
+    final_norm: Norm before the LM head.
+    lm_head: Untied output projection, or None when tied to `embed`.
+    lm_head_bias: Phi's LM-head bias when the head is tied, else None.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+    self.embed = Embedding(config.vocab_size, config.hidden_size, (sharding.VOCAB, sharding.EMBED), **kw)
+    if config.position_type == "learned":
+      self.pos_embed = Embedding(
+          config.max_position_embeddings, config.hidden_size,
+          (sharding.POSITION, sharding.EMBED), **kw)
+    else:
+      self.pos_embed = nnx.data(None)
+    self.layers = nnx.List([DecoderBlock(config, i, rngs) for i in range(config.num_layers)])
+    self.final_norm = make_norm(config, rngs)
+    self.lm_head_bias = nnx.data(None)
+    if config.tie_word_embeddings:
+      self.lm_head = nnx.data(None)
+      if config.lm_head_bias:
+        self.lm_head_bias = param(rngs, nnx.initializers.zeros, (config.vocab_size,),
+                                  config.param_dtype, (sharding.VOCAB,))
+    else:
+      self.lm_head = Dense(config.hidden_size, config.vocab_size,
+                           (sharding.EMBED, sharding.VOCAB), use_bias=config.lm_head_bias, **kw)
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      positions: jax.Array | None = None,
+  ) -> jax.Array:
+    """Next-token logits for a (padded) batch.
+
+    Args:
+      input_ids: [batch, seq] token ids.
+      attention_mask: [batch, seq], 1 for real tokens, 0 for padding (left or
+        right). None means no padding.
+      positions: [batch, seq] position ids; default counts real tokens only.
+
+    Returns:
+      [batch, seq, vocab] float32 logits (garbage at padding positions).
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+      positions = default_positions(attention_mask)
+    logits, _ = self.forward_with_cache(input_ids, positions, attention_mask, None, 0)
+    return logits
+
+  def forward_with_cache(
+      self,
+      input_ids: jax.Array,
+      positions: jax.Array,
+      key_valid: jax.Array,
+      caches: list[KVCache] | None,
+      cache_index: jax.Array | int,
+  ) -> tuple[jax.Array, list[KVCache] | None]:
+    """Runs the model on tokens that occupy cache slots starting at `cache_index`.
+
+    Args:
+      input_ids: [batch, seq].
+      positions: [batch, seq] position ids.
+      key_valid: [batch, kv_len] boolean/int, which key slots hold real
+        tokens; kv_len is seq without caches, else the cache length.
+      caches: One `KVCache` per layer, or None for a plain forward pass.
+      cache_index: Slot of the first token of `input_ids`.
+
+    Returns:
+      (float32 logits [batch, seq, vocab], updated caches or None).
+    """
+    seq = input_ids.shape[1]
+    kv_len = key_valid.shape[1]
+    query_slots = cache_index + jnp.arange(seq)
+    causal = jnp.arange(kv_len)[None, :] <= query_slots[:, None]
+    mask = causal[None] & key_valid.astype(bool)[:, None, :]
+
+    x = self.embed(input_ids)
+    rope = None
+    if self.pos_embed is not None:
+      x = x + self.pos_embed(positions)
+    else:
+      rope = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta)
+
+    new_caches = [] if caches is not None else None
+    for i, layer in enumerate(self.layers):
+      x, cache = layer(x, mask, rope, None if caches is None else caches[i], cache_index)
+      if new_caches is not None:
+        new_caches.append(cache)
+
+    x = self.final_norm(x)
+    if self.lm_head is not None:
+      logits = self.lm_head(x)
+    else:
+      logits = self.embed.attend(x)
+      if self.lm_head_bias is not None:
+        logits = logits + self.lm_head_bias[...].astype(logits.dtype)
+    return logits.astype(jnp.float32), new_caches
