@@ -54,3 +54,12 @@ def test_bad_values_name_the_key(override, names):
 def test_missing_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.yaml"):
     load_config(tmp_path / "nope.yaml")
+
+
+def test_apply_overrides_keeps_the_rest():
+  from train.config import apply_overrides
+  base = load_config(overrides=["training.steps=9"])
+  config = apply_overrides(base, ["optimizer.name=adam"])
+  assert config.training.steps == 9 and config.optimizer.name == "adam"
+  with pytest.raises(ConfigError, match="optimizer.name"):
+    apply_overrides(base, ["optimizer.name=sgd"])

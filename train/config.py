@@ -299,3 +299,9 @@ def load_config(path: Optional[str | pathlib.Path] = None,
 def save_config(config: RunConfig, path: str | pathlib.Path) -> None:
   """Writes ``config`` as YAML that :func:`load_config` reads back to an equal config."""
   pathlib.Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+  """``config`` with ``section.key=value`` overrides applied, validated."""
+  merged = _merge(config.to_dict(), _nested(overrides))
+  return _build(RunConfig, merged, "").validate()

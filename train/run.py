@@ -1,149 +1,106 @@
-"""The default experiment: unlearn memorized facts with Adam, DualOptim and DualOptim+.
+"""The unlearning program.
 
-Until the language-model program lands (models/, TOFU data, evaluation), the default run
-is a small but complete unlearning experiment that needs nothing from outside:
+    python train/run.py                          # the default experiment, self-contained
+    python train/run.py unlearn [config.yaml] [section.key=value ...]
+    python train/run.py finetune [config.yaml] [section.key=value ...]
+    python train/run.py evaluate [config.yaml] [section.key=value ...]
 
-1. generate a synthetic "fact" dataset (random keys, each with a random answer class);
-2. train a 2-layer MLP until it memorizes every fact (the target model);
-3. unlearn the forget split (10 % of facts) from that same start with each optimizer:
-   forget loss = KL to the uniform distribution (ME), retain loss = cross-entropy (GD),
-   alternating 1 forget step and 5 retain steps (the paper's schedule); Adam takes the
-   joint weighted loss, as in the paper's baseline;
-4. print forget accuracy (lower is better), retain accuracy (higher is better), the
-   forget/retain update cosine from the optimizer's diagnostics, time and state bytes.
-
-Usage: ``python train/run.py [--steps N] [--seed S]``.
+With no arguments it generates a small fictitious-author benchmark, trains a tiny model on
+it, unlearns the forget split with Adam, DualOptim, DualOptim+ and DualOptim+ 8-bit from
+the same start, evaluates all of them and prints a comparison table (see
+``train/experiment.py``). The subcommands run one stage on any model and data:
+``model.path`` is a local Hugging Face folder (e.g. a Phi-1.5 fine-tuned on TOFU),
+``data.path`` a TOFU-format folder. Settings are described in ``train/config.py``;
+``unlearn`` resumes from the run folder's latest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import pathlib
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# Runnable as `python train/run.py` from a checkout without installing the project.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
 
-import dualoptax
+from train.config import (  # noqa: E402
+    ConfigError, RunConfig, apply_overrides, load_config, save_config)
 
-NUM_FACTS, KEY_DIM, HIDDEN, CLASSES, FORGET_FRACTION = 512, 32, 256, 16, 0.1
-
-
-def make_facts(seed: int):
-  rng = np.random.default_rng(seed)
-  keys = rng.normal(size=(NUM_FACTS, KEY_DIM)).astype(np.float32)
-  answers = rng.integers(0, CLASSES, size=NUM_FACTS).astype(np.int32)
-  is_forget = np.zeros(NUM_FACTS, bool)
-  is_forget[rng.permutation(NUM_FACTS)[: int(FORGET_FRACTION * NUM_FACTS)]] = True
-  return (jnp.asarray(keys[is_forget]), jnp.asarray(answers[is_forget])), (
-      jnp.asarray(keys[~is_forget]), jnp.asarray(answers[~is_forget]))
+COMMANDS = ("experiment", "finetune", "unlearn", "evaluate")
 
 
-def init_mlp(seed: int):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  return {
-      "hidden": {"w": jax.random.normal(k1, (KEY_DIM, HIDDEN)) / np.sqrt(KEY_DIM),
-                 "b": jnp.zeros(HIDDEN)},
-      "out": {"w": jax.random.normal(k2, (HIDDEN, CLASSES)) / np.sqrt(HIDDEN),
-              "b": jnp.zeros(CLASSES)},
-  }
+def _tokenizer_and_data(config: RunConfig):
+  from train import synthetic, tokenizer as tokenizer_lib  # noqa: PLC0415 (heavy imports)
+  import models  # noqa: PLC0415
+  data_dir = config.data.path
+  if data_dir is None:
+    data_dir = synthetic.write_synthetic_tofu(pathlib.Path(config.output_dir) / "data",
+                                              seed=config.data.seed)
+  if config.model.path is not None:
+    tokenizer = models.load_tokenizer(config.model.path)
+  else:
+    tokenizer = tokenizer_lib.train_tokenizer(
+        tokenizer_lib.tofu_corpus_texts(data_dir, template=config.data.template))
+  return tokenizer, data_dir
 
 
-def logits_of(params, x):
-  h = jax.nn.gelu(x @ params["hidden"]["w"] + params["hidden"]["b"])
-  return h @ params["out"]["w"] + params["out"]["b"]
+def _stage(command: str, config: RunConfig) -> None:
+  from train import data as data_lib, program  # noqa: PLC0415
+  from train.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
+  out = pathlib.Path(config.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  save_config(config, out / "config.yaml")
+  tokenizer, data_dir = _tokenizer_and_data(config)
+  module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
+  model, params = FunctionalModel.split(module, model_config)
+  if command == "evaluate":
+    summary = program.evaluate_params(config, model, params, tokenizer, data_dir, out / "eval")
+    print(f"evaluation written to {out / 'eval'}: model utility {summary['model_utility']}, "
+          f"forget efficacy {summary['forget_efficacy']}")
+    return
+  splits = data_lib.load_unlearning_data(data_dir, config.data.forget_split, config.data.task_id,
+                                         retain_split=config.data.retain_split)
+  loss_config = config.loss.build()
+  forget_stream, retain_stream = program.make_streams(config, splits, tokenizer, loss_config)
+  if command == "finetune":
+    params = program.finetune(model, params, retain_stream, config.training.steps,
+                              config.optimizer.learning_rate)
+  else:
+    result = program.unlearn(config, model, params, params, forget_stream, retain_stream, out)
+    params = result.params
+    print(f"unlearned {config.training.steps} steps in {result.seconds:.1f} s; "
+          f"optimizer state {result.state_bytes:,} bytes; metrics in {out / 'metrics.jsonl'}")
+  save_model(model, params, str(out / "model"), tokenizer)
+  print(f"model written to {out / 'model'}")
 
 
-def retain_loss(params, data):  # GD: cross-entropy on retain facts
-  x, y = data
-  return optax.softmax_cross_entropy_with_integer_labels(logits_of(params, x), y).mean()
-
-
-def forget_loss(params, data):  # ME: KL(uniform || p) on forget facts, up to a constant
-  x, _ = data
-  return -jax.nn.log_softmax(logits_of(params, x)).mean()
-
-
-def accuracy(params, data) -> float:
-  x, y = data
-  return float(jnp.mean(jnp.argmax(logits_of(params, x), -1) == y))
-
-
-def memorize(params, retain, forget, steps=400):
-  data = (jnp.concatenate([forget[0], retain[0]]), jnp.concatenate([forget[1], retain[1]]))
-  tx = optax.adam(3e-3)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(retain_loss)(params, data)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params
-
-
-def state_bytes(state) -> int:
-  return sum(x.nbytes for x in jax.tree.leaves(state))
-
-
-def unlearn(name, params, retain, forget, steps, lr=1e-3):
-  schedule = dict(forget_steps=1, retain_steps=5)
-  joint = name == "adam (joint)"
-  tx = {
-      "adam (joint)": lambda: dualoptax.adam(lr),
-      "dualoptim": lambda: dualoptax.dualoptim(lr, **schedule),
-      "dualoptim_plus": lambda: dualoptax.dualoptim_plus(lr, **schedule),
-  }[name]()
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, objective):
-    if joint:
-      grads = jax.grad(lambda p: forget_loss(p, forget) + retain_loss(p, retain))(params)
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description="LLM unlearning with DualOptim+ (dualoptax).",
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser.add_argument("command", nargs="?", default="experiment", choices=COMMANDS)
+  parser.add_argument("args", nargs="*", help="[config.yaml] then section.key=value overrides")
+  options = parser.parse_args(argv)
+  config_path = None
+  overrides = list(options.args)
+  if overrides and "=" not in overrides[0]:
+    config_path = overrides.pop(0)
+  try:
+    if options.command == "experiment":
+      from train import experiment  # noqa: PLC0415
+      config = (load_config(config_path, overrides) if config_path
+                else apply_overrides(experiment.default_config(), overrides))
+      experiment.run(config)
     else:
-      grads = jax.lax.cond(
-          objective == dualoptax.FORGET,
-          lambda: jax.grad(forget_loss)(params, forget),
-          lambda: jax.grad(retain_loss)(params, retain))
-    updates, state = tx.update(grads, state, params, objective=objective)
-    return optax.apply_updates(params, updates), state
-
-  start = time.perf_counter()
-  for s in range(steps):
-    objective = dualoptax.scheduled_objective(jnp.int32(s), (1, 5))
-    params, state = step(params, state, objective)
-  jax.block_until_ready(params)
-  seconds = time.perf_counter() - start
-  cosine = float("nan")
-  if name == "dualoptim_plus":
-    cosine = float(dualoptax.dualoptim_plus_diagnostics(state)[1].update_cosine)
-  elif name == "dualoptim":
-    cosine = float(dualoptax.dualoptim_diagnostics(state)[1].update_cosine)
-  return dict(forget_acc=accuracy(params, forget), retain_acc=accuracy(params, retain),
-              cosine=cosine, seconds=seconds, state_bytes=state_bytes(state))
-
-
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=300, help="unlearning steps per optimizer")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  forget, retain = make_facts(args.seed)
-  target = memorize(init_mlp(args.seed), retain, forget)
-  print(f"target model: forget acc {accuracy(target, forget):.3f}, "
-        f"retain acc {accuracy(target, retain):.3f} "
-        f"({len(forget[1])} forget / {len(retain[1])} retain facts)")
-  print(f"\n| optimizer | forget acc (lower better) | retain acc | forget/retain update "
-        f"cosine | seconds | state bytes |\n|---|---|---|---|---|---|")
-  for name in ("adam (joint)", "dualoptim", "dualoptim_plus"):
-    r = unlearn(name, target, retain, forget, args.steps)
-    print(f"| {name} | {r['forget_acc']:.3f} | {r['retain_acc']:.3f} | {r['cosine']:.3f} | "
-          f"{r['seconds']:.2f} | {r['state_bytes']:,} |")
+      _stage(options.command, load_config(config_path, overrides))
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,0 +1,209 @@
+"""The unlearning program's stages: optimizer, fine-tuning, unlearning, evaluation.
+
+Each stage is a function of a :class:`~train.config.RunConfig` and plain values, so the CLI
+(`train/run.py`), the default experiment (`train/experiment.py`) and tests compose them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import dualoptax
+from train import data as data_lib
+from train import losses, step as step_lib
+from train.checkpointing import RunCheckpointer
+from train.config import OptimizerConfig, RunConfig
+from train.evaluation import EvalConfig, evaluate, tofu_eval_sets
+from train.modeling import FunctionalModel, ScoringAdapter
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  """The configured optimizer, with optional clipping and linear warmup."""
+  learning_rate: Any = config.learning_rate
+  if config.warmup_steps:
+    learning_rate = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+  schedule = dict(forget_lr_ratio=config.forget_lr_ratio, retain_lr_ratio=config.retain_lr_ratio,
+                  forget_steps=config.forget_steps, retain_steps=config.retain_steps)
+  if config.name == "adam":
+    tx = dualoptax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+                         weight_decay=config.weight_decay, **schedule)
+  elif config.name == "dualoptim":
+    tx = dualoptax.dualoptim(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, state_bits=config.state_bits,
+                             **schedule)
+  else:
+    tx = dualoptax.dualoptim_plus(
+        learning_rate, b1=config.b1, b2=config.b2, base_b1=config.base_b1,
+        base_b2=config.base_b2, eps=config.eps, weight_decay=config.weight_decay,
+        state_bits=config.state_bits, **schedule)
+  if config.clip_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+  del total_steps
+  return tx
+
+
+def optimizer_diagnostics(config: OptimizerConfig, opt_state: Any) -> dict[str, float]:
+  """The optimizer's Figure-2 cosine (forget vs retain update terms), when it has one."""
+  if config.name == "dualoptim_plus":
+    _, total = dualoptax.dualoptim_plus_diagnostics(
+        opt_state, b1=config.b1, b2=config.b2, base_b1=config.base_b1,
+        base_b2=config.base_b2, eps=config.eps)
+  elif config.name == "dualoptim":
+    _, total = dualoptax.dualoptim_diagnostics(opt_state, b1=config.b1, b2=config.b2,
+                                               eps=config.eps)
+  else:
+    return {}
+  return {"update_cosine": float(total.update_cosine),
+          "preconditioned_cosine": float(total.preconditioned_cosine)}
+
+
+def make_streams(config: RunConfig, splits: data_lib.TofuSplits, tokenizer: Any,
+                 loss_config: losses.LossConfig, batch_size: Optional[int] = None):
+  """Forget and retain batch streams with the IDK answers the losses need."""
+  tokenization = data_lib.TokenizationConfig(
+      template=config.data.template, max_length=config.data.max_length, pad_to_max_length=True)
+  batching = data_lib.BatchingConfig(batch_size or config.data.batch_size, seed=config.data.seed)
+  idk = tuple(splits.idk_answers)
+  forget = data_lib.QADataset(splits.forget, tokenizer, tokenization, idk_answers=idk)
+  retain = data_lib.QADataset(splits.retain, tokenizer, tokenization, idk_answers=idk)
+  return (
+      data_lib.BatchStream(forget, batching, stream_id=data_lib.FORGET,
+                           with_idk=losses.needs_idk_batch(loss_config, "forget") and bool(idk)),
+      data_lib.BatchStream(retain, batching, stream_id=data_lib.RETAIN,
+                           with_idk=losses.needs_idk_batch(loss_config, "retain") and bool(idk)))
+
+
+def finetune(model: FunctionalModel, params: Any, stream: data_lib.BatchStream, steps: int,
+             learning_rate: float, desc: str = "finetune") -> Any:
+  """Plain NLL training on one stream (makes the target model and the retain oracle)."""
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, max(steps // 10, 1), steps, learning_rate * 0.1), weight_decay=0.0)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(
+        lambda p: losses.gd_loss(model.logits(p, batch.input_ids, batch.attention_mask),
+                                 batch))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  progress = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
+  for _ in progress:
+    qa = next(stream)
+    batch = losses.LMBatch(jnp.asarray(qa.answers.input_ids),
+                           jnp.asarray(qa.answers.attention_mask),
+                           jnp.asarray(qa.answers.labels))
+    params, opt_state, loss = train_step(params, opt_state, batch)
+    progress.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+  return params
+
+
+@dataclasses.dataclass
+class UnlearnResult:
+  params: Any
+  opt_state: Any
+  history: list[dict[str, Any]]
+  seconds: float
+  state_bytes: int
+
+
+def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: Any,
+            forget_stream: data_lib.BatchStream, retain_stream: data_lib.BatchStream,
+            run_dir: pathlib.Path, resume: bool = True) -> UnlearnResult:
+  """Unlearns with the configured optimizer and losses; checkpoints and resumes exactly.
+
+  Writes ``metrics.jsonl`` (one line per logged step) and checkpoints under ``run_dir``.
+  """
+  opt_config, train_config = config.optimizer, config.training
+  loss_config = config.loss.build()
+  tx = make_optimizer(opt_config, train_config.steps)
+  # The step donates params and state: work on a copy so the caller's (often the target,
+  # also the reference model) stay alive.
+  params = jax.tree.map(jnp.copy, params)
+  opt_state = tx.init(params)
+  steps = step_lib.TrainStep(model.logits, tx, loss_config)
+  alternating = train_config.mode == "alternating"
+  sampler_cls = data_lib.AlternatingSampler if alternating else data_lib.JointSampler
+  sampler_kwargs = (dict(forget_steps=opt_config.forget_steps, retain_steps=opt_config.retain_steps)
+                    if alternating else {})
+  sampler = sampler_cls(forget_stream, retain_stream, **sampler_kwargs)
+  checkpointer = RunCheckpointer(run_dir / "checkpoints", train_config.keep_checkpoints)
+  start = 0
+  if resume and checkpointer.latest_step() is not None:
+    start, state, meta = checkpointer.restore({"params": params, "opt_state": opt_state})
+    params, opt_state = state["params"], state["opt_state"]
+    sampler.restore(data_lib.SamplerState.from_dict(meta["sampler"]))
+
+  train_fn = jax.jit(steps.alternating if alternating else steps.joint, donate_argnums=(0, 1))
+  conflict_fn = jax.jit(steps.gradient_conflict)
+  metrics_path = run_dir / "metrics.jsonl"
+  history: list[dict[str, Any]] = []
+  began = time.perf_counter()
+  progress = tqdm(range(start, train_config.steps), desc=f"unlearn ({opt_config.name})",
+                  leave=False, mininterval=1.0)
+  for step in progress:
+    if alternating:
+      objective, qa = next(sampler)
+      params, opt_state, metrics = train_fn(
+          params, opt_state, ref_params, step_lib.step_inputs([qa]), jnp.int32(objective))
+    else:
+      objective = -1
+      forget_qa, retain_qa = next(sampler)
+      params, opt_state, metrics = train_fn(
+          params, opt_state, ref_params, step_lib.step_inputs([forget_qa]),
+          step_lib.step_inputs([retain_qa]))
+    record = {"step": step + 1, "objective": int(objective),
+              **{k: float(v) for k, v in metrics.items()}}
+    if (step + 1) % train_config.diagnostics_every == 0:
+      f_batch = forget_stream.batch_at(forget_stream.position)
+      r_batch = retain_stream.batch_at(retain_stream.position)
+      cosine, _ = conflict_fn(params, ref_params, step_lib.step_inputs([f_batch]),
+                              step_lib.step_inputs([r_batch]))
+      record["gradient_cosine"] = float(cosine)
+      record.update(optimizer_diagnostics(opt_config, opt_state))
+    history.append(record)
+    with metrics_path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+    if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == train_config.steps:
+      checkpointer.save(step + 1, {"params": params, "opt_state": opt_state},
+                        {"sampler": sampler.state.to_dict(), "optimizer": opt_config.name})
+  checkpointer.close()
+  jax.block_until_ready(params)
+  return UnlearnResult(params, opt_state, history, time.perf_counter() - began,
+                       dualoptax.state_nbytes(opt_state))
+
+
+def evaluate_params(config: RunConfig, model: FunctionalModel, params: Any, tokenizer: Any,
+                    data_dir: str, out_dir: pathlib.Path,
+                    retain_reference: Optional[str] = None) -> dict[str, Any]:
+  """Evaluates ``params`` on the TOFU-format sets of ``data_dir``; writes the JSON files."""
+  scoring = ScoringAdapter(model, params, tokenizer.eos_token_id, tokenizer.pad_token_id)
+  eval_sets = tofu_eval_sets(data_dir, forget_split=config.data.forget_split,
+                             task_id=config.data.task_id)
+  result = evaluate(
+      scoring, tokenizer, eval_sets, template=config.data.template,
+      config=EvalConfig(batch_size=config.eval.batch_size,
+                        max_new_tokens=config.eval.max_new_tokens,
+                        max_length=config.data.max_length + config.eval.max_new_tokens,
+                        max_items=config.eval.max_items, show_progress=False),
+      retain_reference=retain_reference)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  result.write(out_dir)
+  return json.loads((out_dir / "tofu_eval_summary.json").read_text())
+
+
+def np_tree(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)
+

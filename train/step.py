@@ -1,0 +1,163 @@
+"""The training step: pure functions of (params, optimizer state, batch, objective).
+
+Two modes, as in the paper:
+
+* alternating: each step serves ONE objective (chosen by the sampler's schedule); its
+  gradient goes to the optimizer with ``objective=`` so DualOptim(+) updates that
+  objective's state. The objective is a traced int, and the two losses are branches of a
+  ``lax.cond``, so one compiled step serves both objectives.
+* joint: one weighted loss ``forget_coeff * L_f + retain_coeff * L_r`` per step (the
+  paper's Adam baseline).
+
+Gradient accumulation: every batch array has a leading micro-batch axis of size
+``grad_accum``; the step scans over it and averages the gradients.
+
+The conflict diagnostics step computes BOTH objectives' gradients at the same parameters
+and reports their cosine similarity, over all parameters and per leaf.
+
+Everything here is a pure function to be wrapped in ``jax.jit`` by the caller (with
+shardings and donation, see :func:`compile_steps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dualoptax
+from train import losses
+
+LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+class StepInputs(NamedTuple):
+  """One objective's batch: questions with true answers, and the same rows with IDK answers.
+
+  Arrays have a leading micro-batch axis ``[grad_accum, B, T]``.
+  """
+
+  answers: losses.LMBatch
+  idk: losses.LMBatch
+
+
+# Per-step metrics with the same structure in both objectives' branches (lax.cond needs it).
+METRIC_NAMES = ("loss", "nll", "tokens", "grad_norm")
+
+
+def _objective_loss(config: losses.LossConfig, logits_fn: LogitsFn, params: Any,
+                    ref_params: Any, inputs: StepInputs, objective: jax.Array):
+  """``(loss, (nll, tokens))`` of the objective ``objective`` on ``inputs``."""
+
+  def forget():
+    loss, m = losses.forget_loss(config, logits_fn, params, ref_params, inputs.answers,
+                                 inputs.idk)
+    nll = m.get("forget/nll", jnp.float32(jnp.nan))
+    return loss, (nll, m["forget/tokens"].astype(jnp.float32))
+
+  def retain():
+    if config.retain is None:  # forget-only spec: retain steps do nothing
+      return jnp.float32(0.0), (jnp.float32(jnp.nan), jnp.float32(0.0))
+    loss, m = losses.retain_loss(config, logits_fn, params, ref_params, inputs.answers,
+                                 inputs.idk)
+    return loss, (m["retain/nll"], m["retain/tokens"].astype(jnp.float32))
+
+  return jax.lax.cond(objective == dualoptax.FORGET, forget, retain)
+
+
+def _accumulate(grad_fn, micro_batches: Any, params: Any):
+  """Mean of ``grad_fn(params, micro_batch)`` over the leading axis of ``micro_batches``."""
+  num = jax.tree.leaves(micro_batches)[0].shape[0]
+
+  def body(carry, micro):
+    (loss, aux), grads = grad_fn(params, micro)
+    acc_grads, acc_loss, acc_aux = carry
+    return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
+            jax.tree.map(jnp.add, acc_aux, aux)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  aux_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[0][1])
+  (grads, loss, aux), _ = jax.lax.scan(
+      body, (zeros, jnp.float32(0.0), aux_zeros), micro_batches)
+  scale = 1.0 / num
+  return jax.tree.map(lambda g: g * scale, grads), loss * scale, jax.tree.map(
+      lambda a: a * scale, aux)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The step functions of one run (pure; jit them with :func:`compile_steps`)."""
+
+  logits_fn: LogitsFn
+  tx: optax.GradientTransformation
+  loss_config: losses.LossConfig
+
+  def alternating(self, params, opt_state, ref_params, inputs: StepInputs, objective):
+    """One step on ``objective`` (0 forget, 1 retain): ``(params, opt_state, metrics)``."""
+    grad_fn = jax.value_and_grad(
+        lambda p, micro: _objective_loss(
+            self.loss_config, self.logits_fn, p, ref_params, micro, objective), has_aux=True)
+    grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
+    updates, opt_state = self.tx.update(grads, opt_state, params, objective=objective)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(loss=loss, nll=nll, tokens=tokens, grad_norm=optax.global_norm(grads))
+    return params, opt_state, metrics
+
+  def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs):
+    """One step on ``forget_coeff * L_f + retain_coeff * L_r``."""
+
+    def loss_fn(p, micro):
+        f_micro, r_micro = micro
+        f_loss, (f_nll, f_tokens) = _objective_loss(
+            self.loss_config, self.logits_fn, p, ref_params, f_micro, jnp.int32(0))
+        r_loss, (r_nll, r_tokens) = _objective_loss(
+            self.loss_config, self.logits_fn, p, ref_params, r_micro, jnp.int32(1))
+        return f_loss + r_loss, (f_nll, r_nll, f_tokens + r_tokens)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grads, loss, (f_nll, r_nll, tokens) = _accumulate(grad_fn, (forget, retain), params)
+    # Joint steps serve both objectives; RETAIN's learning-rate ratio (1 by convention).
+    updates, opt_state = self.tx.update(grads, opt_state, params, objective=dualoptax.RETAIN)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(loss=loss, nll=r_nll, forget_nll=f_nll, tokens=tokens,
+                   grad_norm=optax.global_norm(grads))
+    return params, opt_state, metrics
+
+  def gradient_conflict(self, params, ref_params, forget: StepInputs, retain: StepInputs):
+    """Cosine between the forget and retain gradients at ``params``: total and per leaf."""
+
+    def grads_of(inputs, objective):
+      grad_fn = jax.value_and_grad(
+          lambda p, micro: _objective_loss(
+              self.loss_config, self.logits_fn, p, ref_params, micro, objective), has_aux=True)
+      return _accumulate(grad_fn, inputs, params)[0]
+
+    g_f = grads_of(forget, jnp.int32(dualoptax.FORGET))
+    g_r = grads_of(retain, jnp.int32(dualoptax.RETAIN))
+    dot = jax.tree.map(lambda a, b: jnp.vdot(a, b).real, g_f, g_r)
+    sq_f = jax.tree.map(lambda a: jnp.vdot(a, a).real, g_f)
+    sq_r = jax.tree.map(lambda a: jnp.vdot(a, a).real, g_r)
+    tiny = jnp.finfo(jnp.float32).tiny
+    per_leaf = jax.tree.map(lambda d, a, b: d / jnp.maximum(jnp.sqrt(a * b), tiny),
+                            dot, sq_f, sq_r)
+    total = sum(jax.tree.leaves(dot)) / jnp.maximum(
+        jnp.sqrt(sum(jax.tree.leaves(sq_f)) * sum(jax.tree.leaves(sq_r))), tiny)
+    return total, per_leaf
+
+
+def step_inputs(qa_batches: list[Any]) -> StepInputs:
+  """Stacks ``grad_accum`` micro-batches from ``train.data`` into :class:`StepInputs`."""
+
+  def lm(batches):
+    return losses.LMBatch(
+        input_ids=jnp.asarray(jnp.stack([b.input_ids for b in batches])),
+        attention_mask=jnp.asarray(jnp.stack([b.attention_mask for b in batches])),
+        labels=jnp.asarray(jnp.stack([b.labels for b in batches])))
+
+  answers = [b.answers for b in qa_batches]
+  idk = [b.idk if b.idk is not None else b.answers for b in qa_batches]
+  return StepInputs(answers=lm(answers), idk=lm(idk))
