@@ -148,6 +148,10 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
   train_fn = jax.jit(steps.alternating if alternating else steps.joint, donate_argnums=(0, 1))
   conflict_fn = jax.jit(steps.gradient_conflict)
   metrics_path = run_dir / "metrics.jsonl"
+  if metrics_path.exists():  # drop what a killed run logged after its last checkpoint
+    kept = [line for line in metrics_path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= start]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
   history: list[dict[str, Any]] = []
   began = time.perf_counter()
   progress = tqdm(range(start, train_config.steps), desc=f"unlearn ({opt_config.name})",
