@@ -156,17 +156,22 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
   began = time.perf_counter()
   progress = tqdm(range(start, train_config.steps), desc=f"unlearn ({opt_config.name})",
                   leave=False, mininterval=1.0)
+  extra = train_config.grad_accum - 1  # micro-batches beyond the sampler's one per step
   for step in progress:
     if alternating:
       objective, qa = next(sampler)
+      stream = forget_stream if objective == data_lib.FORGET else retain_stream
+      micro = [qa] + [next(stream) for _ in range(extra)]
       params, opt_state, metrics = train_fn(
-          params, opt_state, ref_params, step_lib.step_inputs([qa]), jnp.int32(objective))
+          params, opt_state, ref_params, step_lib.step_inputs(micro), jnp.int32(objective))
     else:
       objective = -1
       forget_qa, retain_qa = next(sampler)
+      forget_micro = [forget_qa] + [next(forget_stream) for _ in range(extra)]
+      retain_micro = [retain_qa] + [next(retain_stream) for _ in range(extra)]
       params, opt_state, metrics = train_fn(
-          params, opt_state, ref_params, step_lib.step_inputs([forget_qa]),
-          step_lib.step_inputs([retain_qa]))
+          params, opt_state, ref_params, step_lib.step_inputs(forget_micro),
+          step_lib.step_inputs(retain_micro))
     record = {"step": step + 1, "objective": int(objective),
               **{k: float(v) for k, v in metrics.items()}}
     if (step + 1) % train_config.diagnostics_every == 0:

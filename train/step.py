@@ -104,7 +104,7 @@ class TrainStep:
     grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
     updates, opt_state = self.tx.update(grads, opt_state, params, objective=objective)
     params = optax.apply_updates(params, updates)
-    metrics = dict(loss=loss, nll=nll, tokens=tokens, grad_norm=optax.global_norm(grads))
+    metrics = dict(loss=loss, nll=nll, tokens=tokens, grad_norm=optax.tree.norm(grads))
     return params, opt_state, metrics
 
   def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs):
@@ -124,7 +124,7 @@ class TrainStep:
     updates, opt_state = self.tx.update(grads, opt_state, params, objective=dualoptax.RETAIN)
     params = optax.apply_updates(params, updates)
     metrics = dict(loss=loss, nll=r_nll, forget_nll=f_nll, tokens=tokens,
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=optax.tree.norm(grads))
     return params, opt_state, metrics
 
   def gradient_conflict(self, params, ref_params, forget: StepInputs, retain: StepInputs):
