@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import dualoptax
 from train import data as data_lib
-from train import losses, step as step_lib
+from train import losses, sharding as sharding_lib, step as step_lib
 from train.checkpointing import RunCheckpointer
 from train.config import OptimizerConfig, RunConfig
 from train.evaluation import EvalConfig, evaluate, tofu_eval_sets
@@ -145,8 +145,21 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
     params, opt_state = state["params"], state["opt_state"]
     sampler.restore(data_lib.SamplerState.from_dict(meta["sampler"]))
 
-  train_fn = jax.jit(steps.alternating if alternating else steps.joint, donate_argnums=(0, 1))
-  conflict_fn = jax.jit(steps.gradient_conflict)
+  # Place everything on the mesh by the logical-axis rules; compile once with those layouts.
+  mesh = sharding_lib.make_mesh(config.mesh)
+  param_sh = sharding_lib.param_shardings(params, mesh)
+  state_sh = sharding_lib.state_shardings(opt_state, params, param_sh, mesh)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params, opt_state = jax.device_put(params, param_sh), jax.device_put(opt_state, state_sh)
+  ref_params = jax.device_put(ref_params, param_sh)
+  inputs_sh = step_lib.StepInputs(*(losses.LMBatch(batch_sh, batch_sh, batch_sh),) * 2)
+  batch_args = (inputs_sh, replicated) if alternating else (inputs_sh, inputs_sh)
+  train_fn = jax.jit(steps.alternating if alternating else steps.joint, donate_argnums=(0, 1),
+                     in_shardings=(param_sh, state_sh, param_sh, *batch_args),
+                     out_shardings=(param_sh, state_sh, replicated))
+  conflict_fn = jax.jit(steps.gradient_conflict,
+                        in_shardings=(param_sh, param_sh, inputs_sh, inputs_sh))
   metrics_path = run_dir / "metrics.jsonl"
   if metrics_path.exists():  # drop what a killed run logged after its last checkpoint
     kept = [line for line in metrics_path.read_text().splitlines()

@@ -1,0 +1,38 @@
+"""Placement rules: parameters by logical axes, optimizer moments follow their parameter."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import dualoptax
+import models
+from train import sharding
+from train.config import MeshConfig, ModelConfig
+from train.modeling import FunctionalModel, tiny_hf_config
+
+
+def test_moments_follow_their_parameter_and_scalars_are_replicated():
+  hf = tiny_hf_config(ModelConfig(hidden_size=64), 100, 1, 2, 0)
+  config = models.ModelConfig.from_hf(hf, dtype=jnp.float32)
+  _, params = FunctionalModel.split(models.CausalLM(config, rngs=nnx.Rngs(0)), config)
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1))
+  param_sh = sharding.param_shardings(params, mesh)
+  tx = dualoptax.dualoptim_plus(1e-3, state_bits=8, min_8bit_size=1024)
+  opt_state = tx.init(params)
+  state_sh = sharding.state_shardings(opt_state, params, param_sh, mesh)
+  inner = dualoptax.find_state(state_sh, dualoptax.ScaleByDualOptimPlusState)
+  k_proj = lambda tree: tree["layers"][0]["attn"]["k_proj"]["kernel"]
+  assert k_proj(param_sh).spec == P("fsdp", None)  # ('embed', 'kv_heads')
+  assert inner.count.spec == P()
+  assert k_proj(inner.base_mu).value.codes.spec == P("fsdp", None)
+  # The per-objective axis of stacked moments is never sharded; absmax is replicated.
+  assert k_proj(inner.delta_mu).value.codes.spec == P(None, "fsdp", None)
+  assert k_proj(inner.delta_mu).value.absmax.spec == P()
+
+
+def test_mesh_sizes_must_cover_the_devices():
+  with pytest.raises(ValueError, match="does not cover"):
+    sharding.make_mesh(MeshConfig(data=2, fsdp=2))
+  assert sharding.make_mesh(MeshConfig(data=1, fsdp=-1)).shape["fsdp"] == jax.device_count()
