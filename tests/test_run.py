@@ -42,6 +42,11 @@ def test_tiny_experiment_reports_every_optimizer(tmp_path):
              (run / "unlearn" / "dualoptim_plus" / "metrics.jsonl").read_text().splitlines()]
   assert [h["step"] for h in history] == list(range(1, 7))
   assert "update_cosine" in history[2] and "gradient_cosine" in history[2]
+  assert any("lm_head" in k for k in history[2]["gradient_cosine_per_leaf"])
+  from train.tensorboard import read_scalars
+  events = list((run / "unlearn" / "dualoptim_plus" / "tensorboard").glob("events.out.*"))
+  scalars = list(read_scalars(events[0]))
+  assert {(s, t) for s, t, _ in scalars} >= {(1, "loss"), (3, "gradient_cosine")}
 
 
 def _unlearn(out, steps, extra=()):

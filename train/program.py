@@ -25,6 +25,7 @@ from train.checkpointing import RunCheckpointer
 from train.config import OptimizerConfig, RunConfig
 from train.evaluation import EvalConfig, evaluate, tofu_eval_sets
 from train.modeling import FunctionalModel, ScoringAdapter
+from train.tensorboard import ScalarWriter
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
@@ -166,6 +167,7 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
             if line and json.loads(line)["step"] <= start]
     metrics_path.write_text("".join(line + "\n" for line in kept))
   history: list[dict[str, Any]] = []
+  tensorboard = ScalarWriter(run_dir / "tensorboard")
   began = time.perf_counter()
   progress = tqdm(range(start, train_config.steps), desc=f"unlearn ({opt_config.name})",
                   leave=False, mininterval=1.0)
@@ -190,18 +192,24 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
     if (step + 1) % train_config.diagnostics_every == 0:
       f_batch = forget_stream.batch_at(forget_stream.position)
       r_batch = retain_stream.batch_at(retain_stream.position)
-      cosine, _ = conflict_fn(params, ref_params, step_lib.step_inputs([f_batch]),
-                              step_lib.step_inputs([r_batch]))
+      cosine, per_leaf = conflict_fn(params, ref_params, step_lib.step_inputs([f_batch]),
+                                     step_lib.step_inputs([r_batch]))
       record["gradient_cosine"] = float(cosine)
       record.update(optimizer_diagnostics(opt_config, opt_state))
+      record["gradient_cosine_per_leaf"] = {
+          jax.tree_util.keystr(path): float(value)
+          for path, value in jax.tree_util.tree_flatten_with_path(per_leaf)[0]}
     history.append(record)
     with metrics_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
+    tensorboard.scalars(step + 1, {k: v for k, v in record.items()
+                                   if isinstance(v, float) and k != "step"})
     progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
     if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == train_config.steps:
       checkpointer.save(step + 1, {"params": params, "opt_state": opt_state},
                         {"sampler": sampler.state.to_dict(), "optimizer": opt_config.name})
   checkpointer.close()
+  tensorboard.close()
   jax.block_until_ready(params)
   return UnlearnResult(params, opt_state, history, time.perf_counter() - began,
                        dualoptax.state_nbytes(opt_state))
