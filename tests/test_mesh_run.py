@@ -18,6 +18,11 @@ import pytest
 from safetensors.numpy import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Opt-in (`make test-mesh`): on this project's 2-core CI machine XLA:CPU's in-process
+# all-reduce over 8 simulated devices sometimes never completes its rendezvous and aborts
+# the process (xla::internal::AwaitAndLogIfStuck -> SIGABRT), even with nothing else
+# running. The runs are correct when they complete.
+pytestmark = pytest.mark.mesh
 
 
 def _unlearn(out, mesh, devices, state_bits=32):

@@ -1,0 +1,46 @@
+"""Executes every notebook in notebooks/ (each must run on CPU in well under a minute).
+
+The notebooks are stored without outputs; each is run in a fresh kernel whose working
+directory is notebooks/ (they put the project root on sys.path themselves). A failing cell
+fails the test with that cell's source and error.
+"""
+
+import pathlib
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+TIMEOUT_SECONDS = 300  # per cell and per notebook start-up; the notebooks take < 60 s
+
+
+def test_notebooks_exist():
+  assert NOTEBOOKS, f"no notebooks found in {NOTEBOOKS_DIR}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_stored_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
+  for i, cell in enumerate(nb.cells):
+    if cell.cell_type == "code":
+      assert not cell.outputs, f"{path.name}: cell {i} has stored outputs"
+      assert cell.execution_count is None, f"{path.name}: cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path, monkeypatch):
+  # Plots render to files in the kernel, never to a window.
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  nb = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(
+      nb, timeout=TIMEOUT_SECONDS, startup_timeout=TIMEOUT_SECONDS, kernel_name="python3",
+      resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+  try:
+    client.execute()
+  except nbclient.exceptions.CellExecutionError as e:
+    pytest.fail(f"{path.name} failed:\n{e}", pytrace=False)
+  except nbclient.exceptions.CellTimeoutError as e:
+    pytest.fail(f"{path.name} timed out after {TIMEOUT_SECONDS} s:\n{e}", pytrace=False)
