@@ -28,7 +28,7 @@ from train.modeling import FunctionalModel, ScoringAdapter
 from train.tensorboard import ScalarWriter
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """The configured optimizer, with optional clipping and linear warmup."""
   learning_rate: Any = config.learning_rate
   if config.warmup_steps:
@@ -49,7 +49,6 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
         state_bits=config.state_bits, **schedule)
   if config.clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
-  del total_steps
   return tx
 
 
@@ -128,7 +127,7 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
   """
   opt_config, train_config = config.optimizer, config.training
   loss_config = config.loss.build()
-  tx = make_optimizer(opt_config, train_config.steps)
+  tx = make_optimizer(opt_config)
   # The step donates params and state: work on a copy so the caller's (often the target,
   # also the reference model) stay alive.
   params = jax.tree.map(jnp.copy, params)
