@@ -98,3 +98,12 @@ def state_shardings(opt_state: Any, params: Any, param_sharding: Any, mesh: Mesh
 def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
   """Batch arrays ``[grad_accum, B, T]``: rows split over every mesh axis."""
   return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def per_device_bytes(tree: Any) -> dict[Any, int]:
+  """Bytes of ``tree``'s arrays held by each device (its addressable shards)."""
+  totals: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+  return totals
