@@ -89,6 +89,8 @@ def main(argv=None) -> int:
   if overrides and "=" not in overrides[0]:
     config_path = overrides.pop(0)
   try:
+    from train import distributed  # noqa: PLC0415
+    distributed.initialize_from_env()  # multi-host jobs; a no-op on one process
     if options.command == "experiment":
       from train import experiment  # noqa: PLC0415
       config = (load_config(config_path, overrides) if config_path
