@@ -63,3 +63,11 @@ def test_apply_overrides_keeps_the_rest():
   assert config.training.steps == 9 and config.optimizer.name == "adam"
   with pytest.raises(ConfigError, match="optimizer.name"):
     apply_overrides(base, ["optimizer.name=sgd"])
+
+
+def test_cli_reports_bad_settings_and_accepts_overrides_without_a_command(capsys):
+  from train.run import main
+  assert main(["unlearn", "optimizer.name=sgd"]) == 2
+  assert "optimizer.name" in capsys.readouterr().err
+  assert main(["training.steps=0"]) == 2  # the default experiment, with an override
+  assert "training.steps" in capsys.readouterr().err

@@ -83,6 +83,9 @@ def main(argv=None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   parser.add_argument("command", nargs="?", default="experiment", choices=COMMANDS)
   parser.add_argument("args", nargs="*", help="[config.yaml] then section.key=value overrides")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    argv.insert(0, "experiment")  # `run.py key=value ...` configures the default experiment
   options = parser.parse_args(argv)
   config_path = None
   overrides = list(options.args)
