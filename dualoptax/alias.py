@@ -40,12 +40,16 @@ def _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_
         "forget_steps and retain_steps must not both be 0, got forget_steps=0, retain_steps=0")
 
 
-def _check_multi(objective_steps, objective_lr_ratios):
+def _checked_ratios(objective_steps, objective_lr_ratios):
+  """Validates the K-objective schedule and ratios; returns the ratios (default all 1)."""
   objectives.validate_objective_steps(objective_steps, "objective_steps")
+  if objective_lr_ratios is None:
+    objective_lr_ratios = (1.0,) * len(objective_steps)
   _checks.check_same_length("objective_lr_ratios", objective_lr_ratios, len(objective_steps),
                             "the length of objective_steps")
   for i, ratio in enumerate(objective_lr_ratios):
     _checks.check_non_negative(f"objective_lr_ratios[{i}]", ratio)
+  return objective_lr_ratios
 
 
 def _lr_chain(
@@ -108,10 +112,7 @@ def multi_objective_dualoptim_plus(
   Returns:
     An optax transformation; ``update`` accepts ``objective=`` (int or int32 array).
   """
-  objectives.validate_objective_steps(objective_steps, "objective_steps")
-  if objective_lr_ratios is None:
-    objective_lr_ratios = (1.0,) * len(objective_steps)
-  _check_multi(objective_steps, objective_lr_ratios)
+  objective_lr_ratios = _checked_ratios(objective_steps, objective_lr_ratios)
   return _lr_chain(
       transform.scale_by_dualoptim_plus(
           b1, b2, base_b1, base_b2, eps, objective_steps,
@@ -218,10 +219,7 @@ def multi_objective_dualoptim(
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
   """
-  objectives.validate_objective_steps(objective_steps, "objective_steps")
-  if objective_lr_ratios is None:
-    objective_lr_ratios = (1.0,) * len(objective_steps)
-  _check_multi(objective_steps, objective_lr_ratios)
+  objective_lr_ratios = _checked_ratios(objective_steps, objective_lr_ratios)
   return _lr_chain(
       transform.scale_by_dualoptim(
           b1, b2, eps, objective_steps,

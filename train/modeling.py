@@ -108,8 +108,3 @@ def save_model(model: FunctionalModel, params: Any, path: str, tokenizer: Any) -
   """Writes the model as a Hugging Face folder (config, safetensors, tokenizer)."""
   models.save_pretrained(model.module(params), model.config, path, tokenizer=tokenizer)
 
-
-def load_model(path: str, dtype: str = "float32") -> tuple[FunctionalModel, Any]:
-  module, config = models.load_pretrained(path, dtype=dtype_of(dtype))
-  return FunctionalModel.split(module, config)
-

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -231,8 +230,4 @@ def evaluate_params(config: RunConfig, model: FunctionalModel, params: Any, toke
   out_dir.mkdir(parents=True, exist_ok=True)
   result.write(out_dir)
   return json.loads((out_dir / "tofu_eval_summary.json").read_text())
-
-
-def np_tree(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)
 
