@@ -386,8 +386,16 @@ class QADataset:
     """The longest prompt + true answer, in tokens."""
     return max(len(e.input_ids) for e in self._encoded)
 
-  def batch(self, indices: Sequence[int], idk_choices: Sequence[int] | None = None, epoch: int = 0) -> QABatch:
+  def batch(self, indices: Sequence[int], idk_choices: Sequence[int] | None = None, epoch: int = 0,
+            rows: slice | None = None) -> QABatch:
     """Collates items ``indices`` (with IDK answer ``idk_choices[j]`` for row ``j`` if given).
+
+    Args:
+      indices: The items of the whole (global) batch, one per row.
+      idk_choices: The IDK answer of each row, or None.
+      epoch: Recorded on the batch.
+      rows: Collate only these rows (a host's share of a global batch). The padded length
+        is still that of the whole batch, so every host's rows fit one global array.
 
     Raises:
       ValueError: ``indices`` is empty, ``idk_choices`` has another length, or the
@@ -406,6 +414,11 @@ class QADataset:
       encoded_idk = [self.encoded_idk(i, int(k)) for i, k in zip(indices, idk_choices)]
     longest = max(len(e.input_ids) for e in encoded + (encoded_idk or []))
     length = self.config.padded_length(longest)
+    if rows is not None:
+      if not indices[rows]:
+        raise ValueError(f"rows={rows} selects none of the batch's {len(indices)} rows")
+      indices, encoded = indices[rows], encoded[rows]
+      encoded_idk = None if encoded_idk is None else encoded_idk[rows]
     return QABatch(
         answers=collate(encoded, indices, length, self.pad_id),
         idk=None if encoded_idk is None else collate(encoded_idk, indices, length, self.pad_id),
@@ -466,6 +479,7 @@ class BatchStream:
       stream_id: int = 0,
       with_idk: bool = False,
       position: StreamPosition = StreamPosition(),
+      rows: slice | None = None,
   ):
     """Creates the stream.
 
@@ -477,6 +491,8 @@ class BatchStream:
       with_idk: Add IDK answers to each batch (:attr:`QABatch.idk`), a seeded choice per
         row and epoch (TOFU's IDK loss draws one at random each time an item is used).
       position: Where to start.
+      rows: Yield only these rows of each batch: a host's share in a multi-process run
+        (see ``train.distributed.host_rows``). Every host walks the same global order.
 
     Raises:
       ValueError: ``drop_last`` with fewer items than ``batch_size`` (no batch at all),
@@ -493,6 +509,11 @@ class BatchStream:
     self.config = config
     self.stream_id = stream_id
     self.with_idk = with_idk
+    if rows is not None and (rows.step not in (None, 1) or not
+                             0 <= (rows.start or 0) < (rows.stop or 0) <= config.batch_size):
+      raise ValueError(f"rows={rows} is not a contiguous, non-empty range of the "
+                       f"{config.batch_size} rows of a batch")
+    self.rows = rows
     n, b = len(dataset), config.batch_size
     self.batches_per_epoch = n // b if config.drop_last else math.ceil(n / b)
     self._cached_epoch: int | None = None
@@ -545,7 +566,7 @@ class BatchStream:
     indices = self._cached_order[position.offset * b:(position.offset + 1) * b]
     # IDK choices belong to items (not rows), so an item keeps its IDK answer all epoch.
     idk_choices = self._cached_idk[indices] if self.with_idk else None
-    return self.dataset.batch(indices, idk_choices, epoch=position.epoch)
+    return self.dataset.batch(indices, idk_choices, epoch=position.epoch, rows=self.rows)
 
   def __iter__(self) -> Iterator[QABatch]:
     return self

@@ -7,19 +7,21 @@ Each stage is a function of a :class:`~train.config.RunConfig` and plain values,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 import dualoptax
 from train import data as data_lib
-from train import losses, sharding as sharding_lib, step as step_lib
+from train import distributed, losses, sharding as sharding_lib, step as step_lib
 from train.checkpointing import RunCheckpointer
 from train.config import OptimizerConfig, RunConfig
 from train.evaluation import EvalConfig, evaluate, tofu_eval_sets
@@ -51,19 +53,36 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   return tx
 
 
-def optimizer_diagnostics(config: OptimizerConfig, opt_state: Any) -> dict[str, float]:
-  """The optimizer's Figure-2 cosine (forget vs retain update terms), when it has one."""
+def optimizer_diagnostics_fn(config: OptimizerConfig) -> Optional[Callable[[Any], dict[str, Any]]]:
+  """A jitted ``opt_state -> {name: scalar}`` of the optimizer's Figure-2 cosines (forget
+  vs retain update terms), or None for an optimizer without them.
+
+  One compiled program rather than eager per-leaf operations: on a mesh every eager
+  operation is a multi-device launch, and hundreds of them queued behind a sharded step
+  can exhaust XLA:CPU's per-device in-flight limit while that step waits in a collective.
+  """
   if config.name == "dualoptim_plus":
-    _, total = dualoptax.dualoptim_plus_diagnostics(
-        opt_state, b1=config.b1, b2=config.b2, base_b1=config.base_b1,
-        base_b2=config.base_b2, eps=config.eps)
+    diagnose = functools.partial(
+        dualoptax.dualoptim_plus_diagnostics, b1=config.b1, b2=config.b2,
+        base_b1=config.base_b1, base_b2=config.base_b2, eps=config.eps)
   elif config.name == "dualoptim":
-    _, total = dualoptax.dualoptim_diagnostics(opt_state, b1=config.b1, b2=config.b2,
-                                               eps=config.eps)
+    diagnose = functools.partial(dualoptax.dualoptim_diagnostics, b1=config.b1,
+                                 b2=config.b2, eps=config.eps)
   else:
-    return {}
-  return {"update_cosine": float(total.update_cosine),
-          "preconditioned_cosine": float(total.preconditioned_cosine)}
+    return None
+
+  def cosines(opt_state):
+    _, total = diagnose(opt_state)
+    return {"update_cosine": total.update_cosine,
+            "preconditioned_cosine": total.preconditioned_cosine}
+
+  return jax.jit(cosines)
+
+
+def optimizer_diagnostics(config: OptimizerConfig, opt_state: Any) -> dict[str, float]:
+  """The optimizer's Figure-2 cosines as floats ({} for an optimizer without them)."""
+  fn = optimizer_diagnostics_fn(config)
+  return {} if fn is None else {k: float(v) for k, v in fn(opt_state).items()}
 
 
 def make_streams(config: RunConfig, splits: data_lib.TofuSplits, tokenizer: Any,
@@ -72,13 +91,15 @@ def make_streams(config: RunConfig, splits: data_lib.TofuSplits, tokenizer: Any,
   tokenization = data_lib.TokenizationConfig(
       template=config.data.template, max_length=config.data.max_length, pad_to_max_length=True)
   batching = data_lib.BatchingConfig(batch_size or config.data.batch_size, seed=config.data.seed)
+  # Each process collates only its rows of every global batch (all of them in one process).
+  rows = distributed.host_rows(batching.batch_size)
   idk = tuple(splits.idk_answers)
   forget = data_lib.QADataset(splits.forget, tokenizer, tokenization, idk_answers=idk)
   retain = data_lib.QADataset(splits.retain, tokenizer, tokenization, idk_answers=idk)
   return (
-      data_lib.BatchStream(forget, batching, stream_id=data_lib.FORGET,
+      data_lib.BatchStream(forget, batching, stream_id=data_lib.FORGET, rows=rows,
                            with_idk=losses.needs_idk_batch(loss_config, "forget") and bool(idk)),
-      data_lib.BatchStream(retain, batching, stream_id=data_lib.RETAIN,
+      data_lib.BatchStream(retain, batching, stream_id=data_lib.RETAIN, rows=rows,
                            with_idk=losses.needs_idk_batch(loss_config, "retain") and bool(idk)))
 
 
@@ -159,6 +180,10 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
                      out_shardings=(param_sh, state_sh, replicated))
   conflict_fn = jax.jit(steps.gradient_conflict,
                         in_shardings=(param_sh, param_sh, inputs_sh, inputs_sh))
+  diagnostics_fn = optimizer_diagnostics_fn(opt_config)
+
+  def inputs(qa_batches):  # this host's rows -> one global array per field, on the mesh
+    return sharding_lib.place_batch(step_lib.step_inputs(qa_batches), batch_sh)
   metrics_path = run_dir / "metrics.jsonl"
   if metrics_path.exists():  # drop what a killed run logged after its last checkpoint
     kept = [line for line in metrics_path.read_text().splitlines()
@@ -176,24 +201,24 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
       stream = forget_stream if objective == data_lib.FORGET else retain_stream
       micro = [qa] + [next(stream) for _ in range(extra)]
       params, opt_state, metrics = train_fn(
-          params, opt_state, ref_params, step_lib.step_inputs(micro), jnp.int32(objective))
+          params, opt_state, ref_params, inputs(micro),
+          jax.device_put(np.int32(objective), replicated))
     else:
       objective = -1
       forget_qa, retain_qa = next(sampler)
       forget_micro = [forget_qa] + [next(forget_stream) for _ in range(extra)]
       retain_micro = [retain_qa] + [next(retain_stream) for _ in range(extra)]
       params, opt_state, metrics = train_fn(
-          params, opt_state, ref_params, step_lib.step_inputs(forget_micro),
-          step_lib.step_inputs(retain_micro))
+          params, opt_state, ref_params, inputs(forget_micro), inputs(retain_micro))
     record = {"step": step + 1, "objective": int(objective),
               **{k: float(v) for k, v in metrics.items()}}
     if (step + 1) % train_config.diagnostics_every == 0:
       f_batch = forget_stream.batch_at(forget_stream.position)
       r_batch = retain_stream.batch_at(retain_stream.position)
-      cosine, per_leaf = conflict_fn(params, ref_params, step_lib.step_inputs([f_batch]),
-                                     step_lib.step_inputs([r_batch]))
+      cosine, per_leaf = conflict_fn(params, ref_params, inputs([f_batch]), inputs([r_batch]))
       record["gradient_cosine"] = float(cosine)
-      record.update(optimizer_diagnostics(opt_config, opt_state))
+      if diagnostics_fn is not None:
+        record.update({k: float(v) for k, v in diagnostics_fn(opt_state).items()})
       record["gradient_cosine_per_leaf"] = {
           jax.tree_util.keystr(path): float(value)
           for path, value in jax.tree_util.tree_flatten_with_path(per_leaf)[0]}

@@ -100,6 +100,32 @@ def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
   return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
 
 
+def place_batch(local_batch: Any, sharding: NamedSharding, axis: int = 1) -> Any:
+  """Builds global batch arrays from each process's rows of them.
+
+  Every process passes its own contiguous share of the rows (``train.distributed.host_rows``)
+  as host arrays; the result holds ``process_count`` times as many rows along ``axis``,
+  placed by ``sharding`` without any process loading another's rows. In one process this
+  is a plain ``device_put`` of the whole batch.
+
+  Args:
+    local_batch: A pytree of numpy arrays, this process's rows along ``axis``.
+    sharding: Where the global arrays go (e.g. :func:`batch_sharding`).
+    axis: The batch (row) axis.
+
+  Returns:
+    The pytree of global ``jax.Array``\ s.
+  """
+
+  def place(local):
+    local = np.asarray(local)
+    global_shape = list(local.shape)
+    global_shape[axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+  return jax.tree.map(place, local_batch)
+
+
 def per_device_bytes(tree: Any) -> dict[Any, int]:
   """Bytes of ``tree``'s arrays held by each device (its addressable shards)."""
   totals: dict[Any, int] = {}

@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import dualoptax
@@ -152,11 +153,13 @@ class TrainStep:
 def step_inputs(qa_batches: list[Any]) -> StepInputs:
   """Stacks ``grad_accum`` micro-batches from ``train.data`` into :class:`StepInputs`."""
 
+  # Host (numpy) arrays: the caller places them on its mesh in one transfer; stacking on
+  # a device would dispatch small programs that a sharded step then has to reshard.
   def lm(batches):
     return losses.LMBatch(
-        input_ids=jnp.asarray(jnp.stack([b.input_ids for b in batches])),
-        attention_mask=jnp.asarray(jnp.stack([b.attention_mask for b in batches])),
-        labels=jnp.asarray(jnp.stack([b.labels for b in batches])))
+        input_ids=np.stack([b.input_ids for b in batches]),
+        attention_mask=np.stack([b.attention_mask for b in batches]),
+        labels=np.stack([b.labels for b in batches]))
 
   answers = [b.answers for b in qa_batches]
   idk = [b.idk if b.idk is not None else b.answers for b in qa_batches]
