@@ -10,7 +10,8 @@ are neither read nor re-quantized.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Union
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,39 @@ class Precision:
         block_size=self.block_size, signed=signed)
 
 
+def contraction_guard(count: jax.Array) -> jax.Array:
+  """An int32 zero the compiler cannot see through, for :func:`rounded`.
+
+  Args:
+    count: a traced non-negative int32 scalar (a step counter of the state).
+
+  Returns:
+    ``min(count, 0)``: always 0, but known only at run time.
+  """
+  return jnp.minimum(count.astype(jnp.int32), 0)
+
+
+def rounded(product: jax.Array, guard: jax.Array) -> jax.Array:
+  """``product`` rounded to float32 on its own: never fused into a following add.
+
+  XLA:CPU lets LLVM contract a multiply that feeds an add into one fused multiply-add
+  (one rounding instead of two) when, inside the fusion at hand, the multiply has no other
+  user. XLA freely recomputes an elementwise value in several fusions (e.g. a new 8-bit
+  moment for its block absmax and again for its codes), with different users in each, so
+  one expression could round differently from one fusion to the next. XORing the bits
+  with ``guard`` (a zero unknown to the compiler, :func:`contraction_guard`) makes the
+  multiply's only user an integer operation, so every fusion rounds it alike.
+
+  Args:
+    product: float32 array, typically a product.
+
+  Returns:
+    ``product``, bit for bit.
+  """
+  bits = jax.lax.bitcast_convert_type(product, jnp.int32)
+  return jax.lax.bitcast_convert_type(bits ^ guard, jnp.float32)
+
+
 def is_moment_leaf(x: Any) -> bool:
   return isinstance(x, quantization.QuantizedArray)
 
@@ -171,3 +205,116 @@ def update_row(stacked: Moment, update: Callable[[jax.Array], jax.Array], index:
     return store_row(stacked, value, index, tables), value
   new = jnp.where(_row_mask(stacked, index), update(stacked), stacked)
   return new, _index(new, index)
+
+
+# Values per chunk of the 8-bit update loop (a multiple of every usual block size). Each
+# step materializes a few float32 arrays of this size (dequantized moments), which stay in
+# the core's L2 cache instead of making whole-leaf float32 temporaries.
+UPDATE_CHUNK_SIZE = 1 << 16
+
+
+class _FlatMoment(NamedTuple):
+  """One quantized moment (a single row of a stacked one) seen as flat arrays."""
+
+  codes: jax.Array  # uint8 (K * n,) or (n,)
+  absmax: jax.Array  # float32 (K * blocks,) or (blocks,)
+  code_offset: jax.Array  # first code of the row
+  block_offset: jax.Array  # first absmax of the row
+
+
+def _flatten(q: quantization.QuantizedArray, row: Optional[jax.Array], size: int,
+             blocks: int) -> _FlatMoment:
+  row = jnp.zeros([], jnp.int32) if row is None else jnp.asarray(row, jnp.int32)
+  return _FlatMoment(q.codes.reshape(-1), q.absmax.reshape(-1), row * size, row * blocks)
+
+
+def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.QuantizedArray],
+                  tables: StateTables, carry: tuple, start: Any, size: int) -> tuple:
+  """Runs ``step`` on values [start, start + size) and writes back its results."""
+  flats, outputs = carry
+  block_size = like[0].block_size
+  first_block = start // block_size
+  chunk_blocks = quantization.num_blocks(size, block_size)
+  olds = []
+  for flat, q in zip(flats, like):
+    codes = jax.lax.dynamic_slice(flat.codes, (flat.code_offset + start,), (size,))
+    absmax = jax.lax.dynamic_slice(
+        flat.absmax, (flat.block_offset + first_block,), (chunk_blocks,))
+    olds.append(quantization.dequantize_blockwise(codes, absmax, _table(tables, q), block_size))
+  news, results = step(jax.lax.dynamic_slice(g, (start,), (size,)), *olds)
+  # All moments in one stacked quantization: a few fused loops instead of a few per moment.
+  codes, absmax = quantization.quantize_blockwise_stacked(
+      jnp.stack(news), [_table(tables, q) for q in like], block_size)
+  updated = [
+      flat._replace(
+          codes=jax.lax.dynamic_update_slice(flat.codes, codes[i], (flat.code_offset + start,)),
+          absmax=jax.lax.dynamic_update_slice(
+              flat.absmax, absmax[i], (flat.block_offset + first_block,)))
+      for i, flat in enumerate(flats)]
+  outputs = [jax.lax.dynamic_update_slice(out, result.astype(out.dtype), (start,))
+             for out, result in zip(outputs, results)]
+  return updated, outputs
+
+
+def update_quantized(
+    step: Callable[..., tuple[Sequence[jax.Array], Sequence[jax.Array]]],
+    g: jax.Array,
+    moments: Sequence[quantization.QuantizedArray],
+    rows: Sequence[Optional[jax.Array]],
+    tables: StateTables,
+    output_dtypes: Sequence[Any] = (),
+    chunk_size: Optional[int] = None,
+) -> tuple[list[quantization.QuantizedArray], list[jax.Array]]:
+  """Rewrites 8-bit moments of one parameter with ``step``, chunk by chunk, in place.
+
+  The straightforward form (dequantize each whole moment, update, re-quantize) makes
+  XLA:CPU write every dequantized moment out as a float32 temporary the size of the
+  parameter (the dequantizing gather is not fused into its several consumers): hundreds
+  of MiB for a large model, freshly mapped and faulted in at every step. Here a loop walks
+  the parameter in chunks of ``chunk_size`` values (whole blocks): each iteration
+  dequantizes one chunk of every moment, runs ``step``, writes the new codes and absmax
+  back into the (donated) state arrays and the step's other results into output arrays.
+  Temporaries are chunk-sized. Nothing outside the loop reads the old codes, so XLA
+  updates the state buffers in place instead of copying them around the loop.
+
+  Args:
+    step: ``step(g, *old_values) -> (new_values, results)``: one new value per moment
+      and any number of further per-element results (e.g. the update direction). Must be
+      elementwise (it sees chunks). Its products should be :func:`rounded`, since XLA
+      computes the new values once for the absmax and again for the codes.
+    g: float32 array of the parameter's shape (e.g. the gradient).
+    moments: quantized moments, all with the same block size; stacked ones hold K rows.
+    rows: per moment, the row to read and rewrite (a traced int32), or None if unstacked.
+    tables: the code tables.
+    output_dtypes: dtype of each further result of ``step``.
+    chunk_size: values per loop iteration, rounded down to a multiple of the block size
+      (None: ``UPDATE_CHUNK_SIZE``).
+
+  Returns:
+    ``(moments, results)``: the moments with the chosen rows re-quantized from the new
+    values (other rows untouched), and the further results in the parameter's shape.
+  """
+  block_size = moments[0].block_size
+  if any(q.block_size != block_size for q in moments):
+    raise ValueError("update_quantized needs one block size for all moments")
+  chunk_size = UPDATE_CHUNK_SIZE if chunk_size is None else chunk_size
+  chunk_size = max(1, chunk_size // block_size) * block_size
+  shape, size = g.shape, int(g.size)
+  blocks = quantization.num_blocks(size, block_size)
+  g = g.reshape(-1)
+  full_chunks, tail = divmod(size, chunk_size)
+  carry = ([_flatten(q, row, size, blocks) for q, row in zip(moments, rows)],
+           [jnp.zeros((size,), dtype) for dtype in output_dtypes])
+  update = functools.partial(_update_chunk, step, g, moments, tables)
+
+  if full_chunks:
+    carry = jax.lax.fori_loop(
+        0, full_chunks,
+        lambda i, carry: update(carry, start=i * chunk_size, size=chunk_size), carry)
+  if tail:
+    carry = update(carry, start=full_chunks * chunk_size, size=tail)
+  flats, outputs = carry
+  moments = [dataclasses.replace(q, codes=flat.codes.reshape(q.codes.shape),
+                                 absmax=flat.absmax.reshape(q.absmax.shape))
+             for q, flat in zip(moments, flats)]
+  return moments, [out.reshape(shape) for out in outputs]

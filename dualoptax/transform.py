@@ -180,27 +180,61 @@ def scale_by_dualoptim_plus(
     one_minus_bb1 = _numerics.one_minus(base_b1)
     one_minus_bb2 = _numerics.one_minus(base_b2)
 
+    guard = _moments.contraction_guard(state.count)
+
     def leaf_update(g, base_mu, base_nu, delta_mu, delta_nu):
+      stored = (base_mu, base_nu, delta_mu, delta_nu)
+      # 8-bit moments: every product is rounded on its own except (1 - base_b) g in the
+      # base updates, which stays free to become a fused multiply-add, so that XLA rounds
+      # alike wherever it recomputes a new moment (see `_moments.rounded`). This
+      # pattern reproduces the reference's codes best (tests/test_golden_8bit.py).
+      quantized = [_moments.is_moment_leaf(m) for m in stored]
+      r = (lambda x: _moments.rounded(x, guard)) if any(quantized) else (lambda x: x)
+
+      def base_hats(bm, bn):
+        # Times a scalar reciprocal: XLA recomputes a multiply inside each fusion that
+        # needs Bh and Vh, but would materialize a divide as a temporary array.
+        return r(bm * inv_base_c1), r(bn * inv_base_c2)
+
+      def new_moments(g32, bm, bn, dm, dn):
+        """(B, V, D_o, E_o) after this step, from their values before it."""
+        g_sq = r(g32 * g32)
+        mu_hat_base, nu_hat_base = base_hats(bm, bn)
+        return (r(base_b1 * bm) + one_minus_bb1 * g32,
+                r(base_b2 * bn) + one_minus_bb2 * g_sq,
+                r(b1 * dm) + r(one_minus_b1 * (g32 - mu_hat_base)),
+                r(b2 * dn) + r(one_minus_b2 * (g_sq - nu_hat_base)))
+
+      def direction_from(bm, bn, d, e):
+        mu_hat_base, nu_hat_base = base_hats(bm, bn)
+        return (d / delta_c1 + mu_hat_base) / (
+            jnp.sqrt(jnp.abs(e / delta_c2 + nu_hat_base)) + eps)
+
+      def step(g32, bm, bn, dm, dn):
+        new = new_moments(g32, bm, bn, dm, dn)
+        return new, (direction_from(bm, bn, new[2], new[3]),)
+
       g32 = g.astype(jnp.float32)
-      g_sq = g32 * g32
-      old_base_mu = _moments.load(base_mu, tables)
-      old_base_nu = _moments.load(base_nu, tables)
-      # Times a scalar reciprocal: XLA recomputes a multiply inside each fusion that needs
-      # Bh and Vh, but would materialize a divide as a temporary array.
-      mu_hat_base = old_base_mu * inv_base_c1
-      nu_hat_base = old_base_nu * inv_base_c2
-      delta_mu, d = _moments.update_row(
-          delta_mu, lambda dm: b1 * dm + one_minus_b1 * (g32 - mu_hat_base), active, tables)
-      delta_nu, e = _moments.update_row(
-          delta_nu, lambda dn: b2 * dn + one_minus_b2 * (g_sq - nu_hat_base), active, tables)
-      direction = (d / delta_c1 + mu_hat_base) / (
-          jnp.sqrt(jnp.abs(e / delta_c2 + nu_hat_base)) + eps)
-      new_base_mu = base_b1 * old_base_mu + one_minus_bb1 * g32
-      new_base_nu = base_b2 * old_base_nu + one_minus_bb2 * g_sq
-      return (direction.astype(g.dtype),
-              _moments.store(new_base_mu, base_mu, tables),
-              _moments.store(new_base_nu, base_nu, tables),
-              delta_mu, delta_nu)
+      if all(quantized):
+        # One loop over chunks reads the old codes, writes the new ones in place and
+        # produces the direction (see `_moments.update_quantized`).
+        (new_base_mu, new_base_nu, delta_mu, delta_nu), (direction,) = (
+            _moments.update_quantized(step, g32, stored, (None, None, active, active),
+                                      tables, output_dtypes=(g.dtype,)))
+      else:
+        old_base_mu = _moments.load(base_mu, tables)
+        old_base_nu = _moments.load(base_nu, tables)
+        new_base_mu, new_base_nu = (
+            _moments.store(value, like, tables) for value, like in zip(
+                new_moments(g32, old_base_mu, old_base_nu, 0.0, 0.0)[:2], stored))
+        delta_mu, d = _moments.update_row(
+            delta_mu, lambda dm: new_moments(g32, old_base_mu, old_base_nu, dm, 0.0)[2],
+            active, tables)
+        delta_nu, e = _moments.update_row(
+            delta_nu, lambda dn: new_moments(g32, old_base_mu, old_base_nu, 0.0, dn)[3],
+            active, tables)
+        direction = direction_from(old_base_mu, old_base_nu, d, e)
+      return (direction.astype(g.dtype), new_base_mu, new_base_nu, delta_mu, delta_nu)
 
     out = jax.tree.map(
         leaf_update, updates, state.base_mu, state.base_nu, state.delta_mu, state.delta_nu)
@@ -264,15 +298,31 @@ def scale_by_dualoptim(
     one_minus_b1, one_minus_b2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
     tables = state.tables
 
+    guard = _moments.contraction_guard(state.count)
+
     def leaf_update(g, mu, nu):
       g32 = g.astype(jnp.float32)
+      direction_from = lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps)
+      if _moments.is_moment_leaf(mu) and _moments.is_moment_leaf(nu):
+        # 8-bit: round b m on its own so that every fusion XLA recomputes the new moment
+        # in rounds it alike (see `_moments.rounded`); one loop over chunks rewrites the
+        # codes in place and produces the direction (see `_moments.update_quantized`).
+        r = lambda x: _moments.rounded(x, guard)
+
+        def step(g32, mo, no):
+          m = one_minus_b1 * g32 + r(b1 * mo)
+          v = one_minus_b2 * r(g32 * g32) + r(b2 * no)
+          return (m, v), (direction_from(m, v),)
+
+        (mu, nu), (direction,) = _moments.update_quantized(
+            step, g32, (mu, nu), (active, active), tables, output_dtypes=(g.dtype,))
+        return direction, mu, nu
       # Same operand order as optax.scale_by_adam ((1 - b) g + b m), so that XLA contracts
       # it the same way and K = 1 reproduces optax bit for bit.
       mu, m = _moments.update_row(mu, lambda mo: one_minus_b1 * g32 + b1 * mo, active, tables)
       nu, v = _moments.update_row(
           nu, lambda no: one_minus_b2 * (g32 * g32) + b2 * no, active, tables)
-      direction = (m / c1) / (jnp.sqrt(v / c2) + eps)
-      return direction.astype(g.dtype), mu, nu
+      return direction_from(m, v).astype(g.dtype), mu, nu
 
     out = jax.tree.map(leaf_update, updates, state.mu, state.nu)
     direction, mu, nu = _tree.unzip(out, updates, 3)

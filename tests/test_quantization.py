@@ -232,6 +232,25 @@ def test_other_block_sizes_match_numpy_rule():
     _assert_bit_equal(absmax, expected_absmax, f"absmax, block {block_size}")
 
 
+def test_stacked_rows_equal_rows_quantized_one_by_one():
+  rng = np.random.default_rng(2)
+  # Rows with mixed scales, NaN / inf / all-zero blocks, a partial last block and both maps.
+  xs = rng.standard_normal((4, 700)).astype(np.float32) * np.float32([[1e-3], [1.0], [1e6], [2.0]])
+  xs[1, 300:400] = np.abs(xs[1, 300:400])
+  xs[2, 0:256] = 0.0
+  xs[3, 5] = np.nan
+  xs[3, 600] = np.inf
+  tables = [quantization.signed_tables(), quantization.unsigned_tables(),
+            quantization.signed_tables(), quantization.unsigned_tables()]
+  for block_size in (256, 100):
+    codes, absmax = jax.jit(quantization.quantize_blockwise_stacked, static_argnums=2)(
+        xs, tables, block_size)
+    for row, table in enumerate(tables):
+      expected_codes, expected_absmax = _jit_quantize(xs[row], table, block_size=block_size)
+      np.testing.assert_array_equal(np.asarray(codes[row]), np.asarray(expected_codes))
+      _assert_bit_equal(absmax[row], expected_absmax, f"absmax row {row}, block {block_size}")
+
+
 def test_padding_never_enters_absmax():
   # The partial last block holds only negative values: zero padding must not matter and
   # the block's absmax is its own largest |x|.
