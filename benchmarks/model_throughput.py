@@ -67,8 +67,10 @@ def _torch_step(model: torch.nn.Module, ids: torch.Tensor):
 def _jax_step(model: models.CausalLM, ids: jax.Array):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+  # The batch is an argument, as in a training step (closed over, XLA would
+  # constant-fold the target one-hots into the program).
   @jax.jit
-  def loss_and_grads(params):
+  def loss_and_grads(params, ids):
     def loss_fn(params):
       logits = nnx.merge(graphdef, params, rest)(ids)
       log_probs = jax.nn.log_softmax(logits[:, :-1])
@@ -76,7 +78,7 @@ def _jax_step(model: models.CausalLM, ids: jax.Array):
     return jax.value_and_grad(loss_fn)(params)
 
   def step() -> float:
-    loss, grads = loss_and_grads(params)
+    loss, grads = loss_and_grads(params, ids)
     jax.block_until_ready(grads)
     return float(loss)
   return step

@@ -7,6 +7,7 @@ model's parameters stay read-only.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import sharding
-from models.layers import Dense, LayerNorm
+from models.layers import Dense, LayerNorm, dense_group, materialized_transpose
 from models.rotary import apply_rotary
 
 
@@ -35,6 +36,54 @@ class KVCache(NamedTuple):
     return cls(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
 
 
+def _attention_fwd(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+  # A finite fill keeps fully-masked rows (padding queries) NaN-free.
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+  return out, (q, k, v, mask, probs)
+
+
+def _attention_bwd(
+    scale: float, residuals: tuple[jax.Array, ...], g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+  q, k, v, mask, probs = residuals
+  g_probs = jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32)
+  # Softmax backward; masked scores got a constant fill, so no gradient.
+  g_scores = probs * (g_probs - (g_probs * probs).sum(-1, keepdims=True))
+  g_scores = jnp.where(mask, g_scores * scale, 0.0)
+  g_q = jnp.einsum("bhqk,bhkd->bhqd", g_scores.astype(k.dtype), k)
+  # Key/value gradients contract the query axis: transpose the narrow
+  # [.., q, head_dim] operand instead of the [.., q, k] one.
+  g_k = materialized_transpose(materialized_transpose(q) @ g_scores.astype(q.dtype))
+  g_v = materialized_transpose(materialized_transpose(g) @ probs.astype(g.dtype))
+  return g_q, g_k, g_v, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+  """Softmax attention on head-major operands, with a hand-written backward.
+
+  Args:
+    q: [batch, heads, q_len, head_dim].
+    k, v: [batch, heads, kv_len, head_dim].
+    mask: boolean, broadcastable to [batch, heads, q_len, kv_len].
+    scale: Multiplier on the scores.
+
+  Returns:
+    [batch, heads, q_len, head_dim].
+  """
+  return _attention_fwd(q, k, v, mask, scale)[0]
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
 ) -> jax.Array:
@@ -53,12 +102,16 @@ def dot_product_attention(
   batch, q_len, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   groups = num_heads // num_kv_heads
-  q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) * scale
-  # A finite fill keeps fully-masked rows (padding queries) NaN-free.
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+  # Head-major 4-D operands only: XLA:CPU runs [batch, heads] batched matmuls
+  # far faster than 5-D grouped ones. The query heads sharing a kv head are
+  # folded into the query axis (and the mask tiled to match), so
+  # grouped-query attention needs no repeated keys/values.
+  q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(batch, num_kv_heads, groups * q_len, head_dim)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  mask = jnp.tile(mask, (1, groups, 1))[:, None]
+  out = _attention(q, k, v, mask, scale)
+  out = out.reshape(batch, num_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
@@ -93,6 +146,10 @@ class Attention(nnx.Module):
       self.q_norm = nnx.data(None)
       self.k_norm = nnx.data(None)
 
+  def input_projections(self) -> tuple[Dense, ...]:
+    """The projections applied to the attention input (fused into one matmul)."""
+    return (self.q_proj, self.k_proj, self.v_proj)
+
   def __call__(
       self,
       x: jax.Array,
@@ -100,6 +157,7 @@ class Attention(nnx.Module):
       rope: tuple[jax.Array, jax.Array] | None,
       cache: KVCache | None = None,
       cache_index: jax.Array | int = 0,
+      projected: list[jax.Array] | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Attends `x` to itself (and to the cache, if given).
 
@@ -111,14 +169,19 @@ class Attention(nnx.Module):
       cache: This layer's cache; the new keys/values are written at
         `cache_index` and attention runs over the whole cache.
       cache_index: First cache slot of `x`.
+      projected: `input_projections()` applied to `x`, if the caller already
+        computed them (Phi fuses them with the MLP's); else computed here.
 
     Returns:
       (output [batch, seq, hidden], updated cache or None).
     """
     batch, seq, _ = x.shape
-    q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    if projected is None:
+      projected = dense_group(x, self.input_projections())
+    q, k, v = projected
+    q = q.reshape(batch, seq, self.num_heads, self.head_dim)
+    k = k.reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:

@@ -7,7 +7,9 @@ Every parameter carries logical axis names (see `models/sharding.py`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+import itertools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,58 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   return _ACTIVATIONS[name]
 
 
+def materialized_transpose(x: jax.Array) -> jax.Array:
+  """Swaps the last two axes; on CPU as a real copy XLA may not fold away.
+
+  XLA:CPU sends a dot that contracts the leading (non-minor) axis of both
+  operands, as every weight gradient does, to a slow generic kernel, and
+  rewrites an explicit transpose next to a dot back into that form. The
+  barriers keep the transpose a separate copy (reading the stored operand
+  rather than recomputing its producer), so the dot stays a plain row-major
+  matmul for XLA:CPU's fast kernels.
+  """
+  if jax.default_backend() != "cpu":
+    return jnp.swapaxes(x, -1, -2)
+  barrier = jax.lax.optimization_barrier
+  return barrier(jnp.swapaxes(barrier(x), -1, -2))
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`x @ kernel`, with a kernel gradient that avoids XLA:CPU's slow dot form.
+
+  Args:
+    x: [..., in].
+    kernel: [in, out], same dtype as `x`.
+
+  Returns:
+    [..., out].
+  """
+  return x @ kernel
+
+
+def _matmul_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(
+    residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  x, kernel = residuals
+  x = x.reshape(-1, x.shape[-1])
+  g_flat = g.reshape(-1, g.shape[-1])
+  # kernel gradient = x^T g, contracting tokens; transpose the narrower of
+  # the two [tokens, features] operands (x^T g, or (g^T x)^T).
+  if x.shape[1] <= g_flat.shape[1]:
+    g_kernel = materialized_transpose(x) @ g_flat
+  else:
+    g_kernel = materialized_transpose(materialized_transpose(g_flat) @ x)
+  return g @ kernel.T, g_kernel
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nnx.Module):
   """Affine projection `x @ kernel + bias` with an optional LoRA adapter slot.
 
@@ -94,12 +148,46 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    y = matmul(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:
       y = y + self.lora(x).astype(self.dtype)
     return y
+
+
+def dense_group(x: jax.Array, denses: Sequence[Dense]) -> list[jax.Array]:
+  """Applies several `Dense` projections of the same input as one matmul.
+
+  The kernels are concatenated along their output axis at compute time, so
+  parameters, checkpoints and sharding annotations stay per projection. One
+  wide matmul keeps the CPU's matmul kernels busier than several narrow ones,
+  and the backward pass gets one input-gradient matmul instead of one each.
+
+  Args:
+    x: [..., in_features], shared by every projection.
+    denses: Projections with the same `in_features` and compute dtype.
+
+  Returns:
+    One output per projection, as `dense(x)` would give.
+  """
+  if len(denses) == 1:
+    return [denses[0](x)]
+  dtype = denses[0].dtype
+  x = x.astype(dtype)
+  kernel = jnp.concatenate([d.kernel[...].astype(dtype) for d in denses], axis=1)
+  y = matmul(x, kernel)
+  with_bias = [d.bias is not None for d in denses]
+  if all(with_bias):
+    y = y + jnp.concatenate([d.bias[...].astype(dtype) for d in denses])
+  ends = list(itertools.accumulate(d.out_features for d in denses))
+  outputs = jnp.split(y, ends[:-1], axis=-1)
+  for i, d in enumerate(denses):
+    if d.bias is not None and not all(with_bias):
+      outputs[i] = outputs[i] + d.bias[...].astype(dtype)
+    if d.lora is not None:
+      outputs[i] = outputs[i] + d.lora(x).astype(dtype)
+  return outputs
 
 
 class Embedding(nnx.Module):
@@ -126,6 +214,43 @@ class Embedding(nnx.Module):
     return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
 
 
+def _layer_norm_fwd(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(var + eps)
+  normed = (x - mean) * rstd
+  return normed * scale + bias, (normed, rstd, scale)
+
+
+def _layer_norm_bwd(
+    eps: float, residuals: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  del eps
+  normed, rstd, scale = residuals
+  batch_axes = tuple(range(g.ndim - 1))
+  g_normed = g * scale
+  # d/dx of (x - mean) * rstd, in the closed form torch's kernel also uses.
+  dx = rstd * (g_normed - g_normed.mean(-1, keepdims=True)
+               - normed * (g_normed * normed).mean(-1, keepdims=True))
+  return dx, (g * normed).sum(batch_axes), g.sum(batch_axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """float32 LayerNorm over the last axis with a hand-written backward pass.
+
+  Autodiff of the forward yields a long chain of small elementwise ops that
+  XLA:CPU fuses into (and recomputes in) every consumer of the residual
+  gradient; the closed-form gradient is a few fused passes.
+  """
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm with scale and bias, statistics in float32 (like torch)."""
 
@@ -139,11 +264,8 @@ class LayerNorm(nnx.Module):
     self.bias = param(rngs, nnx.initializers.zeros, (features,), param_dtype, axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    y = _layer_norm(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
+                    self.bias[...].astype(jnp.float32), self.eps)
     return y.astype(self.dtype)
 
 
@@ -184,8 +306,14 @@ class DenseMLP(nnx.Module):
     self.down_proj = Dense(f, d, (sharding.MLP, sharding.EMBED), **kw)
     self.act = activation_fn(config.activation)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(self.act(self.up_proj(x)))
+  def input_projections(self) -> tuple[Dense, ...]:
+    """The projections applied to the MLP input (fusable with others on it)."""
+    return (self.up_proj,)
+
+  def __call__(self, x: jax.Array, projected: Sequence[jax.Array] | None = None) -> jax.Array:
+    """MLP of `x`; `projected` is `input_projections()` of x if already computed."""
+    (up,) = projected if projected is not None else dense_group(x, self.input_projections())
+    return self.down_proj(self.act(up))
 
 
 class GatedMLP(nnx.Module):
@@ -200,5 +328,11 @@ class GatedMLP(nnx.Module):
     self.down_proj = Dense(f, d, (sharding.MLP, sharding.EMBED), **kw)
     self.act = activation_fn(config.activation)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+  def input_projections(self) -> tuple[Dense, ...]:
+    """The projections applied to the MLP input (fusable with others on it)."""
+    return (self.gate_proj, self.up_proj)
+
+  def __call__(self, x: jax.Array, projected: Sequence[jax.Array] | None = None) -> jax.Array:
+    """MLP of `x`; `projected` is `input_projections()` of x if already computed."""
+    gate, up = projected if projected is not None else dense_group(x, self.input_projections())
+    return self.down_proj(self.act(gate) * up)

@@ -9,7 +9,7 @@ from flax import nnx
 from models import sharding
 from models.attention import Attention, KVCache
 from models.config import ModelConfig
-from models.layers import Dense, DenseMLP, Embedding, GatedMLP, make_norm, param
+from models.layers import Dense, DenseMLP, Embedding, GatedMLP, dense_group, make_norm, param
 from models.rotary import rotary_angles
 
 
@@ -34,9 +34,15 @@ class DecoderBlock(nnx.Module):
       cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, KVCache | None]:
     h = self.attn_norm(x)
-    attn_out, cache = self.attn(h, mask, rope, cache, cache_index)
     if self.parallel_residual:
-      return x + attn_out + self.mlp(h), cache
+      # Attention and MLP read the same `h`: one matmul for all their input
+      # projections (q, k, v and fc1 for Phi).
+      attn_dense = self.attn.input_projections()
+      projected = dense_group(h, attn_dense + self.mlp.input_projections())
+      attn_out, cache = self.attn(
+          h, mask, rope, cache, cache_index, projected=projected[:len(attn_dense)])
+      return x + attn_out + self.mlp(h, projected=projected[len(attn_dense):]), cache
+    attn_out, cache = self.attn(h, mask, rope, cache, cache_index)
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), cache
 

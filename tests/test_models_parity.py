@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import models
 from test_models_support import HF_CONFIGS, ONE_PER_FAMILY, VOCAB, padded_batch, save_hf_model, torch_logits
@@ -72,3 +73,43 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
   assert (got[:, expected.shape[1]:] == pad).all()
   first_eos = int(np.argmax(got[0] == eos))
   assert first_eos <= 5 and (got[0, first_eos + 1:] == pad).all()
+
+
+def _torch_loss_and_grads(hf_model, ids, mask):
+  hf_model.zero_grad(set_to_none=True)
+  logits = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+  token_loss = torch.nn.functional.cross_entropy(
+      logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(ids[:, 1:]).reshape(-1),
+      reduction="none")
+  weights = torch.from_numpy(mask[:, 1:].reshape(-1).astype(np.float32))
+  loss = (token_loss * weights).sum() / weights.sum()
+  loss.backward()
+  return loss.item(), {n: p.grad.numpy() for n, p in hf_model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_gradients_match_transformers(name, tmp_path):
+  # The fused projections and the hand-written LayerNorm backward must give
+  # the gradients PyTorch autograd gives, for every parameter.
+  hf_model = save_hf_model(name, tmp_path)
+  ids, mask = padded_batch(batch=3, seq=12, side="right")
+  expected_loss, expected = _torch_loss_and_grads(hf_model, ids, mask)
+
+  model, config = models.load_pretrained(tmp_path, dtype=jnp.float32)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params):
+    logits = nnx.merge(graphdef, params, rest)(jnp.asarray(ids), jnp.asarray(mask))
+    log_probs = jax.nn.log_softmax(logits[:, :-1])
+    token_loss = -jnp.take_along_axis(log_probs, jnp.asarray(ids[:, 1:, None]), -1)[..., 0]
+    weights = jnp.asarray(mask[:, 1:], jnp.float32)
+    return (token_loss * weights).sum() / weights.sum()
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+  got = models.export_tensors(nnx.merge(graphdef, grads, rest), config)
+
+  assert abs(float(loss) - expected_loss) <= 1e-5
+  assert set(got) == set(expected)
+  for hf_name, grad in expected.items():
+    scale = max(np.abs(grad).max(), 1e-3)
+    assert np.abs(np.asarray(got[hf_name]) - grad).max() <= 1e-4 * scale, hf_name
