@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-mesh benchmark clean
+.PHONY: run test benchmark clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,6 @@ run: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2
-
-test-mesh: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m mesh
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/optimizer_step.py

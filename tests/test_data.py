@@ -196,6 +196,31 @@ def test_keep_last_and_no_shuffle(splits, tok):
   assert data.BatchStream(dataset, data.BatchingConfig(32, drop_last=False)).batches_per_epoch == 1
 
 
+def test_host_rows_split_every_batch_and_keep_its_padded_length(splits, tok):
+  # Variable-length padding: each host's rows must still get the whole batch's length.
+  dataset = data.QADataset(splits.forget, tok, idk_answers=tuple(splits.idk_answers))
+  config = data.BatchingConfig(6, seed=3)
+  whole = data.BatchStream(dataset, config, with_idk=True)
+  hosts = [data.BatchStream(dataset, config, with_idk=True, rows=slice(i, i + 3))
+           for i in (0, 3)]
+  for _ in range(whole.batches_per_epoch + 1):  # into the next epoch
+    full, parts = next(whole), [next(h) for h in hosts]
+    for field in ("answers", "idk"):
+      for name in ("input_ids", "attention_mask", "labels", "item_indices"):
+        joined = np.concatenate([getattr(getattr(p, field), name) for p in parts])
+        np.testing.assert_array_equal(joined, getattr(getattr(full, field), name),
+                                      err_msg=f"{field}.{name}")
+  lengths = {next(whole).answers.length for _ in range(whole.batches_per_epoch)}
+  assert len(lengths) > 1, "the check needs batches of different padded lengths"
+
+
+@pytest.mark.parametrize("rows", [slice(0, 0), slice(4, 9), slice(0, 6, 2), slice(-2, None)])
+def test_bad_host_rows_are_named(splits, tok, rows):
+  dataset = data.QADataset(splits.forget, tok)
+  with pytest.raises(ValueError, match=r"rows=slice\("):
+    data.BatchStream(dataset, data.BatchingConfig(6), rows=rows)
+
+
 # --- Samplers ----------------------------------------------------------------------------
 
 

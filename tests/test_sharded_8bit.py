@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.mesh  # 8 simulated devices: see tests/test_mesh_run.py
+
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax

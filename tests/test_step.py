@@ -84,3 +84,21 @@ def test_gradient_conflict_is_the_cosine_of_the_two_gradients():
   x, y = np.ravel(g_f["out"]), np.ravel(g_r["out"])
   np.testing.assert_allclose(per_leaf["out"], x @ y / np.linalg.norm(x) / np.linalg.norm(y),
                              atol=1e-5)
+
+
+def test_preconditioned_conflict_scales_both_gradients_elementwise():
+  params = _params()
+  forget, retain = _inputs(3), _inputs(4)
+  scale = jax.tree.map(lambda p: jnp.linspace(0.1, 3.0, p.size).reshape(p.shape), params)
+  total, _, scaled = _step().gradient_conflict(params, None, forget, retain, scale)
+  plain, _ = _step().gradient_conflict(params, None, forget, retain)
+  np.testing.assert_allclose(total, plain, rtol=1e-6)
+  one = lambda b: jax.tree.map(lambda x: x[0], b.answers)
+  g_f = jax.grad(lambda p: losses.ga_loss(_logits_fn(p, one(forget).input_ids, None),
+                                          one(forget)))(params)
+  g_r = jax.grad(lambda p: losses.gd_loss(_logits_fn(p, one(retain).input_ids, None),
+                                          one(retain)))(params)
+  flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+  a, b = flat(g_f) * flat(scale), flat(g_r) * flat(scale)
+  np.testing.assert_allclose(scaled, a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=1e-5)
+  assert abs(float(scaled) - float(total)) > 1e-3  # the scale matters here

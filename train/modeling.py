@@ -17,6 +17,7 @@ from flax import nnx
 import transformers
 
 import models
+from train import distributed
 from train.config import ModelConfig as ModelSection
 
 
@@ -105,6 +106,13 @@ class ScoringAdapter:
 
 
 def save_model(model: FunctionalModel, params: Any, path: str, tokenizer: Any) -> None:
-  """Writes the model as a Hugging Face folder (config, safetensors, tokenizer)."""
-  models.save_pretrained(model.module(params), model.config, path, tokenizer=tokenizer)
+  """Writes the model as a Hugging Face folder (config, safetensors, tokenizer).
+
+  In a multi-process run every process must call this (the weights are gathered from all
+  of them); process 0 writes.
+  """
+  params = distributed.fetch_global(params)
+  if distributed.is_primary():
+    models.save_pretrained(model.module(params), model.config, path, tokenizer=tokenizer)
+  distributed.barrier(f"save_model:{path}")
 

@@ -53,13 +53,15 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   return tx
 
 
-def optimizer_diagnostics_fn(config: OptimizerConfig) -> Optional[Callable[[Any], dict[str, Any]]]:
+def optimizer_diagnostics_fn(config: OptimizerConfig, **jit_kwargs: Any,
+                             ) -> Optional[Callable[[Any], dict[str, Any]]]:
   """A jitted ``opt_state -> {name: scalar}`` of the optimizer's Figure-2 cosines (forget
   vs retain update terms), or None for an optimizer without them.
 
   One compiled program rather than eager per-leaf operations: on a mesh every eager
   operation is a multi-device launch, and hundreds of them queued behind a sharded step
   can exhaust XLA:CPU's per-device in-flight limit while that step waits in a collective.
+  ``jit_kwargs`` go to ``jax.jit`` (e.g. ``out_shardings``).
   """
   if config.name == "dualoptim_plus":
     diagnose = functools.partial(
@@ -76,7 +78,19 @@ def optimizer_diagnostics_fn(config: OptimizerConfig) -> Optional[Callable[[Any]
     return {"update_cosine": total.update_cosine,
             "preconditioned_cosine": total.preconditioned_cosine}
 
-  return jax.jit(cosines)
+  return jax.jit(cosines, **jit_kwargs)
+
+
+def adam_preconditioner(config: OptimizerConfig, opt_state: Any) -> Any:
+  """Adam's per-element scale ``1 / (sqrt(v_hat) + eps)`` (bias-corrected ``nu``).
+
+  Adam keeps one state for both objectives, so its forget and retain update terms are the
+  two gradients through this one shared preconditioner; their cosine is Adam's point on
+  the paper's Figure 2 (the momentum blends them further).
+  """
+  state = dualoptax.find_state(opt_state, optax.ScaleByAdamState)
+  correction = 1 - config.b2 ** jnp.maximum(state.count, 1).astype(jnp.float32)
+  return jax.tree.map(lambda nu: 1 / (jnp.sqrt(nu / correction) + config.eps), state.nu)
 
 
 def optimizer_diagnostics(config: OptimizerConfig, opt_state: Any) -> dict[str, float]:
@@ -158,13 +172,6 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
   sampler_kwargs = (dict(forget_steps=opt_config.forget_steps, retain_steps=opt_config.retain_steps)
                     if alternating else {})
   sampler = sampler_cls(forget_stream, retain_stream, **sampler_kwargs)
-  checkpointer = RunCheckpointer(run_dir / "checkpoints", train_config.keep_checkpoints)
-  start = 0
-  if resume and checkpointer.latest_step() is not None:
-    start, state, meta = checkpointer.restore({"params": params, "opt_state": opt_state})
-    params, opt_state = state["params"], state["opt_state"]
-    sampler.restore(data_lib.SamplerState.from_dict(meta["sampler"]))
-
   # Place everything on the mesh by the logical-axis rules; compile once with those layouts.
   mesh = sharding_lib.make_mesh(config.mesh)
   param_sh = sharding_lib.param_shardings(params, mesh)
@@ -173,27 +180,43 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params, opt_state = jax.device_put(params, param_sh), jax.device_put(opt_state, state_sh)
   ref_params = jax.device_put(ref_params, param_sh)
+  checkpointer = RunCheckpointer(run_dir / "checkpoints", train_config.keep_checkpoints)
+  start = 0
+  if resume and checkpointer.latest_step() is not None:
+    # Restoring into the placed state reads each host's shards straight into place.
+    start, state, meta = checkpointer.restore({"params": params, "opt_state": opt_state})
+    params, opt_state = state["params"], state["opt_state"]
+    sampler.restore(data_lib.SamplerState.from_dict(meta["sampler"]))
   inputs_sh = step_lib.StepInputs(*(losses.LMBatch(batch_sh, batch_sh, batch_sh),) * 2)
   batch_args = (inputs_sh, replicated) if alternating else (inputs_sh, inputs_sh)
   train_fn = jax.jit(steps.alternating if alternating else steps.joint, donate_argnums=(0, 1),
                      in_shardings=(param_sh, state_sh, param_sh, *batch_args),
                      out_shardings=(param_sh, state_sh, replicated))
-  conflict_fn = jax.jit(steps.gradient_conflict,
-                        in_shardings=(param_sh, param_sh, inputs_sh, inputs_sh))
-  diagnostics_fn = optimizer_diagnostics_fn(opt_config)
+  if opt_config.name == "adam":  # Adam's update terms: both gradients through its one nu
+    def conflict(params, ref_params, forget, retain, opt_state):
+      return steps.gradient_conflict(params, ref_params, forget, retain,
+                                     adam_preconditioner(opt_config, opt_state))
+  else:
+    def conflict(params, ref_params, forget, retain, opt_state):
+      del opt_state
+      return steps.gradient_conflict(params, ref_params, forget, retain)
+  conflict_fn = jax.jit(conflict, in_shardings=(param_sh, param_sh, inputs_sh, inputs_sh, state_sh),
+                        out_shardings=replicated)
+  diagnostics_fn = optimizer_diagnostics_fn(opt_config, out_shardings=replicated)
 
   def inputs(qa_batches):  # this host's rows -> one global array per field, on the mesh
     return sharding_lib.place_batch(step_lib.step_inputs(qa_batches), batch_sh)
+  primary = distributed.is_primary()  # one process writes the run's logs
   metrics_path = run_dir / "metrics.jsonl"
-  if metrics_path.exists():  # drop what a killed run logged after its last checkpoint
+  if primary and metrics_path.exists():  # drop what a killed run logged after its last checkpoint
     kept = [line for line in metrics_path.read_text().splitlines()
             if line and json.loads(line)["step"] <= start]
     metrics_path.write_text("".join(line + "\n" for line in kept))
   history: list[dict[str, Any]] = []
-  tensorboard = ScalarWriter(run_dir / "tensorboard")
+  tensorboard = ScalarWriter(run_dir / "tensorboard") if primary else None
   began = time.perf_counter()
   progress = tqdm(range(start, train_config.steps), desc=f"unlearn ({opt_config.name})",
-                  leave=False, mininterval=1.0)
+                  leave=False, mininterval=1.0, disable=not primary)
   extra = train_config.grad_accum - 1  # micro-batches beyond the sampler's one per step
   for step in progress:
     if alternating:
@@ -215,24 +238,29 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
     if (step + 1) % train_config.diagnostics_every == 0:
       f_batch = forget_stream.batch_at(forget_stream.position)
       r_batch = retain_stream.batch_at(retain_stream.position)
-      cosine, per_leaf = conflict_fn(params, ref_params, inputs([f_batch]), inputs([r_batch]))
+      cosine, per_leaf, *adam_cosine = conflict_fn(
+          params, ref_params, inputs([f_batch]), inputs([r_batch]), opt_state)
       record["gradient_cosine"] = float(cosine)
+      if adam_cosine:
+        record["update_cosine"] = float(adam_cosine[0])
       if diagnostics_fn is not None:
         record.update({k: float(v) for k, v in diagnostics_fn(opt_state).items()})
       record["gradient_cosine_per_leaf"] = {
           jax.tree_util.keystr(path): float(value)
           for path, value in jax.tree_util.tree_flatten_with_path(per_leaf)[0]}
     history.append(record)
-    with metrics_path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-    tensorboard.scalars(step + 1, {k: v for k, v in record.items()
-                                   if isinstance(v, float) and k != "step"})
+    if primary:
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+      tensorboard.scalars(step + 1, {k: v for k, v in record.items()
+                                     if isinstance(v, float) and k != "step"})
     progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
     if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == train_config.steps:
       checkpointer.save(step + 1, {"params": params, "opt_state": opt_state},
                         {"sampler": sampler.state.to_dict(), "optimizer": opt_config.name})
   checkpointer.close()
-  tensorboard.close()
+  if tensorboard is not None:
+    tensorboard.close()
   jax.block_until_ready(params)
   return UnlearnResult(params, opt_state, history, time.perf_counter() - began,
                        dualoptax.state_nbytes(opt_state))

@@ -35,10 +35,13 @@ COMMANDS = ("experiment", "finetune", "unlearn", "evaluate")
 def _tokenizer_and_data(config: RunConfig):
   from train import synthetic, tokenizer as tokenizer_lib  # noqa: PLC0415 (heavy imports)
   import models  # noqa: PLC0415
+  from train import distributed  # noqa: PLC0415
   data_dir = config.data.path
   if data_dir is None:
-    data_dir = synthetic.write_synthetic_tofu(pathlib.Path(config.output_dir) / "data",
-                                              seed=config.data.seed)
+    data_dir = str(pathlib.Path(config.output_dir) / "data")
+    if distributed.is_primary():  # one writer; the others read it after the barrier
+      synthetic.write_synthetic_tofu(data_dir, seed=config.data.seed)
+    distributed.barrier("synthetic data")
   if config.model.path is not None:
     tokenizer = models.load_tokenizer(config.model.path)
   else:
@@ -48,11 +51,12 @@ def _tokenizer_and_data(config: RunConfig):
 
 
 def _stage(command: str, config: RunConfig) -> None:
-  from train import data as data_lib, program  # noqa: PLC0415
+  from train import data as data_lib, distributed, program  # noqa: PLC0415
   from train.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
   out = pathlib.Path(config.output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  save_config(config, out / "config.yaml")
+  if distributed.is_primary():
+    save_config(config, out / "config.yaml")
   tokenizer, data_dir = _tokenizer_and_data(config)
   module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
   model, params = FunctionalModel.split(module, model_config)

@@ -4,7 +4,7 @@ Parameters carry logical axis names (``models/sharding.py``). ``LOGICAL_AXIS_RUL
 each name to a mesh axis (or None: replicated along it). Optimizer states follow their
 parameter: a moment of a parameter leaf (same shape, or stacked per objective with a
 leading axis, or 8-bit codes in the parameter's shape) gets the parameter's placement;
-per-block absmax, counters and code tables are replicated. Batches are split over every
+per-block absmax and code tables are split over ``fsdp``; counters are replicated. Batches are split over every
 mesh axis along the batch dimension (data parallel and FSDP both consume batch shards).
 
 On one device every placement is trivial, and the same code runs on 8 GPUs or a TPU pod
@@ -74,7 +74,13 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 
 
 def state_shardings(opt_state: Any, params: Any, param_sharding: Any, mesh: Mesh) -> Any:
-  """NamedShardings for an optimizer state: each moment follows its parameter."""
+  """NamedShardings for an optimizer state: each moment follows its parameter.
+
+  Leaves that belong to no single parameter (8-bit absmax, code tables) are split along
+  their last axis over ``fsdp`` when it divides them, so that FSDP divides the whole
+  state and not just the moments; XLA gathers what a step needs. Scalars (counters) and
+  indivisible leaves are replicated.
+  """
   by_path = {}
   for (path, x), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                  jax.tree.leaves(param_sharding)):
@@ -90,6 +96,8 @@ def state_shardings(opt_state: Any, params: Any, param_sharding: Any, mesh: Mesh
         return NamedSharding(mesh, spec)
       if leaf.shape[1:] == shape:  # stacked per objective
         return NamedSharding(mesh, P(None, *spec))
+    if leaf.ndim and leaf.shape[-1] % mesh.shape["fsdp"] == 0:  # e.g. (K, blocks): blocks
+      return NamedSharding(mesh, P(*[None] * (leaf.ndim - 1), "fsdp"))
     return replicated
 
   return jax.tree_util.tree_map_with_path(place, opt_state)

@@ -128,8 +128,21 @@ class TrainStep:
                    grad_norm=optax.tree.norm(grads))
     return params, opt_state, metrics
 
-  def gradient_conflict(self, params, ref_params, forget: StepInputs, retain: StepInputs):
-    """Cosine between the forget and retain gradients at ``params``: total and per leaf."""
+  def gradient_conflict(self, params, ref_params, forget: StepInputs, retain: StepInputs,
+                        precondition: Any = None):
+    """Cosine between the forget and retain gradients at ``params``: total and per leaf.
+
+    Args:
+      params, ref_params: Where to take the gradients (and the reference model's).
+      forget, retain: One batch of each objective.
+      precondition: Optional per-element scales shaped like ``params`` (e.g. Adam's
+        ``1 / (sqrt(v_hat) + eps)``). Given, a third value is returned: the total cosine
+        of the scaled gradients, i.e. of the two objectives' terms in an update that
+        shares that preconditioner.
+
+    Returns:
+      ``(total, per_leaf)``, plus the preconditioned total when ``precondition`` is given.
+    """
 
     def grads_of(inputs, objective):
       grad_fn = jax.value_and_grad(
@@ -139,15 +152,25 @@ class TrainStep:
 
     g_f = grads_of(forget, jnp.int32(dualoptax.FORGET))
     g_r = grads_of(retain, jnp.int32(dualoptax.RETAIN))
-    dot = jax.tree.map(lambda a, b: jnp.vdot(a, b).real, g_f, g_r)
-    sq_f = jax.tree.map(lambda a: jnp.vdot(a, a).real, g_f)
-    sq_r = jax.tree.map(lambda a: jnp.vdot(a, a).real, g_r)
-    tiny = jnp.finfo(jnp.float32).tiny
-    per_leaf = jax.tree.map(lambda d, a, b: d / jnp.maximum(jnp.sqrt(a * b), tiny),
-                            dot, sq_f, sq_r)
-    total = sum(jax.tree.leaves(dot)) / jnp.maximum(
-        jnp.sqrt(sum(jax.tree.leaves(sq_f)) * sum(jax.tree.leaves(sq_r))), tiny)
-    return total, per_leaf
+    total, per_leaf = _tree_cosine(g_f, g_r)
+    if precondition is None:
+      return total, per_leaf
+    scaled_total, _ = _tree_cosine(jax.tree.map(jnp.multiply, g_f, precondition),
+                                   jax.tree.map(jnp.multiply, g_r, precondition))
+    return total, per_leaf, scaled_total
+
+
+def _tree_cosine(a: Any, b: Any) -> tuple[jax.Array, Any]:
+  """Cosine of two trees taken as flat vectors, and per leaf."""
+  dot = jax.tree.map(lambda x, y: jnp.vdot(x, y).real, a, b)
+  sq_a = jax.tree.map(lambda x: jnp.vdot(x, x).real, a)
+  sq_b = jax.tree.map(lambda x: jnp.vdot(x, x).real, b)
+  tiny = jnp.finfo(jnp.float32).tiny
+  per_leaf = jax.tree.map(lambda d, x, y: d / jnp.maximum(jnp.sqrt(x * y), tiny),
+                          dot, sq_a, sq_b)
+  total = sum(jax.tree.leaves(dot)) / jnp.maximum(
+      jnp.sqrt(sum(jax.tree.leaves(sq_a)) * sum(jax.tree.leaves(sq_b))), tiny)
+  return total, per_leaf
 
 
 def step_inputs(qa_batches: list[Any]) -> StepInputs:
