@@ -228,10 +228,44 @@ def _flatten(q: quantization.QuantizedArray, row: Optional[jax.Array], size: int
   return _FlatMoment(q.codes.reshape(-1), q.absmax.reshape(-1), row * size, row * blocks)
 
 
+class _Scratch(NamedTuple):
+  """Loop-carried buffers that values of one chunk are written to and read back from."""
+
+  values: jax.Array  # float32 (moments * chunk + 1,): the new moment values
+  grid: jax.Array  # int32 (moments * chunk + 1,): their grid indices
+
+  @classmethod
+  def create(cls, moments: int, chunk_size: int) -> "_Scratch":
+    size = moments * chunk_size + 1
+    return cls(jnp.zeros((size,), jnp.float32), jnp.zeros((size,), jnp.int32))
+
+
+def _through_memory(rows: Sequence[jax.Array], buffer: jax.Array,
+                    guard: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``jnp.stack(rows)``, computed into ``buffer`` and read back from it.
+
+  XLA:CPU fuses an elementwise value into each of its consumers and recomputes it there,
+  and it cannot vectorize a loop that contains a gather. Written to memory at an offset
+  XLA cannot see is 0 (``guard``; the buffer is one element longer than the rows, so the
+  write is not a whole-buffer overwrite, which XLA would drop) and read back from offset
+  0, the rows are computed once, by vectorized loops of their own, and their consumers
+  (e.g. the code lookup) only load them.
+
+  Returns:
+    ``(stacked rows, updated buffer)``.
+  """
+  width = rows[0].shape[0]
+  for i, row in enumerate(rows):
+    buffer = jax.lax.dynamic_update_slice(buffer, row, (guard + i * width,))
+  # Read back at the true offset 0, which XLA cannot know is where the rows went.
+  return buffer[:len(rows) * width].reshape(len(rows), width), buffer
+
+
 def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.QuantizedArray],
-                  tables: StateTables, carry: tuple, start: Any, size: int) -> tuple:
+                  tables: StateTables, guard: jax.Array, carry: tuple, start: Any,
+                  size: int) -> tuple:
   """Runs ``step`` on values [start, start + size) and writes back its results."""
-  flats, outputs = carry
+  flats, outputs, scratch = carry
   block_size = like[0].block_size
   first_block = start // block_size
   chunk_blocks = quantization.num_blocks(size, block_size)
@@ -242,9 +276,20 @@ def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.Quan
         flat.absmax, (flat.block_offset + first_block,), (chunk_blocks,))
     olds.append(quantization.dequantize_blockwise(codes, absmax, _table(tables, q), block_size))
   news, results = step(jax.lax.dynamic_slice(g, (start,), (size,)), *olds)
-  # All moments in one stacked quantization: a few fused loops instead of a few per moment.
-  codes, absmax = quantization.quantize_blockwise_stacked(
-      jnp.stack(news), [_table(tables, q) for q in like], block_size)
+
+  # All moments quantized together (stacked rows): a few loops per chunk, not per moment.
+  # In the loop the new values and their grid indices go through memory, so that each is
+  # computed once and the gather of the code lookup stays out of the vectorized loops.
+  lut, lut_offsets = quantization.stacked_luts([_table(tables, q) for q in like])
+  if scratch is None:
+    grid, absmax = quantization.grid_indices(jnp.stack(news), block_size)
+  else:
+    stacked, values = _through_memory(news, scratch.values, guard)
+    grid, absmax = quantization.grid_indices(stacked, block_size)
+    grid, grid_buffer = _through_memory(list(grid), scratch.grid, guard)
+    scratch = _Scratch(values, grid_buffer)
+  codes = quantization.codes_from_grid(grid, lut, lut_offsets)
+
   updated = [
       flat._replace(
           codes=jax.lax.dynamic_update_slice(flat.codes, codes[i], (flat.code_offset + start,)),
@@ -253,7 +298,7 @@ def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.Quan
       for i, flat in enumerate(flats)]
   outputs = [jax.lax.dynamic_update_slice(out, result.astype(out.dtype), (start,))
              for out, result in zip(outputs, results)]
-  return updated, outputs
+  return updated, outputs, scratch
 
 
 def update_quantized(
@@ -262,30 +307,31 @@ def update_quantized(
     moments: Sequence[quantization.QuantizedArray],
     rows: Sequence[Optional[jax.Array]],
     tables: StateTables,
+    guard: jax.Array,
     output_dtypes: Sequence[Any] = (),
     chunk_size: Optional[int] = None,
 ) -> tuple[list[quantization.QuantizedArray], list[jax.Array]]:
   """Rewrites 8-bit moments of one parameter with ``step``, chunk by chunk, in place.
 
   The straightforward form (dequantize each whole moment, update, re-quantize) makes
-  XLA:CPU write every dequantized moment out as a float32 temporary the size of the
-  parameter (the dequantizing gather is not fused into its several consumers): hundreds
-  of MiB for a large model, freshly mapped and faulted in at every step. Here a loop walks
-  the parameter in chunks of ``chunk_size`` values (whole blocks): each iteration
-  dequantizes one chunk of every moment, runs ``step``, writes the new codes and absmax
-  back into the (donated) state arrays and the step's other results into output arrays.
-  Temporaries are chunk-sized. Nothing outside the loop reads the old codes, so XLA
-  updates the state buffers in place instead of copying them around the loop.
+  XLA:CPU write every dequantized and every new moment out as a float32 temporary the
+  size of the parameter: hundreds of MiB for a large model, freshly mapped and faulted in
+  at every step. Here a loop walks the parameter in chunks of ``chunk_size`` values (whole
+  blocks): each iteration dequantizes one chunk of every moment, runs ``step``, writes the
+  new codes and absmax back into the (donated) state arrays and the step's other results
+  into output arrays. Temporaries are chunk-sized. Nothing outside the loop reads the old
+  codes, so XLA updates the state buffers in place instead of copying them.
 
   Args:
     step: ``step(g, *old_values) -> (new_values, results)``: one new value per moment
       and any number of further per-element results (e.g. the update direction). Must be
-      elementwise (it sees chunks). Its products should be :func:`rounded`, since XLA
-      computes the new values once for the absmax and again for the codes.
+      elementwise (it sees chunks). Its products should be :func:`rounded`, since XLA may
+      compute the new values more than once.
     g: float32 array of the parameter's shape (e.g. the gradient).
     moments: quantized moments, all with the same block size; stacked ones hold K rows.
     rows: per moment, the row to read and rewrite (a traced int32), or None if unstacked.
     tables: the code tables.
+    guard: int32 zero from :func:`contraction_guard`.
     output_dtypes: dtype of each further result of ``step``.
     chunk_size: values per loop iteration, rounded down to a multiple of the block size
       (None: ``UPDATE_CHUNK_SIZE``).
@@ -303,17 +349,18 @@ def update_quantized(
   blocks = quantization.num_blocks(size, block_size)
   g = g.reshape(-1)
   full_chunks, tail = divmod(size, chunk_size)
-  carry = ([_flatten(q, row, size, blocks) for q, row in zip(moments, rows)],
-           [jnp.zeros((size,), dtype) for dtype in output_dtypes])
-  update = functools.partial(_update_chunk, step, g, moments, tables)
+  flats = [_flatten(q, row, size, blocks) for q, row in zip(moments, rows)]
+  outputs = [jnp.zeros((size,), dtype) for dtype in output_dtypes]
+  update = functools.partial(_update_chunk, step, g, moments, tables, guard)
 
   if full_chunks:
-    carry = jax.lax.fori_loop(
+    carry = (flats, outputs, _Scratch.create(len(moments), chunk_size))
+    flats, outputs, _ = jax.lax.fori_loop(
         0, full_chunks,
         lambda i, carry: update(carry, start=i * chunk_size, size=chunk_size), carry)
   if tail:
-    carry = update(carry, start=full_chunks * chunk_size, size=tail)
-  flats, outputs = carry
+    flats, outputs, _ = update((flats, outputs, None), start=full_chunks * chunk_size,
+                               size=tail)
   moments = [dataclasses.replace(q, codes=flat.codes.reshape(q.codes.shape),
                                  absmax=flat.absmax.reshape(q.absmax.shape))
              for q, flat in zip(moments, flats)]

@@ -273,23 +273,28 @@ def _block_absmax(rows: jax.Array, block_size: int) -> jax.Array:
   return jnp.max(magnitudes, axis=-1)
 
 
-def _quantize_rows(rows: jax.Array, lut: jax.Array, lut_offsets: jax.Array,
-                   block_size: int) -> tuple[jax.Array, jax.Array]:
-  """The reference rule on each row of ``rows`` (rows, n), row ``r`` looking its codes
-  up in ``lut[lut_offsets[r]:][:65536]``. Returns codes (rows, n), absmax (rows, blocks).
+def grid_indices(rows: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+  """First half of the reference rule: each value's grid index, and the block absmax.
+
+  Args:
+    rows: float32 (rows, n); blocks of ``block_size`` run along each row.
+    block_size: values per block.
+
+  Returns:
+    ``(grid_index, absmax)``: int32 (rows, n) in [0, 65535], or -1 throughout a block
+    whose absmax is 0 (all of its codes are 0); float32 (rows, blocks).
   """
   size = rows.shape[1]
   absmax = _block_absmax(rows, block_size)
   # The reference multiplies by a float32 reciprocal rather than dividing: that rounds
   # differently, and the codes must match. 1/0 = inf is harmless: those blocks are all
-  # zero and their codes are overwritten below.
+  # zero and get index -1 below.
   # Past absmax = 2**126 the reciprocal is a subnormal, which XLA:CPU flushes to zero
   # (every code would become that of 0). Such blocks are scaled by 2**-64 first, exactly,
   # keeping the reciprocal normal; for all other blocks the scale is 1 and changes nothing.
   prescale = jnp.where(absmax >= _LARGEST_NORMAL_RECIPROCAL_ABSMAX, jnp.float32(2.0**-64),
                        jnp.float32(1.0))
   inverse = jnp.float32(1.0) / (absmax * prescale)
-  zero_block = _per_element(absmax == 0, size, block_size)
   prescaled = rows * _per_element(prescale, size, block_size)
   y = jnp.clip(prescaled * _per_element(inverse, size, block_size), -1.0, 1.0)
   # j = trunc((y + 1) * 0.5 * 65535 + 0.5), each operation rounded to float32. The product
@@ -299,10 +304,35 @@ def _quantize_rows(rows: jax.Array, lut: jax.Array, lut_offsets: jax.Array,
   half = (y + 1.0) * 0.5
   scaled = half * jnp.float32(NUM_GRID_POINTS) - half
   grid_index = (scaled + 0.5).astype(jnp.int32)  # Non-negative, so the cast truncates.
-  # A NaN converts to an unspecified int32 (0 on XLA:CPU); clip keeps it in its table.
-  grid_index = jnp.clip(grid_index, 0, NUM_GRID_POINTS - 1) + lut_offsets[:, None]
-  codes = jnp.take(lut, grid_index, mode="clip")
-  return jnp.where(zero_block, jnp.uint8(0), codes), absmax
+  # A NaN converts to an unspecified int32 (0 on XLA:CPU); clip keeps it on the grid.
+  grid_index = jnp.clip(grid_index, 0, NUM_GRID_POINTS - 1)
+  zero_block = _per_element(absmax == 0, size, block_size)
+  return jnp.where(zero_block, -1, grid_index), absmax
+
+
+def codes_from_grid(grid_index: jax.Array, lut: jax.Array,
+                    lut_offsets: jax.Array) -> jax.Array:
+  """Second half of the reference rule: ``lut[lut_offsets[row] + grid_index]``, 0 at -1.
+
+  Args:
+    grid_index: int32 (rows, n) from :func:`grid_indices`.
+    lut: uint8 lookup table(s), concatenated if rows use different maps.
+    lut_offsets: int32 (rows,), where each row's table starts in ``lut``.
+
+  Returns:
+    uint8 codes (rows, n).
+  """
+  codes = jnp.take(lut, jnp.maximum(grid_index, 0) + lut_offsets[:, None], mode="clip")
+  return jnp.where(grid_index < 0, jnp.uint8(0), codes)
+
+
+def _quantize_rows(rows: jax.Array, lut: jax.Array, lut_offsets: jax.Array,
+                   block_size: int) -> tuple[jax.Array, jax.Array]:
+  """The reference rule on each row of ``rows`` (rows, n), row ``r`` looking its codes
+  up in ``lut[lut_offsets[r]:][:65536]``. Returns codes (rows, n), absmax (rows, blocks).
+  """
+  grid_index, absmax = grid_indices(rows, block_size)
+  return codes_from_grid(grid_index, lut, lut_offsets), absmax
 
 
 def quantize_blockwise(
@@ -358,7 +388,16 @@ def quantize_blockwise_stacked(
   if xs.ndim != 2 or len(tables) != xs.shape[0]:
     raise ValueError(f"expected one table per row of a 2-D array, got {xs.shape} and "
                      f"{len(tables)} tables")
-  # One copy of each distinct lookup table, rows pointing at theirs.
+  lut, offsets = stacked_luts(tables)
+  return _quantize_rows(xs, lut, offsets, block_size)
+
+
+def stacked_luts(tables: Sequence[QuantizationTables]) -> tuple[jax.Array, jax.Array]:
+  """One copy of each distinct lookup table in ``tables``, and where each row's starts.
+
+  Returns:
+    ``(lut, offsets)`` for :func:`codes_from_grid`.
+  """
   distinct, offsets = [], []
   for table in tables:
     match = next((i for i, t in enumerate(distinct) if t is table.lut), None)
@@ -367,7 +406,7 @@ def quantize_blockwise_stacked(
       distinct.append(table.lut)
     offsets.append(match * NUM_GRID_POINTS)
   lut = distinct[0] if len(distinct) == 1 else jnp.concatenate(distinct)
-  return _quantize_rows(xs, lut, jnp.asarray(offsets, jnp.int32), block_size)
+  return lut, jnp.asarray(offsets, jnp.int32)
 
 
 def dequantize_blockwise(

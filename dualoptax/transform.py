@@ -220,7 +220,7 @@ def scale_by_dualoptim_plus(
         # produces the direction (see `_moments.update_quantized`).
         (new_base_mu, new_base_nu, delta_mu, delta_nu), (direction,) = (
             _moments.update_quantized(step, g32, stored, (None, None, active, active),
-                                      tables, output_dtypes=(g.dtype,)))
+                                      tables, guard, output_dtypes=(g.dtype,)))
       else:
         old_base_mu = _moments.load(base_mu, tables)
         old_base_nu = _moments.load(base_nu, tables)
@@ -315,7 +315,7 @@ def scale_by_dualoptim(
           return (m, v), (direction_from(m, v),)
 
         (mu, nu), (direction,) = _moments.update_quantized(
-            step, g32, (mu, nu), (active, active), tables, output_dtypes=(g.dtype,))
+            step, g32, (mu, nu), (active, active), tables, guard, output_dtypes=(g.dtype,))
         return direction, mu, nu
       # Same operand order as optax.scale_by_adam ((1 - b) g + b m), so that XLA contracts
       # it the same way and K = 1 reproduces optax bit for bit.
