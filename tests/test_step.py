@@ -90,7 +90,8 @@ def test_preconditioned_conflict_scales_both_gradients_elementwise():
   params = _params()
   forget, retain = _inputs(3), _inputs(4)
   scale = jax.tree.map(lambda p: jnp.linspace(0.1, 3.0, p.size).reshape(p.shape), params)
-  total, _, scaled = _step().gradient_conflict(params, None, forget, retain, scale)
+  total, _, scaled = _step().gradient_conflict(params, None, forget, retain,
+                                               lambda g_f, g_r: scale)
   plain, _ = _step().gradient_conflict(params, None, forget, retain)
   np.testing.assert_allclose(total, plain, rtol=1e-6)
   one = lambda b: jax.tree.map(lambda x: x[0], b.answers)

@@ -81,16 +81,26 @@ def optimizer_diagnostics_fn(config: OptimizerConfig, **jit_kwargs: Any,
   return jax.jit(cosines, **jit_kwargs)
 
 
-def adam_preconditioner(config: OptimizerConfig, opt_state: Any) -> Any:
-  """Adam's per-element scale ``1 / (sqrt(v_hat) + eps)`` (bias-corrected ``nu``).
+def adam_preconditioner(config: OptimizerConfig, opt_state: Any) -> Callable[[Any, Any], Any]:
+  """``(g_forget, g_retain) -> 1 / (sqrt(v_hat) + eps)``: the per-element scale of Adam's
+  next joint step on these gradients (its ``nu`` after seeing their sum, bias-corrected).
 
   Adam keeps one state for both objectives, so its forget and retain update terms are the
   two gradients through this one shared preconditioner; their cosine is Adam's point on
-  the paper's Figure 2 (the momentum blends them further).
+  the paper's Figure 2 (the momentum blends them further). Using ``nu`` after the step,
+  not before, matters: an element with no gradient so far has ``nu = 0`` and would be
+  scaled by ``1/eps``.
   """
   state = dualoptax.find_state(opt_state, optax.ScaleByAdamState)
-  correction = 1 - config.b2 ** jnp.maximum(state.count, 1).astype(jnp.float32)
-  return jax.tree.map(lambda nu: 1 / (jnp.sqrt(nu / correction) + config.eps), state.nu)
+  b2 = config.b2
+  correction = 1 - b2 ** (state.count + 1).astype(jnp.float32)
+
+  def scale(g_forget, g_retain):
+    return jax.tree.map(
+        lambda nu, f, r: 1 / (jnp.sqrt((b2 * nu + (1 - b2) * jnp.square(f + r)) / correction)
+                              + config.eps), state.nu, g_forget, g_retain)
+
+  return scale
 
 
 def optimizer_diagnostics(config: OptimizerConfig, opt_state: Any) -> dict[str, float]:

@@ -122,7 +122,7 @@ def place_batch(local_batch: Any, sharding: NamedSharding, axis: int = 1) -> Any
     axis: The batch (row) axis.
 
   Returns:
-    The pytree of global ``jax.Array``\ s.
+    The pytree of global ``jax.Array`` values.
   """
 
   def place(local):

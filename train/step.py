@@ -135,10 +135,11 @@ class TrainStep:
     Args:
       params, ref_params: Where to take the gradients (and the reference model's).
       forget, retain: One batch of each objective.
-      precondition: Optional per-element scales shaped like ``params`` (e.g. Adam's
-        ``1 / (sqrt(v_hat) + eps)``). Given, a third value is returned: the total cosine
-        of the scaled gradients, i.e. of the two objectives' terms in an update that
-        shares that preconditioner.
+      precondition: Optional ``(g_forget, g_retain) -> scales`` giving per-element
+        scales shaped like ``params`` (e.g. Adam's ``1 / (sqrt(v_hat) + eps)`` after
+        seeing these gradients). Given, a third value is returned: the total cosine of
+        the scaled gradients, i.e. of the two objectives' terms in an update that shares
+        that preconditioner.
 
     Returns:
       ``(total, per_leaf)``, plus the preconditioned total when ``precondition`` is given.
@@ -155,8 +156,9 @@ class TrainStep:
     total, per_leaf = _tree_cosine(g_f, g_r)
     if precondition is None:
       return total, per_leaf
-    scaled_total, _ = _tree_cosine(jax.tree.map(jnp.multiply, g_f, precondition),
-                                   jax.tree.map(jnp.multiply, g_r, precondition))
+    scale = precondition(g_f, g_r)
+    scaled_total, _ = _tree_cosine(jax.tree.map(jnp.multiply, g_f, scale),
+                                   jax.tree.map(jnp.multiply, g_r, scale))
     return total, per_leaf, scaled_total
 
 
