@@ -69,17 +69,26 @@ def test_one_compilation_serves_both_objectives():
   assert set(metrics) >= {"loss", "nll", "tokens", "grad_norm"}
 
 
-def test_gradient_conflict_is_the_cosine_of_the_two_gradients():
-  params = _params()
-  forget, retain = _inputs(3), _inputs(4)
-  total, per_leaf = _step().gradient_conflict(params, None, forget, retain)
+def _reference_gradients(params, forget, retain):
+  """The GA forget and GD retain gradients of the first micro-batches, directly."""
   one = lambda b: jax.tree.map(lambda x: x[0], b.answers)
   g_f = jax.grad(lambda p: losses.ga_loss(_logits_fn(p, one(forget).input_ids, None),
                                           one(forget)))(params)
   g_r = jax.grad(lambda p: losses.gd_loss(_logits_fn(p, one(retain).input_ids, None),
                                           one(retain)))(params)
-  flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
-  a, b = flat(g_f), flat(g_r)
+  return g_f, g_r
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def test_gradient_conflict_is_the_cosine_of_the_two_gradients():
+  params = _params()
+  forget, retain = _inputs(3), _inputs(4)
+  total, per_leaf = _step().gradient_conflict(params, None, forget, retain)
+  g_f, g_r = _reference_gradients(params, forget, retain)
+  a, b = _flat(g_f), _flat(g_r)
   np.testing.assert_allclose(total, a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=1e-5)
   x, y = np.ravel(g_f["out"]), np.ravel(g_r["out"])
   np.testing.assert_allclose(per_leaf["out"], x @ y / np.linalg.norm(x) / np.linalg.norm(y),
@@ -94,12 +103,7 @@ def test_preconditioned_conflict_scales_both_gradients_elementwise():
                                                lambda g_f, g_r: scale)
   plain, _ = _step().gradient_conflict(params, None, forget, retain)
   np.testing.assert_allclose(total, plain, rtol=1e-6)
-  one = lambda b: jax.tree.map(lambda x: x[0], b.answers)
-  g_f = jax.grad(lambda p: losses.ga_loss(_logits_fn(p, one(forget).input_ids, None),
-                                          one(forget)))(params)
-  g_r = jax.grad(lambda p: losses.gd_loss(_logits_fn(p, one(retain).input_ids, None),
-                                          one(retain)))(params)
-  flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
-  a, b = flat(g_f) * flat(scale), flat(g_r) * flat(scale)
+  g_f, g_r = _reference_gradients(params, forget, retain)
+  a, b = _flat(g_f) * _flat(scale), _flat(g_r) * _flat(scale)
   np.testing.assert_allclose(scaled, a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=1e-5)
   assert abs(float(scaled) - float(total)) > 1e-3  # the scale matters here
