@@ -210,7 +210,7 @@ def update_row(stacked: Moment, update: Callable[[jax.Array], jax.Array], index:
 # Values per chunk of the 8-bit update loop (a multiple of every usual block size). Each
 # step materializes a few float32 arrays of this size (dequantized moments), which stay in
 # the core's L2 cache instead of making whole-leaf float32 temporaries.
-UPDATE_CHUNK_SIZE = 1 << 16
+UPDATE_CHUNK_SIZE = 1 << 14
 
 
 class _FlatMoment(NamedTuple):
@@ -232,7 +232,7 @@ class _Scratch(NamedTuple):
   """Loop-carried buffers that values of one chunk are written to and read back from."""
 
   values: jax.Array  # float32 (moments * chunk + 1,): the new moment values
-  grid: jax.Array  # int32 (moments * chunk + 1,): their grid indices
+  lookup: jax.Array  # int32 (moments * chunk + 1,): where their codes are in the table
 
   @classmethod
   def create(cls, moments: int, chunk_size: int) -> "_Scratch":
@@ -278,17 +278,18 @@ def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.Quan
   news, results = step(jax.lax.dynamic_slice(g, (start,), (size,)), *olds)
 
   # All moments quantized together (stacked rows): a few loops per chunk, not per moment.
-  # In the loop the new values and their grid indices go through memory, so that each is
-  # computed once and the gather of the code lookup stays out of the vectorized loops.
-  lut, lut_offsets = quantization.stacked_luts([_table(tables, q) for q in like])
-  if scratch is None:
-    grid, absmax = quantization.grid_indices(jnp.stack(news), block_size)
-  else:
+  # In the loop the new values and the lookup indices go through memory, so that each is
+  # computed once, by a vectorized loop, and the gather of the code lookup runs alone.
+  lut, lut_offsets, zero_index = quantization.stacked_luts([_table(tables, q) for q in like])
+  stacked = jnp.stack(news)
+  if scratch is not None:
     stacked, values = _through_memory(news, scratch.values, guard)
-    grid, absmax = quantization.grid_indices(stacked, block_size)
-    grid, grid_buffer = _through_memory(list(grid), scratch.grid, guard)
-    scratch = _Scratch(values, grid_buffer)
-  codes = quantization.codes_from_grid(grid, lut, lut_offsets)
+  grid, absmax = quantization.grid_indices(stacked, block_size)
+  lookup = quantization.lookup_indices(grid, lut_offsets, zero_index)
+  if scratch is not None:
+    lookup, lookups = _through_memory(list(lookup), scratch.lookup, guard)
+    scratch = _Scratch(values, lookups)
+  codes = quantization.codes_from_lookup(lookup, lut)
 
   updated = [
       flat._replace(

@@ -310,29 +310,54 @@ def grid_indices(rows: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array
   return jnp.where(zero_block, -1, grid_index), absmax
 
 
-def codes_from_grid(grid_index: jax.Array, lut: jax.Array,
-                    lut_offsets: jax.Array) -> jax.Array:
-  """Second half of the reference rule: ``lut[lut_offsets[row] + grid_index]``, 0 at -1.
+def lookup_indices(grid_index: jax.Array, lut_offsets: jax.Array,
+                   zero_index: int) -> jax.Array:
+  """Where each row's codes are in a :func:`stacked_luts` table: ``lut_offsets[row] +
+  grid_index``, and ``zero_index`` (an entry holding code 0) for all-zero blocks.
 
   Args:
     grid_index: int32 (rows, n) from :func:`grid_indices`.
-    lut: uint8 lookup table(s), concatenated if rows use different maps.
-    lut_offsets: int32 (rows,), where each row's table starts in ``lut``.
+    lut_offsets: int32 (rows,), where each row's table starts.
+    zero_index: position of the 0 entry.
 
   Returns:
-    uint8 codes (rows, n).
+    int32 (rows, n), for :func:`codes_from_lookup`.
   """
-  codes = jnp.take(lut, jnp.maximum(grid_index, 0) + lut_offsets[:, None], mode="clip")
-  return jnp.where(grid_index < 0, jnp.uint8(0), codes)
+  return jnp.where(grid_index < 0, zero_index, grid_index + lut_offsets[:, None])
 
 
-def _quantize_rows(rows: jax.Array, lut: jax.Array, lut_offsets: jax.Array,
+def codes_from_lookup(lookup_index: jax.Array, lut: jax.Array) -> jax.Array:
+  """``lut[lookup_index]``: the codes, with everything else already done (a bare gather,
+  which XLA:CPU runs as a scalar loop, so it is kept apart from vectorizable work)."""
+  return jnp.take(lut, lookup_index, mode="clip")
+
+
+def stacked_luts(tables: Sequence[QuantizationTables]) -> tuple[jax.Array, jax.Array, int]:
+  """One copy of each distinct lookup table in ``tables`` (rows sharing a map share
+  one), followed by a single 0 entry for all-zero blocks.
+
+  Returns:
+    ``(lut, lut_offsets, zero_index)`` for :func:`lookup_indices` and
+    :func:`codes_from_lookup`.
+  """
+  distinct, offsets = [], []
+  for table in tables:
+    match = next((i for i, t in enumerate(distinct) if t is table.lut), None)
+    if match is None:
+      match = len(distinct)
+      distinct.append(table.lut)
+    offsets.append(match * NUM_GRID_POINTS)
+  lut = jnp.concatenate(distinct + [jnp.zeros((1,), jnp.uint8)])
+  return lut, jnp.asarray(offsets, jnp.int32), len(distinct) * NUM_GRID_POINTS
+
+
+def _quantize_rows(rows: jax.Array, tables: Sequence[QuantizationTables],
                    block_size: int) -> tuple[jax.Array, jax.Array]:
-  """The reference rule on each row of ``rows`` (rows, n), row ``r`` looking its codes
-  up in ``lut[lut_offsets[r]:][:65536]``. Returns codes (rows, n), absmax (rows, blocks).
-  """
+  """The reference rule on each row of ``rows`` (rows, n) with that row's tables.
+  Returns codes (rows, n), absmax (rows, blocks)."""
   grid_index, absmax = grid_indices(rows, block_size)
-  return codes_from_grid(grid_index, lut, lut_offsets), absmax
+  lut, lut_offsets, zero_index = stacked_luts(tables)
+  return codes_from_lookup(lookup_indices(grid_index, lut_offsets, zero_index), lut), absmax
 
 
 def quantize_blockwise(
@@ -359,8 +384,7 @@ def quantize_blockwise(
   """
   _check_block_size(block_size)
   x = jnp.asarray(x, jnp.float32)
-  codes, absmax = _quantize_rows(
-      x.reshape(1, -1), tables.lut, jnp.zeros((1,), jnp.int32), block_size)
+  codes, absmax = _quantize_rows(x.reshape(1, -1), [tables], block_size)
   return codes.reshape(x.shape), absmax[0]
 
 
@@ -388,25 +412,7 @@ def quantize_blockwise_stacked(
   if xs.ndim != 2 or len(tables) != xs.shape[0]:
     raise ValueError(f"expected one table per row of a 2-D array, got {xs.shape} and "
                      f"{len(tables)} tables")
-  lut, offsets = stacked_luts(tables)
-  return _quantize_rows(xs, lut, offsets, block_size)
-
-
-def stacked_luts(tables: Sequence[QuantizationTables]) -> tuple[jax.Array, jax.Array]:
-  """One copy of each distinct lookup table in ``tables``, and where each row's starts.
-
-  Returns:
-    ``(lut, offsets)`` for :func:`codes_from_grid`.
-  """
-  distinct, offsets = [], []
-  for table in tables:
-    match = next((i for i, t in enumerate(distinct) if t is table.lut), None)
-    if match is None:
-      match = len(distinct)
-      distinct.append(table.lut)
-    offsets.append(match * NUM_GRID_POINTS)
-  lut = distinct[0] if len(distinct) == 1 else jnp.concatenate(distinct)
-  return lut, jnp.asarray(offsets, jnp.int32)
+  return _quantize_rows(xs, tables, block_size)
 
 
 def dequantize_blockwise(
