@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models import sharding
@@ -34,10 +35,33 @@ def param(
   return kind(initializer(rngs.params(), shape, dtype))
 
 
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """Tanh-approximated GELU that saves only its input for the backward pass.
+
+  Autodiff would store tanh(...) as well and write it out in the forward.
+  """
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  c = np.sqrt(2 / np.pi).astype(x.dtype)
+  t = jnp.tanh(c * (x + 0.044715 * x * x * x))
+  dt = (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+  return (g * (0.5 * (1 + t) + 0.5 * x * dt),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation.
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
