@@ -23,9 +23,11 @@ the same 7 (one row of each stacked moment) and DualOptim+ 11 (params, grads, B,
 E_o in; params, B, V, D_o, E_o out), i.e. 1.0x and 1.57x Adam. XLA:CPU does not fuse
 several outputs into one loop: each updated array gets its own pass, so optax.adamw
 itself moves 11 arrays (m: 3, v: 3, params: 5) and the floor for DualOptim+ is about
-20-24 (1.8-2.2x). The "XLA temp buffer" printed per optimizer should be 0: a temporary
-array means a copy or an unfused intermediate, and on Linux/glibc every temp buffer over
-32 MiB is a fresh mmap each step, whose page faults can cost more than the copy itself.
+20-24 (1.8-2.2x). The "XLA temp buffer" printed per optimizer should be 0 for the
+float32 states: a temporary array means a copy or an unfused intermediate, and on
+Linux/glibc every temp buffer over 32 MiB is a fresh mmap each step, whose page faults can
+cost more than the copy itself. (The 8-bit states' chunk loops hand each parameter's
+update direction out in a parameter-sized buffer: ~4.4 bytes per parameter of temp.)
 ``--dump-hlo DIR`` writes the optimized HLO (look for ``copy(`` of the state);
 ``--compiler-option KEY=VALUE`` passes XLA options to every step.
 
