@@ -23,8 +23,10 @@ SCRIPT = textwrap.dedent("""
 
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
+    # "u" spans several chunks of the 8-bit update loop (16K values each).
     params = {"w": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32),
-              "v": jnp.asarray(rng.normal(size=(40, 128)), jnp.float32)}
+              "v": jnp.asarray(rng.normal(size=(40, 128)), jnp.float32),
+              "u": jnp.asarray(rng.normal(size=(96, 520)), jnp.float32)}
     # Conflicting objectives, as in unlearning: forget steps -0.7c, retain steps +c.
     c = jax.tree.map(lambda p: rng.choice([-1.0, 1.0], p.shape) * rng.uniform(0.5, 1.5, p.shape),
                      params)
