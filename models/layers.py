@@ -112,22 +112,54 @@ def _matmul_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.A
   return x @ kernel, (x, kernel)
 
 
+def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """x^T g over all leading (token) axes: [in, out] from [..., in], [..., out]."""
+  x = x.reshape(-1, x.shape[-1])
+  g = g.reshape(-1, g.shape[-1])
+  # Transpose the narrower of the two [tokens, features] operands.
+  if x.shape[1] <= g.shape[1]:
+    return materialized_transpose(x) @ g
+  return materialized_transpose(materialized_transpose(g) @ x)
+
+
 def _matmul_bwd(
     residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   x, kernel = residuals
-  x = x.reshape(-1, x.shape[-1])
-  g_flat = g.reshape(-1, g.shape[-1])
-  # kernel gradient = x^T g, contracting tokens; transpose the narrower of
-  # the two [tokens, features] operands (x^T g, or (g^T x)^T).
-  if x.shape[1] <= g_flat.shape[1]:
-    g_kernel = materialized_transpose(x) @ g_flat
-  else:
-    g_kernel = materialized_transpose(materialized_transpose(g_flat) @ x)
-  return g @ kernel.T, g_kernel
+  return g @ kernel.T, _kernel_grad(x, g)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def matmul_transposed(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """`x @ weight.T` (tied LM head), with `matmul`'s fast weight gradient.
+
+  Args:
+    x: [..., in].
+    weight: [out, in], same dtype as `x`.
+
+  Returns:
+    [..., out].
+  """
+  return x @ weight.T
+
+
+def _matmul_transposed_fwd(
+    x: jax.Array, weight: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  return x @ weight.T, (x, weight)
+
+
+def _matmul_transposed_bwd(
+    residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  x, weight = residuals
+  return g @ weight, materialized_transpose(_kernel_grad(x, g))
+
+
+matmul_transposed.defvjp(_matmul_transposed_fwd, _matmul_transposed_bwd)
 
 
 class Dense(nnx.Module):
@@ -235,7 +267,7 @@ class Embedding(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Projects `x` onto the embedding rows (tied LM head)."""
-    return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+    return matmul_transposed(x.astype(self.dtype), self.embedding[...].astype(self.dtype))
 
 
 def _layer_norm_fwd(
