@@ -10,7 +10,9 @@ Public API:
   apply_lora / merge_lora / lora_mask / lora_labels, LoRAConfig, LoRAParam
 
 This package knows nothing of unlearning; parameter axis names are listed in
-`models/sharding.py`.
+`models/sharding.py`. Matmuls, attention, LayerNorm and GELU carry hand-written
+backward passes (`jax.custom_vjp`, for XLA:CPU speed): the models support
+reverse-mode autodiff (`jax.grad`, `jax.vjp`) but not forward mode (`jax.jvp`).
 """
 
 from models.checkpoint import export_tensors, load_pretrained, load_tokenizer, save_pretrained
