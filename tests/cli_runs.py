@@ -31,12 +31,17 @@ def unlearn_args(out, state_bits):
 
 
 def run_cli(args, devices, timeout=600, env=None):
-  """Runs `python args...` on `devices` simulated CPU devices; fails with its stderr."""
+  """Runs `python args...` on `devices` simulated CPU devices; fails with its stderr.
+
+  Returns:
+    The finished process (its stdout and stderr as text).
+  """
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
   done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                         timeout=timeout)
   assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+  return done
 
 
 def assert_same_model(single, sharded, label, min_close=0.999):

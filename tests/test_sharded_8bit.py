@@ -7,14 +7,9 @@ XLA fixes the device count when jax initializes, so the sharded run happens in a
 Python process with ``--xla_force_host_platform_device_count=8``.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
-
-
+from cli_runs import run_cli
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
@@ -67,8 +62,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_8bit_step_is_identical_when_sharded_over_8_devices():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+  result = run_cli(["-c", SCRIPT], devices=8)  # fails on a non-zero exit
+  assert "OK" in result.stdout, (result.stdout + result.stderr)[-3000:]

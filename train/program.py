@@ -103,12 +103,6 @@ def adam_preconditioner(config: OptimizerConfig, opt_state: Any) -> Callable[[An
   return scale
 
 
-def optimizer_diagnostics(config: OptimizerConfig, opt_state: Any) -> dict[str, float]:
-  """The optimizer's Figure-2 cosines as floats ({} for an optimizer without them)."""
-  fn = optimizer_diagnostics_fn(config)
-  return {} if fn is None else {k: float(v) for k, v in fn(opt_state).items()}
-
-
 def make_streams(config: RunConfig, splits: data_lib.TofuSplits, tokenizer: Any,
                  loss_config: losses.LossConfig, batch_size: Optional[int] = None):
   """Forget and retain batch streams with the IDK answers the losses need."""
@@ -202,14 +196,12 @@ def unlearn(config: RunConfig, model: FunctionalModel, params: Any, ref_params: 
   train_fn = jax.jit(steps.alternating if alternating else steps.joint, donate_argnums=(0, 1),
                      in_shardings=(param_sh, state_sh, param_sh, *batch_args),
                      out_shardings=(param_sh, state_sh, replicated))
-  if opt_config.name == "adam":  # Adam's update terms: both gradients through its one nu
-    def conflict(params, ref_params, forget, retain, opt_state):
-      return steps.gradient_conflict(params, ref_params, forget, retain,
-                                     adam_preconditioner(opt_config, opt_state))
-  else:
-    def conflict(params, ref_params, forget, retain, opt_state):
-      del opt_state
-      return steps.gradient_conflict(params, ref_params, forget, retain)
+  adam = opt_config.name == "adam"  # Adam's update terms: both gradients through its one nu
+
+  def conflict(params, ref_params, forget, retain, opt_state):
+    precondition = adam_preconditioner(opt_config, opt_state) if adam else None
+    return steps.gradient_conflict(params, ref_params, forget, retain, precondition)
+
   conflict_fn = jax.jit(conflict, in_shardings=(param_sh, param_sh, inputs_sh, inputs_sh, state_sh),
                         out_shardings=replicated)
   diagnostics_fn = optimizer_diagnostics_fn(opt_config, out_shardings=replicated)

@@ -4,8 +4,9 @@ Parameters carry logical axis names (``models/sharding.py``). ``LOGICAL_AXIS_RUL
 each name to a mesh axis (or None: replicated along it). Optimizer states follow their
 parameter: a moment of a parameter leaf (same shape, or stacked per objective with a
 leading axis, or 8-bit codes in the parameter's shape) gets the parameter's placement;
-per-block absmax and code tables are split over ``fsdp``; counters are replicated. Batches are split over every
-mesh axis along the batch dimension (data parallel and FSDP both consume batch shards).
+per-block absmax and code tables are split over ``fsdp``; counters are replicated.
+Batches are split over every mesh axis along the batch dimension (data parallel and FSDP
+both consume batch shards).
 
 On one device every placement is trivial, and the same code runs on 8 GPUs or a TPU pod
 by changing the mesh sizes in the config.
