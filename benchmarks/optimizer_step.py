@@ -4,6 +4,7 @@ Run from the project root::
 
     python benchmarks/optimizer_step.py                # 12 x 1024x2048 (~25M params)
     python benchmarks/optimizer_step.py --size small   # 12 x 256x512, a quick check
+    python benchmarks/optimizer_step.py --include-8bit --devices 2   # sharded over 2 CPU devices
 
 Every optimizer gets one jitted, AOT-compiled step
 
@@ -29,7 +30,10 @@ Linux/glibc every temp buffer over 32 MiB is a fresh mmap each step, whose page 
 cost more than the copy itself. (The 8-bit states' chunk loops hand each parameter's
 update direction out in a parameter-sized buffer: ~4.4 bytes per parameter of temp.)
 ``--dump-hlo DIR`` writes the optimized HLO (look for ``copy(`` of the state);
-``--compiler-option KEY=VALUE`` passes XLA options to every step.
+``--compiler-option KEY=VALUE`` passes XLA options to every step. ``--devices N`` splits
+every array over an N-device ``fsdp`` mesh (simulated host devices on CPU) the way
+``train/sharding.py`` does: each matrix and its moments by rows, 8-bit absmax and code
+tables along their last axis.
 
 To add a variant, append an ``OptimizerSpec`` to ``OPTIMIZERS`` (or call ``register``):
 a name, a factory returning an optax transformation, whether its ``update`` takes
@@ -49,6 +53,21 @@ import statistics
 import sys
 import time
 from typing import Callable, Optional, Sequence
+
+def _requested_devices(argv: Sequence[str]) -> int:
+  """``--devices N`` from the command line, read before jax starts (XLA fixes the number
+  of host devices when it initializes)."""
+  for i, arg in enumerate(argv):
+    if arg == "--devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
+    if arg.startswith("--devices="):
+      return int(arg.split("=", 1)[1])
+  return 1
+
+
+if __name__ == "__main__" and _requested_devices(sys.argv[1:]) > 1:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={_requested_devices(sys.argv[1:])}").strip()
 
 # Runnable as `python benchmarks/optimizer_step.py` without installing the package.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +137,13 @@ OPTIMIZERS_8BIT: list[OptimizerSpec] = [
                                                    state_bits=8),
                   expected_state_bytes=6 * (1 + 4 / 256)),
 ]
+# The default picks the chunk loop on one CPU device and whole-array updates otherwise;
+# with --devices N > 1 this forced-loop entry shows what the loop costs when sharded.
+OPTIMIZERS_8BIT_LOOP = OptimizerSpec(
+    "dualoptax.dualoptim_plus (8-bit, chunk loop)",
+    lambda: dualoptax.dualoptim_plus(LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_bits=8,
+                                     update_in_chunks=True),
+    expected_state_bytes=6 * (1 + 4 / 256))
 
 
 def _supports_state_bits() -> bool:
@@ -157,6 +183,28 @@ def copy_tree(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def make_placer(devices: int) -> Callable:
+  """``place(tree)``: the tree's arrays split over a ``devices``-wide ``fsdp`` mesh (the
+  identity for one device). Matrices and their moments by rows (stacked per-objective
+  moments: axis 1), other arrays along their last axis when it divides, else replicated;
+  the layout ``train/sharding.py`` gives an FSDP-sharded model."""
+  if devices == 1:
+    return lambda tree: tree
+  if jax.device_count() != devices:
+    raise SystemExit(f"--devices {devices}: jax sees {jax.device_count()} devices")
+  mesh = jax.make_mesh((devices,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def spec(x) -> jax.sharding.PartitionSpec:
+    axes = [None] * x.ndim
+    axis = {2: 0, 3: 1}.get(x.ndim, x.ndim - 1)
+    if x.ndim and x.shape[axis] % devices == 0:
+      axes[axis] = "fsdp"
+    return jax.sharding.PartitionSpec(*axes)
+
+  return lambda tree: jax.tree.map(
+      lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))), tree)
+
+
 # --------------------------------------------------------------------------- steps
 
 
@@ -176,8 +224,9 @@ def make_step(spec: OptimizerSpec, tx: optax.GradientTransformation) -> Callable
 
 def compile_step(step: Callable, params, opt_state, grads, objective,
                  compiler_options: Optional[dict] = None):
-  """AOT-compiles ``step`` with params and state donated."""
-  return jax.jit(step, donate_argnums=(0, 1)).lower(
+  """AOT-compiles ``step`` with params and state donated (and kept where they are)."""
+  keep = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=keep).lower(
       params, opt_state, grads, objective).compile(compiler_options or None)
 
 
@@ -199,11 +248,11 @@ class Runner:
 
 
 def build_runner(spec: OptimizerSpec, params0, grads, objectives, args,
-                 compiler_options: dict) -> Runner:
+                 compiler_options: dict, place: Callable = lambda tree: tree) -> Runner:
   """Builds, AOT-compiles and warms up one optimizer on its own copy of the params."""
   tx = spec.factory()
-  params = copy_tree(params0)
-  opt_state = tx.init(params)
+  params = place(copy_tree(params0))
+  opt_state = place(tx.init(params))
   state_bytes = tree_nbytes(opt_state)
   step = make_step(spec, tx)
   t0 = time.perf_counter()
@@ -245,6 +294,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help=f"benchmark only these optimizers ({REFERENCE} is always kept)")
   parser.add_argument("--include-8bit", action="store_true",
                       help="also benchmark the 8-bit-state variants (OPTIMIZERS_8BIT)")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="split every array over this many (simulated CPU) devices")
   parser.add_argument("--dump-hlo", default=None, metavar="DIR",
                       help="write each optimizer's optimized (compiled) HLO to DIR")
   parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
@@ -276,6 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.include_8bit:
     if _supports_state_bits():
       specs += [s for s in OPTIMIZERS_8BIT if s.name not in {t.name for t in specs}]
+      if args.devices > 1:
+        specs.append(OPTIMIZERS_8BIT_LOOP)
     else:
       print("note: this dualoptax has no `state_bits` argument; 8-bit variants skipped")
   if args.only:
@@ -289,8 +342,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   compiler_options = _compiler_options(args.compiler_option)
   num, rows, cols = SIZES[args.size]
   key_p, key_g = jax.random.split(jax.random.PRNGKey(args.seed))
+  place = make_placer(args.devices)
   params0 = make_tree(key_p, num, rows, cols, 0.02)
-  grads = make_tree(key_g, num, rows, cols, 1e-3)
+  grads = place(make_tree(key_g, num, rows, cols, 1e-3))
   jax.block_until_ready((params0, grads))
   n = num_params(params0)
   objectives = [jnp.asarray(dualoptax.FORGET, jnp.int32),
@@ -311,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   failed: list[str] = []
   for spec in specs:
     try:
-      runner = build_runner(spec, params0, grads, objectives, args, compiler_options)
+      runner = build_runner(spec, params0, grads, objectives, args, compiler_options, place)
     except Exception as e:  # noqa: BLE001 -- report and benchmark the others
       if spec.name == REFERENCE:
         raise

@@ -86,6 +86,7 @@ def multi_objective_dualoptim_plus(
     keep_fp32: MaskOrFn = None,
     quantize_base: bool = True,
     quantize_deltas: bool = True,
+    update_in_chunks: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ for K objectives: one shared base state plus one delta per objective.
 
@@ -108,6 +109,10 @@ def multi_objective_dualoptim_plus(
       params returning one) marking leaves that keep float32 moments, e.g. embeddings.
     quantize_base: with 8-bit states, whether the base moments are quantized.
     quantize_deltas: with 8-bit states, whether the delta moments are quantized.
+    update_in_chunks: with 8-bit states, rewrite each leaf by a loop over cache-sized
+      chunks (True; fastest on one CPU device) or with whole-array operations (False;
+      partitions cleanly when states are sharded over devices). None picks chunks on a
+      single-device CPU backend. Results are bit-identical; see :class:`Precision`.
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=`` (int or int32 array).
@@ -116,7 +121,8 @@ def multi_objective_dualoptim_plus(
   return _lr_chain(
       transform.scale_by_dualoptim_plus(
           b1, b2, base_b1, base_b2, eps, objective_steps,
-          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype),
+          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype,
+                    update_in_chunks=update_in_chunks),
           quantize_base=quantize_base, quantize_deltas=quantize_deltas),
       learning_rate, weight_decay, weight_decay_mask, objective_lr_ratios, objective_steps)
 
@@ -141,6 +147,7 @@ def dualoptim_plus(
     keep_fp32: MaskOrFn = None,
     quantize_base: bool = True,
     quantize_deltas: bool = True,
+    update_in_chunks: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ (arXiv 2605.21539) for unlearning: forget and retain objectives.
 
@@ -173,6 +180,10 @@ def dualoptim_plus(
       params returning one) marking leaves that keep float32 moments, e.g. embeddings.
     quantize_base: with 8-bit states, whether the base moments are quantized.
     quantize_deltas: with 8-bit states, whether the delta moments are quantized.
+    update_in_chunks: with 8-bit states, rewrite each leaf by a loop over cache-sized
+      chunks (True; fastest on one CPU device) or with whole-array operations (False;
+      partitions cleanly when states are sharded over devices). None picks chunks on a
+      single-device CPU backend. Results are bit-identical; see :class:`Precision`.
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
@@ -194,7 +205,8 @@ def dualoptim_plus(
       b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2, eps=eps, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, state_dtype=state_dtype, state_bits=state_bits,
       min_8bit_size=min_8bit_size, block_size=block_size, keep_fp32=keep_fp32,
-      quantize_base=quantize_base, quantize_deltas=quantize_deltas)
+      quantize_base=quantize_base, quantize_deltas=quantize_deltas,
+      update_in_chunks=update_in_chunks)
 
 
 def multi_objective_dualoptim(
@@ -211,6 +223,7 @@ def multi_objective_dualoptim(
     min_8bit_size: int = 4096,
     block_size: int = 256,
     keep_fp32: MaskOrFn = None,
+    update_in_chunks: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim for K objectives: separate Adam moments and counters per objective.
 
@@ -223,7 +236,8 @@ def multi_objective_dualoptim(
   return _lr_chain(
       transform.scale_by_dualoptim(
           b1, b2, eps, objective_steps,
-          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype)),
+          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype,
+                    update_in_chunks=update_in_chunks)),
       learning_rate, weight_decay, weight_decay_mask, objective_lr_ratios, objective_steps)
 
 
@@ -243,6 +257,7 @@ def dualoptim(
     min_8bit_size: int = 4096,
     block_size: int = 256,
     keep_fp32: MaskOrFn = None,
+    update_in_chunks: Optional[bool] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim (NeurIPS 2025): an independent AdamW state per objective.
 
@@ -256,7 +271,8 @@ def dualoptim(
       learning_rate, (forget_steps, retain_steps), (forget_lr_ratio, retain_lr_ratio),
       b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, state_dtype=state_dtype, state_bits=state_bits,
-      min_8bit_size=min_8bit_size, block_size=block_size, keep_fp32=keep_fp32)
+      min_8bit_size=min_8bit_size, block_size=block_size, keep_fp32=keep_fp32,
+      update_in_chunks=update_in_chunks)
 
 
 def adamw(

@@ -215,7 +215,7 @@ def scale_by_dualoptim_plus(
         return new, (direction_from(bm, bn, new[2], new[3]),)
 
       g32 = g.astype(jnp.float32)
-      if all(quantized):
+      if all(quantized) and precision.chunked():
         # One loop over chunks reads the old codes, writes the new ones in place and
         # produces the direction (see `_moments.update_quantized`).
         (new_base_mu, new_base_nu, delta_mu, delta_nu), (direction,) = (
@@ -303,25 +303,27 @@ def scale_by_dualoptim(
     def leaf_update(g, mu, nu):
       g32 = g.astype(jnp.float32)
       direction_from = lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps)
-      if _moments.is_moment_leaf(mu) and _moments.is_moment_leaf(nu):
-        # 8-bit: round b m on its own so that every fusion XLA recomputes the new moment
-        # in rounds it alike (see `_moments.rounded`); one loop over chunks rewrites the
-        # codes in place and produces the direction (see `_moments.update_quantized`).
-        r = lambda x: _moments.rounded(x, guard)
-
-        def step(g32, mo, no):
-          m = one_minus_b1 * g32 + r(b1 * mo)
-          v = one_minus_b2 * r(g32 * g32) + r(b2 * no)
+      # 8-bit: round b m on its own so that every fusion XLA recomputes the new moment
+      # in rounds it alike (see `_moments.rounded`). Float32: same operand order as
+      # optax.scale_by_adam ((1 - b) g + b m), so that XLA contracts it the same way and
+      # K = 1 reproduces optax bit for bit.
+      any_quantized = _moments.is_moment_leaf(mu) or _moments.is_moment_leaf(nu)
+      r = (lambda x: _moments.rounded(x, guard)) if any_quantized else (lambda x: x)
+      new_mu = lambda g, mo: one_minus_b1 * g + r(b1 * mo)
+      new_nu = lambda g, no: one_minus_b2 * r(g * g) + r(b2 * no)
+      if (_moments.is_moment_leaf(mu) and _moments.is_moment_leaf(nu)
+          and precision.chunked()):
+        # One loop over chunks rewrites the codes in place and produces the direction
+        # (see `_moments.update_quantized`).
+        def step(g, mo, no):  # g: a chunk of the gradient
+          m, v = new_mu(g, mo), new_nu(g, no)
           return (m, v), (direction_from(m, v),)
 
         (mu, nu), (direction,) = _moments.update_quantized(
             step, g32, (mu, nu), (active, active), tables, guard, output_dtypes=(g.dtype,))
         return direction, mu, nu
-      # Same operand order as optax.scale_by_adam ((1 - b) g + b m), so that XLA contracts
-      # it the same way and K = 1 reproduces optax bit for bit.
-      mu, m = _moments.update_row(mu, lambda mo: one_minus_b1 * g32 + b1 * mo, active, tables)
-      nu, v = _moments.update_row(
-          nu, lambda no: one_minus_b2 * (g32 * g32) + b2 * no, active, tables)
+      mu, m = _moments.update_row(mu, lambda mo: new_mu(g32, mo), active, tables)
+      nu, v = _moments.update_row(nu, lambda no: new_nu(g32, no), active, tables)
       return direction_from(m, v).astype(g.dtype), mu, nu
 
     out = jax.tree.map(leaf_update, updates, state.mu, state.nu)

@@ -90,8 +90,9 @@ def load_case(name: str) -> GoldenCase:
   return GoldenCase(name=name, kind=meta["kind"], meta=meta, data=data)
 
 
-def optimizer_for(case: GoldenCase) -> optax.GradientTransformationExtraArgs:
-  """The dualoptax optimizer configured with the case's hyperparameters."""
+def optimizer_for(case: GoldenCase, **overrides: Any) -> optax.GradientTransformationExtraArgs:
+  """The dualoptax optimizer configured with the case's hyperparameters (``overrides``
+  are further keyword arguments, e.g. ``update_in_chunks`` for the 8-bit cases)."""
   hp = case.meta["hyperparameters"]
   common = dict(
       eps=hp["eps"], weight_decay=hp["weight_decay"],
@@ -101,6 +102,7 @@ def optimizer_for(case: GoldenCase) -> optax.GradientTransformationExtraArgs:
   if case.meta.get("min_8bit_size"):
     common.update(state_bits=8, min_8bit_size=int(case.meta["min_8bit_size"]),
                   block_size=int(case.meta["blocksize"]))
+  common.update(overrides)
   if case.kind.startswith("dualoptim_plus"):
     return dualoptax.dualoptim_plus(
         hp["lr"], b1=betas[0], b2=betas[1], base_b1=betas[2], base_b2=betas[3], **common)

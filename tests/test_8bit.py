@@ -176,3 +176,56 @@ def test_chunked_8bit_update_equals_one_chunk(make, monkeypatch):
     for a, b in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(one_chunk[1])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(chunked[0]["w"], one_chunk[0]["w"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda chunks: dualoptax.dualoptim(1e-2, weight_decay=0.01, state_bits=8,
+                                       min_8bit_size=1024, update_in_chunks=chunks),
+    lambda chunks: dualoptax.dualoptim_plus(1e-2, weight_decay=0.01, state_bits=8,
+                                            min_8bit_size=1024, update_in_chunks=chunks),
+], ids=["dualoptim", "dualoptim_plus"])
+def test_chunk_loop_and_whole_array_updates_are_bit_identical(make):
+  """The two ways of rewriting 8-bit moments (``update_in_chunks``) agree bit for bit:
+  states and parameters, over steps of both objectives and gradients of any scale."""
+  rng = np.random.default_rng(1)
+  # (96, 520): three full 16K-value chunks plus a tail, and a partial last block.
+  params = {"w": jnp.asarray(rng.normal(size=(96, 520)), jnp.float32),
+            "v": jnp.asarray(rng.normal(size=(40, 128)), jnp.float32)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10.0**k, jnp.float32),
+                        params) for k in (-3, 0, -6, 2, -1, -2)]
+
+  def run(chunks):
+    tx = make(chunks)
+
+    @jax.jit
+    def step(p, s, g, objective):
+      updates, s = tx.update(g, s, p, objective=objective)
+      return optax.apply_updates(p, updates), s
+
+    p, s = params, tx.init(params)
+    for i, g in enumerate(grads):
+      p, s = step(p, s, g, jnp.int32(i % 2))
+    return jax.device_get((p, s))
+
+  looped, whole = run(True), run(False)
+  assert jax.tree.structure(looped) == jax.tree.structure(whole)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(looped)[0],
+                          jax.tree.leaves(whole)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("update_in_chunks,loops", [(True, True), (False, False), (None, True)])
+def test_update_in_chunks_chooses_the_loop(update_in_chunks, loops):
+  """None picks the chunk loop here (the tests run on one CPU device)."""
+  assert jax.default_backend() == "cpu" and jax.device_count() == 1
+  tx = dualoptax.dualoptim_plus(1e-3, state_bits=8, update_in_chunks=update_in_chunks)
+  state = tx.init(PARAMS)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, PARAMS))(grads, state)
+  text = str(jaxpr)  # fori_loop with static bounds traces to a scan
+  assert ("scan[" in text or "while[" in text) == loops
+
+
+def test_update_in_chunks_must_be_a_bool_or_none():
+  with pytest.raises(ValueError, match="update_in_chunks='yes'"):
+    dualoptax.dualoptim_plus(1e-3, state_bits=8, update_in_chunks="yes")

@@ -30,10 +30,11 @@ def _moments(state, p):
   }
 
 
+@pytest.mark.parametrize("update_in_chunks", [True, False], ids=["chunk_loop", "whole_array"])
 @pytest.mark.parametrize("name", golden.case_params(("dualoptim_plus_8bit",)))
-def test_8bit_replay_matches_reference(name):
+def test_8bit_replay_matches_reference(name, update_in_chunks):
   case = golden.load_case(name)
-  tx = golden.optimizer_for(case)
+  tx = golden.optimizer_for(case, update_in_chunks=update_in_chunks)
   result = golden.replay(case, tx, explicit_objective=False, keep_states=True)
   np.testing.assert_array_equal(result.objectives, case.objectives())
 
