@@ -168,7 +168,8 @@ def _rope_settings(hf_config: Any) -> tuple[float, float]:
   return float(theta), float(fraction)
 
 
-def _phi_fields(c: Any) -> dict[str, Any]:
+def _rotary_decoder_fields(c: Any) -> dict[str, Any]:
+  """Fields that Phi and Llama configs spell alike (rotary attention, HF names)."""
   theta, fraction = _rope_settings(c)
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
   return dict(
@@ -178,47 +179,40 @@ def _phi_fields(c: Any) -> dict[str, Any]:
       num_heads=c.num_attention_heads,
       num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
       head_dim=head_dim,
-      norm_type="layernorm",
-      norm_eps=c.layer_norm_eps,
-      mlp_type="dense",
       activation=c.hidden_act,
-      parallel_residual=True,
       position_type="rotary",
       rotary_dim=int(head_dim * fraction),
       rope_theta=theta,
       max_position_embeddings=c.max_position_embeddings,
+      attn_scale=head_dim**-0.5,
+  )
+
+
+def _phi_fields(c: Any) -> dict[str, Any]:
+  return dict(
+      _rotary_decoder_fields(c),
+      norm_type="layernorm",
+      norm_eps=c.layer_norm_eps,
+      mlp_type="dense",
+      parallel_residual=True,
       qkv_bias=True,
       attn_out_bias=True,
       mlp_bias=True,
       lm_head_bias=True,
       qk_layernorm=bool(c.qk_layernorm),
-      attn_scale=head_dim**-0.5,
   )
 
 
 def _llama_fields(c: Any) -> dict[str, Any]:
-  theta, fraction = _rope_settings(c)
-  head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
   return dict(
-      hidden_size=c.hidden_size,
-      intermediate_size=c.intermediate_size,
-      num_layers=c.num_hidden_layers,
-      num_heads=c.num_attention_heads,
-      num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-      head_dim=head_dim,
+      _rotary_decoder_fields(c),
       norm_type="rmsnorm",
       norm_eps=c.rms_norm_eps,
       mlp_type="gated",
-      activation=c.hidden_act,
       parallel_residual=False,
-      position_type="rotary",
-      rotary_dim=int(head_dim * fraction),
-      rope_theta=theta,
-      max_position_embeddings=c.max_position_embeddings,
       qkv_bias=bool(c.attention_bias),
       attn_out_bias=bool(c.attention_bias),
       mlp_bias=bool(c.mlp_bias),
-      attn_scale=head_dim**-0.5,
   )
 
 

@@ -606,6 +606,15 @@ def _require(value: Any, what: str, loss: str) -> None:
     raise ValueError(f"the {loss} loss needs {what}, got None")
 
 
+def _weighted(objective: str, name: str, coeff: float, raw: Array,
+              metrics: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+  """``coeff * raw`` and the metrics with it and ``raw`` logged (not differentiated)."""
+  loss = coeff * raw
+  metrics[f"{objective}/loss"] = jax.lax.stop_gradient(loss)
+  metrics[f"{objective}/{name}"] = jax.lax.stop_gradient(raw)
+  return loss, metrics
+
+
 def forget_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
                 ref_params: Params | None, forget_batch: Any,
                 idk_batch: Any | None = None) -> tuple[Array, dict[str, Array]]:
@@ -660,10 +669,7 @@ def forget_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
     metrics["forget/tokens"] = jnp.sum(token_counts(idk))
   else:  # LossConfig validates names, so this is unreachable.
     raise AssertionError(name)
-  loss = config.forget_coeff * raw
-  metrics["forget/loss"] = jax.lax.stop_gradient(loss)
-  metrics[f"forget/{name}"] = jax.lax.stop_gradient(raw)
-  return loss, metrics
+  return _weighted("forget", name, config.forget_coeff, raw, metrics)
 
 
 def retain_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
@@ -713,10 +719,7 @@ def retain_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
     raw = ap_loss(logits, _logits(logits_fn, params, idk), retain, idk, config.beta)
   else:  # unreachable, see forget_loss
     raise AssertionError(name)
-  loss = config.retain_coeff * raw
-  metrics["retain/loss"] = jax.lax.stop_gradient(loss)
-  metrics[f"retain/{name}"] = jax.lax.stop_gradient(raw)
-  return loss, metrics
+  return _weighted("retain", name, config.retain_coeff, raw, metrics)
 
 
 def combined_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
