@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(PY) train/run.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=25
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/optimizer_step.py
