@@ -20,6 +20,9 @@ from dualoptax import _numerics, quantization
 
 Moment = Union[jax.Array, quantization.QuantizedArray]
 
+# The chunk loop addresses codes with int32 offsets (JAX's default integer width).
+_MAX_LOOP_CODES = 2**31
+
 
 class StateTables(NamedTuple):
   """Code tables of the 8-bit states, carried in the optimizer state so that jitted
@@ -77,9 +80,14 @@ class Precision:
   def quantized(self) -> bool:
     return self.state_bits == 8
 
-  def chunked(self) -> bool:
-    """Whether fully 8-bit leaves are rewritten by the chunk loop (decided at trace time;
-    see ``update_in_chunks``)."""
+  def chunked(self, moments: Sequence[Moment]) -> bool:
+    """Whether the chunk loop rewrites a leaf with these moments (decided at trace time;
+    see ``update_in_chunks``): all of them 8-bit and small enough for the loop's int32
+    offsets (a stacked moment of 2**31 codes or more takes the whole-array update)."""
+    if not all(isinstance(m, quantization.QuantizedArray) for m in moments):
+      return False
+    if any(m.size >= _MAX_LOOP_CODES for m in moments):
+      return False
     if self.update_in_chunks is not None:
       return self.update_in_chunks
     return jax.default_backend() == "cpu" and jax.device_count() == 1

@@ -215,7 +215,7 @@ def scale_by_dualoptim_plus(
         return new, (direction_from(bm, bn, new[2], new[3]),)
 
       g32 = g.astype(jnp.float32)
-      if all(quantized) and precision.chunked():
+      if precision.chunked(stored):
         # One loop over chunks reads the old codes, writes the new ones in place and
         # produces the direction (see `_moments.update_quantized`).
         (new_base_mu, new_base_nu, delta_mu, delta_nu), (direction,) = (
@@ -311,8 +311,7 @@ def scale_by_dualoptim(
       r = (lambda x: _moments.rounded(x, guard)) if any_quantized else (lambda x: x)
       new_mu = lambda g, mo: one_minus_b1 * g + r(b1 * mo)
       new_nu = lambda g, no: one_minus_b2 * r(g * g) + r(b2 * no)
-      if (_moments.is_moment_leaf(mu) and _moments.is_moment_leaf(nu)
-          and precision.chunked()):
+      if precision.chunked((mu, nu)):
         # One loop over chunks rewrites the codes in place and produces the direction
         # (see `_moments.update_quantized`).
         def step(g, mo, no):  # g: a chunk of the gradient

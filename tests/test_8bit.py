@@ -229,3 +229,18 @@ def test_update_in_chunks_chooses_the_loop(update_in_chunks, loops):
 def test_update_in_chunks_must_be_a_bool_or_none():
   with pytest.raises(ValueError, match="update_in_chunks='yes'"):
     dualoptax.dualoptim_plus(1e-3, state_bits=8, update_in_chunks="yes")
+
+
+def test_moments_too_large_for_int32_offsets_take_the_whole_array_update():
+  from dualoptax import _moments
+
+  def moment(shape):
+    blocks = dualoptax.quantization.num_blocks(int(np.prod(shape)))
+    return dualoptax.QuantizedArray(codes=jax.ShapeDtypeStruct(shape, jnp.uint8),
+                                    absmax=jax.ShapeDtypeStruct((blocks,), jnp.float32))
+
+  precision = _moments.Precision(state_bits=8, update_in_chunks=True)
+  assert precision.chunked([moment((4096, 4096)), moment((2, 4096, 4096))])
+  # Two objectives' rows of a 2**30-value parameter: 2**31 codes in the stacked moment.
+  assert not precision.chunked([moment((2**15, 2**15)), moment((2, 2**15, 2**15))])
+  assert not precision.chunked([moment((64, 64)), jnp.zeros((64, 64))])  # not all 8-bit
