@@ -4,7 +4,7 @@ Run from the project root::
 
     python benchmarks/optimizer_step.py                # 12 x 1024x2048 (~25M params)
     python benchmarks/optimizer_step.py --size small   # 12 x 256x512, a quick check
-    python benchmarks/optimizer_step.py --include-8bit --devices 2   # sharded over 2 CPU devices
+    python benchmarks/optimizer_step.py --include-8bit --devices 2  # over 2 CPU devices
 
 Every optimizer gets one jitted, AOT-compiled step
 
@@ -54,15 +54,19 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+
 def _requested_devices(argv: Sequence[str]) -> int:
   """``--devices N`` from the command line, read before jax starts (XLA fixes the number
   of host devices when it initializes)."""
+  value = "1"
   for i, arg in enumerate(argv):
     if arg == "--devices" and i + 1 < len(argv):
-      return int(argv[i + 1])
-    if arg.startswith("--devices="):
-      return int(arg.split("=", 1)[1])
-  return 1
+      value = argv[i + 1]
+    elif arg.startswith("--devices="):
+      value = arg.split("=", 1)[1]
+  if not value.isdigit() or int(value) < 1:
+    raise SystemExit(f"--devices expects a positive integer, got {value!r}")
+  return int(value)
 
 
 if __name__ == "__main__" and _requested_devices(sys.argv[1:]) > 1:
@@ -183,11 +187,12 @@ def copy_tree(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def make_placer(devices: int) -> Callable:
+def make_placer(devices: int, matrix_shape: tuple[int, int]) -> Callable:
   """``place(tree)``: the tree's arrays split over a ``devices``-wide ``fsdp`` mesh (the
-  identity for one device). Matrices and their moments by rows (stacked per-objective
-  moments: axis 1), other arrays along their last axis when it divides, else replicated;
-  the layout ``train/sharding.py`` gives an FSDP-sharded model."""
+  identity for one device), as ``train/sharding.py`` places an FSDP-sharded model: the
+  parameter matrices and every moment of their shape (stacked per objective too) by rows;
+  other float arrays (8-bit absmax, code tables) along their last axis when it divides;
+  integer counters replicated."""
   if devices == 1:
     return lambda tree: tree
   if jax.device_count() != devices:
@@ -196,8 +201,13 @@ def make_placer(devices: int) -> Callable:
 
   def spec(x) -> jax.sharding.PartitionSpec:
     axes = [None] * x.ndim
-    axis = {2: 0, 3: 1}.get(x.ndim, x.ndim - 1)
-    if x.ndim and x.shape[axis] % devices == 0:
+    if tuple(x.shape[-2:]) == tuple(matrix_shape):
+      axis = x.ndim - 2
+    elif x.ndim and jnp.issubdtype(x.dtype, jnp.floating):
+      axis = x.ndim - 1
+    else:
+      return jax.sharding.PartitionSpec()
+    if x.shape[axis] % devices == 0:
       axes[axis] = "fsdp"
     return jax.sharding.PartitionSpec(*axes)
 
@@ -283,7 +293,8 @@ def _temp_mib(compiled) -> Optional[float]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  # No abbreviations: --devices is read before argparse runs (see _requested_devices).
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   parser.add_argument("--size", choices=sorted(SIZES), default="full")
   parser.add_argument("--steps", type=int, default=30,
                       help="timed steps per optimizer (rounds); default 30")
@@ -342,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   compiler_options = _compiler_options(args.compiler_option)
   num, rows, cols = SIZES[args.size]
   key_p, key_g = jax.random.split(jax.random.PRNGKey(args.seed))
-  place = make_placer(args.devices)
+  place = make_placer(args.devices, (rows, cols))
   params0 = make_tree(key_p, num, rows, cols, 0.02)
   grads = place(make_tree(key_g, num, rows, cols, 1e-3))
   jax.block_until_ready((params0, grads))

@@ -112,7 +112,8 @@ def multi_objective_dualoptim_plus(
     update_in_chunks: with 8-bit states, rewrite each leaf by a loop over cache-sized
       chunks (True; fastest on one CPU device) or with whole-array operations (False;
       partitions cleanly when states are sharded over devices). None picks chunks on a
-      single-device CPU backend. Results are bit-identical; see :class:`Precision`.
+      single-device CPU backend. Both give the same bits on the same devices; see
+      :class:`Precision`.
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=`` (int or int32 array).
@@ -183,7 +184,8 @@ def dualoptim_plus(
     update_in_chunks: with 8-bit states, rewrite each leaf by a loop over cache-sized
       chunks (True; fastest on one CPU device) or with whole-array operations (False;
       partitions cleanly when states are sharded over devices). None picks chunks on a
-      single-device CPU backend. Results are bit-identical; see :class:`Precision`.
+      single-device CPU backend. Both give the same bits on the same devices; see
+      :class:`Precision`.
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.

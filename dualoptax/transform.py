@@ -309,13 +309,13 @@ def scale_by_dualoptim(
       # K = 1 reproduces optax bit for bit.
       any_quantized = _moments.is_moment_leaf(mu) or _moments.is_moment_leaf(nu)
       r = (lambda x: _moments.rounded(x, guard)) if any_quantized else (lambda x: x)
-      new_mu = lambda g, mo: one_minus_b1 * g + r(b1 * mo)
-      new_nu = lambda g, no: one_minus_b2 * r(g * g) + r(b2 * no)
+      new_mu = lambda grad, mo: one_minus_b1 * grad + r(b1 * mo)
+      new_nu = lambda grad, no: one_minus_b2 * r(grad * grad) + r(b2 * no)
       if precision.chunked((mu, nu)):
         # One loop over chunks rewrites the codes in place and produces the direction
         # (see `_moments.update_quantized`).
-        def step(g, mo, no):  # g: a chunk of the gradient
-          m, v = new_mu(g, mo), new_nu(g, no)
+        def step(grad, mo, no):  # grad: a chunk of g32
+          m, v = new_mu(grad, mo), new_nu(grad, no)
           return (m, v), (direction_from(m, v),)
 
         (mu, nu), (direction,) = _moments.update_quantized(

@@ -1,8 +1,8 @@
 """8-bit states under sharding: DualOptim+ steps on parameters sharded over 8 simulated
-devices (the default whole-array update) give the single-device codes (chunk loop) and
-absmax exactly, and the same parameters up to
-float32 rounding (XLA compiles the sharded program differently, so the direction can
-differ by a few ulps; the 8-bit codes absorb that).
+devices, by the whole-array update (the default there) and by the chunk loop, give the
+single-device codes (chunk loop) exactly, and absmax and parameters up to float32
+rounding (XLA compiles the sharded program differently, so the direction can differ by a
+few ulps; the 8-bit codes absorb that).
 
 XLA fixes the device count when jax initializes, so the sharded run happens in a fresh
 Python process with ``--xla_force_host_platform_device_count=8``.
@@ -44,24 +44,28 @@ SCRIPT = textwrap.dedent("""
             p, s = step(p, s, place(g))
         return jax.device_get((p, s))
 
+    def compare(single, multi):
+        flat_single = jax.tree_util.tree_flatten_with_path(single[1])[0]
+        for (path, a), b in zip(flat_single, jax.tree.leaves(multi[1])):
+            if a.dtype == np.uint8:  # codes: identical
+                np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7,
+                                           err_msg=jax.tree_util.keystr(path))
+        for name in params:
+            np.testing.assert_allclose(single[0][name], multi[0][name], rtol=1e-5,
+                                       atol=1e-6, err_msg=name)
+        q = dualoptax.find_state(multi[1], dualoptax.ScaleByDualOptimPlusState).base_mu["w"]
+        assert isinstance(q, dualoptax.QuantizedArray) and q.codes.dtype == np.uint8
+
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = lambda tree: jax.tree.map(
         lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp", None))), tree)
-    # The single-device reference takes the chunk loop; the sharded run the default, which
-    # on several devices is the whole-array update.
-    single, multi = run(lambda t: t, True), run(sharded, None)
-    flat_single = jax.tree_util.tree_flatten_with_path(single[1])[0]
-    for (path, a), b in zip(flat_single, jax.tree.leaves(multi[1])):
-        if a.dtype == np.uint8:  # codes: identical
-            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-        else:
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7,
-                                       err_msg=jax.tree_util.keystr(path))
-    for name in params:
-        np.testing.assert_allclose(single[0][name], multi[0][name], rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
-    q = dualoptax.find_state(multi[1], dualoptax.ScaleByDualOptimPlusState).base_mu["w"]
-    assert isinstance(q, dualoptax.QuantizedArray) and q.codes.dtype == np.uint8
+    # The single-device reference takes the chunk loop; the sharded runs the default
+    # (on several devices the whole-array update) and the loop forced.
+    single = run(lambda t: t, True)
+    for multi in (run(sharded, None), run(sharded, True)):
+        compare(single, multi)
     print("OK")
 """)
 
