@@ -107,3 +107,16 @@ def test_preconditioned_conflict_scales_both_gradients_elementwise():
   a, b = _flat(g_f) * _flat(scale), _flat(g_r) * _flat(scale)
   np.testing.assert_allclose(scaled, a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=1e-5)
   assert abs(float(scaled) - float(total)) > 1e-3  # the scale matters here
+
+
+def test_step_compiler_options_are_accepted_by_this_backend():
+  """The XLA:CPU options the unlearning step compiles with are valid for this jaxlib (an
+  option renamed by an upgrade would otherwise fail only inside a run)."""
+  from train import program
+  options = program.step_compiler_options()
+  if jax.default_backend() == "cpu":
+    assert options == program.XLA_CPU_STEP_OPTIONS
+  else:
+    assert options is None
+  add_one = jax.jit(lambda x: x + 1, donate_argnums=0, compiler_options=options)
+  np.testing.assert_array_equal(add_one(jnp.ones(3)), 2.0)
