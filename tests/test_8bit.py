@@ -141,6 +141,22 @@ def test_states_do_not_share_table_buffers_across_donation():
   jax.block_until_ready(jax.jit(step, donate_argnums=0)(tx.init(PARAMS)))
 
 
+def _run_steps(tx, params, grads):
+  """(params, state) after one jitted step per gradient, objectives alternating from
+  FORGET. The step is traced anew on every call, so settings read while tracing (e.g. a
+  patched chunk size) take effect."""
+
+  @jax.jit
+  def step(p, s, g, objective):
+    updates, s = tx.update(g, s, p, objective=objective)
+    return optax.apply_updates(p, updates), s
+
+  p, s = params, tx.init(params)
+  for i, g in enumerate(grads):
+    p, s = step(p, s, g, jnp.int32(i % 2))
+  return p, s
+
+
 @pytest.mark.parametrize("make", [
     lambda: dualoptax.dualoptim(1e-3, weight_decay=0.01, state_bits=8),
     lambda: dualoptax.dualoptim_plus(1e-3, weight_decay=0.01, state_bits=8),
@@ -155,17 +171,7 @@ def test_chunked_8bit_update_equals_one_chunk(make, monkeypatch):
 
   def run(chunk_size):
     monkeypatch.setattr(_moments, "UPDATE_CHUNK_SIZE", chunk_size)
-    tx = make()
-
-    @jax.jit  # Traced anew per run: the chunk size is read while tracing.
-    def step(p, s, g, objective):
-      updates, s = tx.update(g, s, p, objective=objective)
-      return optax.apply_updates(p, updates), s
-
-    p, s = params, tx.init(params)
-    for i, g in enumerate(grads):
-      p, s = step(p, s, g, jnp.int32(i % 2))
-    return p, s
+    return _run_steps(make(), params, grads)
 
   one_chunk = run(1 << 16)
   for chunk_size in (512, 1024):  # 8 or 4 loop iterations plus a 64-value tail
@@ -194,20 +200,8 @@ def test_chunk_loop_and_whole_array_updates_are_bit_identical(make):
   grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10.0**k, jnp.float32),
                         params) for k in (-3, 0, -6, 2, -1, -2)]
 
-  def run(chunks):
-    tx = make(chunks)
-
-    @jax.jit
-    def step(p, s, g, objective):
-      updates, s = tx.update(g, s, p, objective=objective)
-      return optax.apply_updates(p, updates), s
-
-    p, s = params, tx.init(params)
-    for i, g in enumerate(grads):
-      p, s = step(p, s, g, jnp.int32(i % 2))
-    return jax.device_get((p, s))
-
-  looped, whole = run(True), run(False)
+  looped, whole = (jax.device_get(_run_steps(make(chunks), params, grads))
+                   for chunks in (True, False))
   assert jax.tree.structure(looped) == jax.tree.structure(whole)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(looped)[0],
                           jax.tree.leaves(whole)):
