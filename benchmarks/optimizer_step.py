@@ -32,7 +32,7 @@ update direction out in a parameter-sized buffer: ~4.4 bytes per parameter of te
 live at once unless ``--compiler-option
 xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`` lets one buffer serve them
 in turn: 17 MiB instead of 110 for the full tree.) The project's recommended options are
-``train.program.XLA_CPU_STEP_OPTIONS``. ``--dump-hlo DIR`` writes the optimized HLO (look
+``train.runtime.compiler.XLA_CPU_STEP_OPTIONS``. ``--dump-hlo DIR`` writes the optimized HLO (look
 for ``copy(`` of the state); ``--compiler-option KEY=VALUE`` passes XLA options to every
 step. ``--devices N`` splits
 every array over an N-device ``fsdp`` mesh (simulated host devices on CPU) the way

@@ -44,7 +44,7 @@ class Precision:
       returning one); True leaves keep float32 states, e.g. embeddings.
     dtype: dtype of the unquantized states.
     update_in_chunks: how a leaf whose moments are all 8-bit is rewritten (on the same
-      devices the two forms give bit-identical results; tests/test_8bit.py). True: a
+      devices the two forms give bit-identical results; tests/dualoptax/test_8bit.py). True: a
       sequential loop over cache-sized chunks that rewrites the codes in place
       (:func:`update_quantized`), the fastest form on one CPU device. False:
       whole-array operations, which XLA partitions shard by shard when the states are

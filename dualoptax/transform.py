@@ -16,7 +16,7 @@ moments of shape ``(K, *S)``. A step changes only row ``o``: the other objective
 moments stay bit-identical (8-bit ones are not even re-quantized), and one compiled step
 serves every objective. For float32 moments the row is written with one select over the
 stack, which XLA updates in place in a donated buffer; a dynamic-update-slice would be
-copied by XLA:CPU every step (see ``_moments.update_row`` and ``tests/test_in_place.py``).
+copied by XLA:CPU every step (see ``_moments.update_row`` and ``tests/dualoptax/test_in_place.py``).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def scale_by_dualoptim_plus(
       # 8-bit moments: every product is rounded on its own except (1 - base_b) g in the
       # base updates, which stays free to become a fused multiply-add, so that XLA rounds
       # alike wherever it recomputes a new moment (see `_moments.rounded`). This
-      # pattern reproduces the reference's codes best (tests/test_golden_8bit.py).
+      # pattern reproduces the reference's codes best (tests/integration/test_golden_8bit.py).
       quantized = [_moments.is_moment_leaf(m) for m in stored]
       r = (lambda x: _moments.rounded(x, guard)) if any(quantized) else (lambda x: x)
 

@@ -19,9 +19,11 @@ from typing import Any
 import jax
 
 from train import data as data_lib
-from train import program, report, synthetic, tofu, tokenizer as tokenizer_lib
+from train import program, report
+from train.data import synthetic, tofu
+from train.data import tokenizer as tokenizer_lib
 from train.config import RunConfig, save_config
-from train.modeling import FunctionalModel, build_model, save_model
+from train.program.modeling import FunctionalModel, build_model, save_model
 
 # (label, optimizer overrides, training overrides) of the compared runs.
 VARIANTS = (

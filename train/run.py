@@ -33,9 +33,9 @@ COMMANDS = ("experiment", "finetune", "unlearn", "evaluate")
 
 
 def _tokenizer_and_data(config: RunConfig):
-  from train import synthetic, tokenizer as tokenizer_lib  # noqa: PLC0415 (heavy imports)
+  from train.data import synthetic, tokenizer as tokenizer_lib  # noqa: PLC0415 (heavy imports)
   import models  # noqa: PLC0415
-  from train import distributed  # noqa: PLC0415
+  from train.runtime import distributed  # noqa: PLC0415
   data_dir = config.data.path
   if data_dir is None:
     data_dir = str(pathlib.Path(config.output_dir) / "data")
@@ -51,8 +51,9 @@ def _tokenizer_and_data(config: RunConfig):
 
 
 def _stage(command: str, config: RunConfig) -> None:
-  from train import data as data_lib, distributed, program  # noqa: PLC0415
-  from train.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
+  from train import data as data_lib, program  # noqa: PLC0415
+  from train.runtime import distributed  # noqa: PLC0415
+  from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
   out = pathlib.Path(config.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   if distributed.is_primary():
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
   if overrides and "=" not in overrides[0]:
     config_path = overrides.pop(0)
   try:
-    from train import distributed  # noqa: PLC0415
+    from train.runtime import distributed  # noqa: PLC0415
     distributed.initialize_from_env()  # multi-host jobs; a no-op on one process
     if options.command == "experiment":
       from train import experiment  # noqa: PLC0415

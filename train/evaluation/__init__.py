@@ -1,6 +1,6 @@
 """TOFU evaluation for any model and any TOFU-format data.
 
-* :mod:`~train.evaluation.prompting`: prompt templates, answer tokenization and masking.
+* :mod:`~train.data.prompting`: prompt templates, answer tokenization and masking.
 * :mod:`~train.evaluation.scoring`: the model interface and batched, jitted scoring and
   greedy generation.
 * :mod:`~train.evaluation.metrics`: the metric definitions as plain functions.
@@ -37,7 +37,7 @@ from train.evaluation.metrics import (
     truth_preference_score,
     truth_ratio,
 )
-from train.evaluation.prompting import (
+from train.data.prompting import (
     PROMPT_TEMPLATES,
     EncodedAnswer,
     PromptTemplate,

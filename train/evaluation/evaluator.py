@@ -24,9 +24,9 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from train import tofu
+from train.data import tofu
 from train.evaluation import metrics
-from train.evaluation.prompting import PromptTemplate, encode_answer, encode_prompt, get_prompt_template
+from train.data.prompting import PromptTemplate, encode_answer, encode_prompt, get_prompt_template
 from train.evaluation.scoring import ScoringModel, as_scoring_model, generate_greedy, score_answers
 
 Role = Literal["forget", "retain", "real_authors", "world_facts"]

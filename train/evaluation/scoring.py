@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from train.evaluation.prompting import EncodedAnswer
+from train.data.prompting import EncodedAnswer
 
 Array = Any
 
@@ -176,7 +176,7 @@ def score_answers(
 
   Args:
     model: The model.
-    encoded: The sequences (:func:`~train.evaluation.prompting.encode_answer`).
+    encoded: The sequences (:func:`~train.data.prompting.encode_answer`).
     pad_token_id: Token used for (right) padding; never scored.
     batch_size: Rows per batch (the last batch is filled up with copies, then dropped).
     length_multiple: Sequence lengths are rounded up to a multiple of this.

@@ -1,0 +1,157 @@
+"""TOFU-format splits of an unlearning run: the forget set, the retain set that
+complements it, and the IDK (refusal) answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from train.data import tofu
+
+IDK_FILE_NAME = "idontknow.jsonl"
+FALLBACK_RETAIN_SPLIT = "retain90"
+_FORGET_SPLIT_PATTERN = re.compile(r"forget(\d{2})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TofuSplits:
+  """The training data of one unlearning run.
+
+  Attributes:
+    forget: The items to forget (question, answer; one ``task_id``).
+    retain: The items to keep, without any question of ``forget``.
+    idk_answers: Refusal answers for the IDK / DPO / AP losses; empty if no file was found.
+    data_dir: The folder read.
+    forget_split: E.g. ``"forget01"``.
+    retain_split: The retain file used, e.g. ``"retain90"``.
+    task_id: The forget task selected; ``None`` for every row of the forget file.
+    num_retain_removed: Retain items dropped because their question is in ``forget``.
+  """
+
+  forget: tuple[tofu.TofuItem, ...]
+  retain: tuple[tofu.TofuItem, ...]
+  idk_answers: tuple[str, ...]
+  data_dir: str
+  forget_split: str
+  retain_split: str
+  task_id: int | None
+  num_retain_removed: int = 0
+
+
+def complement_retain_split(forget_split: str) -> str:
+  """The retain split that complements a forget split: ``forget01`` -> ``retain99``.
+
+  Raises:
+    ValueError: ``forget_split`` is not ``forgetXX`` with two digits in [01, 99].
+  """
+  match = _FORGET_SPLIT_PATTERN.fullmatch(forget_split)
+  if match is None or not 1 <= int(match.group(1)) <= 99:
+    raise ValueError(f"forget_split must look like 'forget01' (two digits, 01..99), got {forget_split!r}")
+  return f"retain{100 - int(match.group(1)):02d}"
+
+
+def resolve_retain_split(data_dir: str | os.PathLike[str], forget_split: str, retain_split: str | None = None) -> str:
+  """Which retain split to train on.
+
+  TOFU's authors define ``retain{100-XX}`` as the complement of ``forgetXX``, but the
+  commonly shared copy (and ``../shared/data/tofu``) has only retain10/50/90. So: the
+  complement when its file exists, else ``retain90`` (TOFU's complement of its largest
+  forget split, disjoint from forget01 / forget05 / forget10 task 1).
+
+  Args:
+    data_dir: The TOFU-format folder.
+    forget_split: E.g. ``"forget01"``.
+    retain_split: An explicit choice, returned if its file exists.
+
+  Raises:
+    FileNotFoundError: The chosen file, or both the complement and ``retain90``, are
+      missing; the message lists the retain files present.
+    ValueError: ``forget_split`` is malformed.
+  """
+  data_dir = os.fspath(data_dir)
+  complement = complement_retain_split(forget_split)
+  candidates = [retain_split] if retain_split is not None else [complement, FALLBACK_RETAIN_SPLIT]
+  for candidate in candidates:
+    if os.path.isfile(os.path.join(data_dir, f"{candidate}.json")):
+      return candidate
+  present = sorted(f for f in os.listdir(data_dir) if f.startswith("retain")) if os.path.isdir(data_dir) else []
+  raise FileNotFoundError(f"no retain split {' or '.join(map(repr, candidates))} in {data_dir!r} "
+                          f"(for forget_split={forget_split!r}); retain files present: {present}")
+
+
+def find_idk_file(data_dir: str | os.PathLike[str]) -> str | None:
+  """``idontknow.jsonl`` in ``data_dir`` or its parent (the layout of ``../shared/data``)."""
+  data_dir = os.fspath(data_dir)
+  for folder in (data_dir, os.path.dirname(os.path.abspath(data_dir))):
+    path = os.path.join(folder, IDK_FILE_NAME)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def load_idk_answers(path: str | os.PathLike[str]) -> tuple[str, ...]:
+  """The refusal answers of an IDK file: one plain-text answer per non-blank line.
+
+  Raises:
+    ValueError: The file has no answer.
+  """
+  with open(path, encoding="utf-8") as f:
+    answers = tuple(line.strip() for line in f if line.strip())
+  if not answers:
+    raise ValueError(f"{os.fspath(path)}: no IDK answer (expected one plain-text answer per line)")
+  return answers
+
+
+def load_unlearning_data(
+    data_dir: str | os.PathLike[str],
+    forget_split: str = "forget01",
+    task_id: int | None = 1,
+    *,
+    retain_split: str | None = None,
+    idk_path: str | os.PathLike[str] | None = None,
+    exclude_forget_from_retain: bool = True,
+) -> TofuSplits:
+  """Loads the forget and retain items and the IDK answers of a TOFU-format folder.
+
+  Args:
+    data_dir: Folder with ``<forget_split>.json`` and a retain split (see
+      :func:`resolve_retain_split`).
+    forget_split: E.g. ``"forget01"``, ``"forget05"``, ``"forget10"``.
+    task_id: Which of the file's disjoint forget sets (continual unlearning); 1 is the
+      standard one and the evaluator's default. ``None`` takes every row (all tasks).
+    retain_split: Overrides the retain split (e.g. ``"retain50"``).
+    idk_path: The IDK answers; by default ``idontknow.jsonl`` in ``data_dir`` or its
+      parent, and none if absent.
+    exclude_forget_from_retain: Drop retain items whose question is a forget question.
+      TOFU's retain90 contains the forget sets of every task but the first (e.g. forget10
+      task 2), so without this a later task would be both forgotten and retained.
+
+  Raises:
+    FileNotFoundError: A split file is missing.
+    tofu.TofuFormatError: A file is malformed or has no row with ``task_id`` (a forget file
+      without a ``task_id`` column needs ``task_id=None``).
+    ValueError: The retain set is empty after removing forget questions.
+  """
+  data_dir = os.fspath(data_dir)
+  retain_split = resolve_retain_split(data_dir, forget_split, retain_split)
+  forget_path = os.path.join(data_dir, f"{forget_split}.json")
+  if not os.path.isfile(forget_path):
+    present = sorted(f for f in os.listdir(data_dir) if f.startswith("forget")) if os.path.isdir(data_dir) else []
+    raise FileNotFoundError(f"no forget split {forget_split!r} ({forget_path}); forget files present: {present}")
+  forget = tuple(tofu.load_tofu(forget_path, task_id=task_id))
+  retain = tuple(tofu.load_tofu(os.path.join(data_dir, f"{retain_split}.json")))
+  num_retain = len(retain)
+  if exclude_forget_from_retain:
+    forget_questions = {item.question for item in forget}
+    retain = tuple(item for item in retain if item.question not in forget_questions)
+    if not retain:
+      raise ValueError(f"every question of {retain_split!r} is in {forget_split!r} task_id={task_id}; "
+                       "choose another retain_split")
+  if idk_path is None:
+    idk_path = find_idk_file(data_dir)
+  idk_answers = load_idk_answers(idk_path) if idk_path is not None else ()
+  return TofuSplits(forget=forget, retain=retain, idk_answers=idk_answers, data_dir=data_dir,
+                    forget_split=forget_split, retain_split=retain_split, task_id=task_id,
+                    num_retain_removed=num_retain - len(retain))
+
