@@ -58,9 +58,11 @@ def _torch_step(model: torch.nn.Module, ids: torch.Tensor):
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=ids).logits
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+      logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
     loss.backward()
     return loss.item()  # .item() waits for the computation
+
   return step
 
 
@@ -75,12 +77,14 @@ def _jax_step(model: models.CausalLM, ids: jax.Array):
       logits = nnx.merge(graphdef, params, rest)(ids)
       log_probs = jax.nn.log_softmax(logits[:, :-1])
       return -jnp.take_along_axis(log_probs, ids[:, 1:, None], -1).mean()
+
     return jax.value_and_grad(loss_fn)(params)
 
   def step() -> float:
     loss, grads = loss_and_grads(params, ids)
     jax.block_until_ready(grads)
     return float(loss)
+
   return step
 
 
@@ -89,9 +93,14 @@ def main() -> None:
   transformers.logging.set_verbosity_error()
   torch.manual_seed(0)
   hf_config = transformers.PhiConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-      max_position_embeddings=max(2048, args.seq), partial_rotary_factor=0.5)
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=4 * args.hidden,
+    num_hidden_layers=args.layers,
+    num_attention_heads=args.heads,
+    max_position_embeddings=max(2048, args.seq),
+    partial_rotary_factor=0.5,
+  )
   torch_model = transformers.PhiForCausalLM(hf_config).train()  # dropout rates are 0
   with tempfile.TemporaryDirectory() as tmp:
     torch_model.save_pretrained(tmp)
@@ -99,8 +108,8 @@ def main() -> None:
 
   ids_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq))
   steps = {
-      "transformers (PyTorch eager)": _torch_step(torch_model, torch.from_numpy(ids_np)),
-      "ours (JAX jit, Flax NNX)": _jax_step(our_model, jnp.asarray(ids_np, jnp.int32)),
+    "transformers (PyTorch eager)": _torch_step(torch_model, torch.from_numpy(ids_np)),
+    "ours (JAX jit, Flax NNX)": _jax_step(our_model, jnp.asarray(ids_np, jnp.int32)),
   }
   losses = {name: step() for name, step in steps.items()}  # warm-up and compile
   for step in steps.values():
@@ -116,22 +125,33 @@ def main() -> None:
 
   tokens = args.batch * args.seq
   print(f"load average (1 min) before/after timing: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
-  print(f"Phi: {args.layers} layers, d={args.hidden}, {args.heads} heads, vocab {args.vocab}; "
-        f"batch {args.batch} x {args.seq} = {tokens} tokens/step; float32; "
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; "
-        f"median of {args.rounds} alternating rounds")
+  print(
+    f"Phi: {args.layers} layers, d={args.hidden}, {args.heads} heads, vocab {args.vocab}; "
+    f"batch {args.batch} x {args.seq} = {tokens} tokens/step; float32; "
+    f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+    f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; "
+    f"median of {args.rounds} alternating rounds"
+  )
   header = ("implementation", "loss", "median ms", "tokens/s", "best ms", "tokens/s")
-  print(f"{header[0]:30s} {header[1]:>7s} {header[2]:>10s} {header[3]:>9s} {header[4]:>8s} {header[5]:>9s}")
+  widths = (30, 7, 10, 9, 8, 9)
+  print(
+    " ".join(
+      f"{name:>{w}s}" if i else f"{name:{w}s}" for i, (name, w) in enumerate(zip(header, widths))
+    )
+  )
   medians = {name: statistics.median(t) for name, t in times.items()}
   bests = {name: min(t) for name, t in times.items()}
   for name in steps:
     median, best = medians[name], bests[name]
-    print(f"{name:30s} {losses[name]:7.4f} {1e3 * median:10.1f} {tokens / median:9.0f} "
-          f"{1e3 * best:8.1f} {tokens / best:9.0f}")
+    print(
+      f"{name:30s} {losses[name]:7.4f} {1e3 * median:10.1f} {tokens / median:9.0f} "
+      f"{1e3 * best:8.1f} {tokens / best:9.0f}"
+    )
   torch_name, ours_name = list(steps)
-  print(f"ratio ours / PyTorch tokens/s: median {medians[torch_name] / medians[ours_name]:.2f}x, "
-        f"best {bests[torch_name] / bests[ours_name]:.2f}x")
+  print(
+    f"ratio ours / PyTorch tokens/s: median {medians[torch_name] / medians[ours_name]:.2f}x, "
+    f"best {bests[torch_name] / bests[ours_name]:.2f}x"
+  )
 
 
 if __name__ == "__main__":

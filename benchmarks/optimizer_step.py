@@ -56,7 +56,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 
 def _requested_devices(argv: Sequence[str]) -> int:
@@ -74,8 +74,10 @@ def _requested_devices(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__" and _requested_devices(sys.argv[1:]) > 1:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                             f"device_count={_requested_devices(sys.argv[1:])}").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+    f"device_count={_requested_devices(sys.argv[1:])}"
+  ).strip()
 
 # Runnable as `python benchmarks/optimizer_step.py` without installing the package.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,9 +96,9 @@ LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
 
 SIZES = {
-    # name: (number of matrices, rows, cols)
-    "full": (12, 1024, 2048),   # 25,165,824 params, ~100 MB per float32 copy
-    "small": (12, 256, 512),    # 1,572,864 params
+  # name: (number of matrices, rows, cols)
+  "full": (12, 1024, 2048),  # 25,165,824 params, ~100 MB per float32 copy
+  "small": (12, 256, 512),  # 1,572,864 params
 }
 
 
@@ -115,52 +117,68 @@ class OptimizerSpec:
   name: str
   factory: Callable[[], optax.GradientTransformation]
   takes_objective: bool = True
-  expected_state_bytes: Optional[float] = None
+  expected_state_bytes: float | None = None
 
 
 OPTIMIZERS: list[OptimizerSpec] = [
-    OptimizerSpec(REFERENCE, lambda: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-                  takes_objective=False, expected_state_bytes=8),
-    OptimizerSpec("dualoptax.adamw",
-                  lambda: dualoptax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-                  expected_state_bytes=8),
-    OptimizerSpec("dualoptax.dualoptim",
-                  lambda: dualoptax.dualoptim(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-                  expected_state_bytes=16),
-    OptimizerSpec("dualoptax.dualoptim_plus",
-                  lambda: dualoptax.dualoptim_plus(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-                  expected_state_bytes=24),
+  OptimizerSpec(
+    REFERENCE,
+    lambda: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+    takes_objective=False,
+    expected_state_bytes=8,
+  ),
+  OptimizerSpec(
+    "dualoptax.adamw",
+    lambda: dualoptax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+    expected_state_bytes=8,
+  ),
+  OptimizerSpec(
+    "dualoptax.dualoptim",
+    lambda: dualoptax.dualoptim(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+    expected_state_bytes=16,
+  ),
+  OptimizerSpec(
+    "dualoptax.dualoptim_plus",
+    lambda: dualoptax.dualoptim_plus(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+    expected_state_bytes=24,
+  ),
 ]
 
 # 8-bit states: one uint8 code per value plus one float32 absmax per 256-value block
 # (~1.016 bytes per moment value) and the code tables (~130 KiB, shared). Opt-in with
 # --include-8bit; skipped if the installed dualoptax has no `state_bits` argument yet.
 OPTIMIZERS_8BIT: list[OptimizerSpec] = [
-    OptimizerSpec("dualoptax.dualoptim (8-bit)",
-                  lambda: dualoptax.dualoptim(LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-                                              state_bits=8),
-                  expected_state_bytes=4 * (1 + 4 / 256)),
-    OptimizerSpec("dualoptax.dualoptim_plus (8-bit)",
-                  lambda: dualoptax.dualoptim_plus(LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-                                                   state_bits=8),
-                  expected_state_bytes=6 * (1 + 4 / 256)),
+  OptimizerSpec(
+    "dualoptax.dualoptim (8-bit)",
+    lambda: dualoptax.dualoptim(LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_bits=8),
+    expected_state_bytes=4 * (1 + 4 / 256),
+  ),
+  OptimizerSpec(
+    "dualoptax.dualoptim_plus (8-bit)",
+    lambda: dualoptax.dualoptim_plus(LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_bits=8),
+    expected_state_bytes=6 * (1 + 4 / 256),
+  ),
 ]
 
 
 def _dualoptim_plus_8bit_forced(update_in_chunks: bool) -> OptimizerSpec:
   form = "chunk loop" if update_in_chunks else "whole-array"
   return OptimizerSpec(
-      f"dualoptax.dualoptim_plus (8-bit, {form})",
-      lambda: dualoptax.dualoptim_plus(LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_bits=8,
-                                       update_in_chunks=update_in_chunks),
-      expected_state_bytes=6 * (1 + 4 / 256))
+    f"dualoptax.dualoptim_plus (8-bit, {form})",
+    lambda: dualoptax.dualoptim_plus(
+      LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_bits=8, update_in_chunks=update_in_chunks
+    ),
+    expected_state_bytes=6 * (1 + 4 / 256),
+  )
 
 
 # The default picks the chunk loop on one CPU device and whole-array updates otherwise;
 # --include-8bit also times the form the default did not pick, for comparison. Keyed by
 # whether the default picks the loop.
-OPTIMIZERS_8BIT_OTHER_FORM = {True: _dualoptim_plus_8bit_forced(update_in_chunks=False),
-                              False: _dualoptim_plus_8bit_forced(update_in_chunks=True)}
+OPTIMIZERS_8BIT_OTHER_FORM = {
+  True: _dualoptim_plus_8bit_forced(update_in_chunks=False),
+  False: _dualoptim_plus_8bit_forced(update_in_chunks=True),
+}
 
 
 def _supports_state_bits() -> bool:
@@ -183,8 +201,10 @@ def register(spec: OptimizerSpec) -> None:
 def make_tree(key: jax.Array, num: int, rows: int, cols: int, scale: float) -> dict:
   """A dict of ``num`` float32 (rows, cols) matrices, normal * scale, fixed by ``key``."""
   keys = jax.random.split(key, num)
-  return {f"layer_{i:02d}": scale * jax.random.normal(k, (rows, cols), jnp.float32)
-          for i, k in enumerate(keys)}
+  return {
+    f"layer_{i:02d}": scale * jax.random.normal(k, (rows, cols), jnp.float32)
+    for i, k in enumerate(keys)
+  }
 
 
 def num_params(tree) -> int:
@@ -225,7 +245,8 @@ def make_placer(devices: int, matrix_shape: tuple[int, int]) -> Callable:
     return jax.sharding.PartitionSpec(*axes)
 
   return lambda tree: jax.tree.map(
-      lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))), tree)
+    lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))), tree
+  )
 
 
 # --------------------------------------------------------------------------- steps
@@ -234,23 +255,30 @@ def make_placer(devices: int, matrix_shape: tuple[int, int]) -> Callable:
 def make_step(spec: OptimizerSpec, tx: optax.GradientTransformation) -> Callable:
   """The un-jitted step ``(params, opt_state, grads, objective) -> (params, opt_state)``."""
   if spec.takes_objective:
+
     def step(params, opt_state, grads, objective):
       updates, opt_state = tx.update(grads, opt_state, params, objective=objective)
       return optax.apply_updates(params, updates), opt_state
   else:
+
     def step(params, opt_state, grads, objective):
       del objective
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
+
   return step
 
 
-def compile_step(step: Callable, params, opt_state, grads, objective,
-                 compiler_options: Optional[dict] = None):
+def compile_step(
+  step: Callable, params, opt_state, grads, objective, compiler_options: dict | None = None
+):
   """AOT-compiles ``step`` with params and state donated (and kept where they are)."""
   keep = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  return jax.jit(step, donate_argnums=(0, 1), out_shardings=keep).lower(
-      params, opt_state, grads, objective).compile(compiler_options or None)
+  return (
+    jax.jit(step, donate_argnums=(0, 1), out_shardings=keep)
+    .lower(params, opt_state, grads, objective)
+    .compile(compiler_options or None)
+  )
 
 
 @dataclasses.dataclass
@@ -270,8 +298,15 @@ class Runner:
     return time.perf_counter() - t0
 
 
-def build_runner(spec: OptimizerSpec, params0, grads, objectives, args,
-                 compiler_options: dict, place: Callable = lambda tree: tree) -> Runner:
+def build_runner(
+  spec: OptimizerSpec,
+  params0,
+  grads,
+  objectives,
+  args,
+  compiler_options: dict,
+  place: Callable = lambda tree: tree,
+) -> Runner:
   """Builds, AOT-compiles and warms up one optimizer on its own copy of the params."""
   tx = spec.factory()
   params = place(copy_tree(params0))
@@ -290,12 +325,14 @@ def build_runner(spec: OptimizerSpec, params0, grads, objectives, args,
   for i in range(args.warmup):
     runner.run(grads, objectives[i % 2])
   temp_mib = _temp_mib(compiled)
-  print(f"  compiled {spec.name} in {compile_s:.1f}s"
-        + ("" if temp_mib is None else f" (XLA temp buffer {temp_mib:.0f} MiB)"))
+  print(
+    f"  compiled {spec.name} in {compile_s:.1f}s"
+    + ("" if temp_mib is None else f" (XLA temp buffer {temp_mib:.0f} MiB)")
+  )
   return runner
 
 
-def _temp_mib(compiled) -> Optional[float]:
+def _temp_mib(compiled) -> float | None:
   try:
     return compiled.memory_analysis().temp_size_in_bytes / 2**20
   except Exception:  # noqa: BLE001 -- not every backend reports it
@@ -305,26 +342,49 @@ def _temp_mib(compiled) -> Optional[float]:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   # No abbreviations: --devices is read before argparse runs (see _requested_devices).
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   parser.add_argument("--size", choices=sorted(SIZES), default="full")
-  parser.add_argument("--steps", type=int, default=30,
-                      help="timed steps per optimizer (rounds); default 30")
-  parser.add_argument("--warmup", type=int, default=3,
-                      help="untimed steps per optimizer after compilation; default 3")
+  parser.add_argument(
+    "--steps", type=int, default=30, help="timed steps per optimizer (rounds); default 30"
+  )
+  parser.add_argument(
+    "--warmup", type=int, default=3, help="untimed steps per optimizer after compilation; default 3"
+  )
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                      help=f"benchmark only these optimizers ({REFERENCE} is always kept)")
-  parser.add_argument("--include-8bit", action="store_true",
-                      help="also benchmark the 8-bit-state variants (OPTIMIZERS_8BIT)")
-  parser.add_argument("--devices", type=int, default=1,
-                      help="split every array over this many (simulated CPU) devices")
-  parser.add_argument("--dump-hlo", default=None, metavar="DIR",
-                      help="write each optimizer's optimized (compiled) HLO to DIR")
-  parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
-                      help="XLA compiler option for every step, e.g. "
-                           "xla_cpu_copy_insertion_use_region_analysis=true (repeatable)")
+  parser.add_argument(
+    "--only",
+    nargs="+",
+    default=None,
+    metavar="NAME",
+    help=f"benchmark only these optimizers ({REFERENCE} is always kept)",
+  )
+  parser.add_argument(
+    "--include-8bit",
+    action="store_true",
+    help="also benchmark the 8-bit-state variants (OPTIMIZERS_8BIT)",
+  )
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=1,
+    help="split every array over this many (simulated CPU) devices",
+  )
+  parser.add_argument(
+    "--dump-hlo",
+    default=None,
+    metavar="DIR",
+    help="write each optimizer's optimized (compiled) HLO to DIR",
+  )
+  parser.add_argument(
+    "--compiler-option",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="XLA compiler option for every step, e.g. "
+    "xla_cpu_copy_insertion_use_region_analysis=true (repeatable)",
+  )
   return parser.parse_args(argv)
 
 
@@ -335,15 +395,15 @@ def _compiler_options(pairs: Sequence[str]) -> dict:
     if not sep:
       raise SystemExit(f"--compiler-option expects KEY=VALUE, got {pair!r}")
     lowered = value.lower()
-    options[key] = (True if lowered == "true" else False if lowered == "false" else value)
+    options[key] = True if lowered == "true" else False if lowered == "false" else value
   return options
 
 
-def _fmt_ratio(x: Optional[float]) -> str:
+def _fmt_ratio(x: float | None) -> str:
   return "-" if x is None else f"{x:.2f}x"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   if args.steps < 1:
     raise SystemExit("--steps must be >= 1")
@@ -359,8 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wanted = set(args.only) | {REFERENCE}
     unknown = wanted - {s.name for s in specs}
     if unknown:
-      raise SystemExit(f"unknown optimizer(s) {sorted(unknown)}; "
-                       f"known: {[s.name for s in specs]}")
+      raise SystemExit(f"unknown optimizer(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
     specs = [s for s in specs if s.name in wanted]
 
   compiler_options = _compiler_options(args.compiler_option)
@@ -371,18 +430,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   grads = place(make_tree(key_g, num, rows, cols, 1e-3))
   jax.block_until_ready((params0, grads))
   n = num_params(params0)
-  objectives = [jnp.asarray(dualoptax.FORGET, jnp.int32),
-                jnp.asarray(dualoptax.RETAIN, jnp.int32)]
+  objectives = [jnp.asarray(dualoptax.FORGET, jnp.int32), jnp.asarray(dualoptax.RETAIN, jnp.int32)]
 
   device = jax.devices()[0]
-  print(f"jax {jax.__version__}, optax {optax.__version__}, "
-        f"device {device.platform}:{getattr(device, 'device_kind', '?')} "
-        f"({jax.device_count()} device(s)), host {platform.machine()} with "
-        f"{os.cpu_count()} CPUs, python {platform.python_version()}")
+  print(
+    f"jax {jax.__version__}, optax {optax.__version__}, "
+    f"device {device.platform}:{getattr(device, 'device_kind', '?')} "
+    f"({jax.device_count()} device(s)), host {platform.machine()} with "
+    f"{os.cpu_count()} CPUs, python {platform.python_version()}"
+  )
   if compiler_options:
     print(f"compiler options: {compiler_options}")
-  print(f"pytree: {num} x ({rows}, {cols}) float32 = {n:,} params "
-        f"({n * 4 / 2**20:.0f} MiB per copy); steps {args.steps}, warmup {args.warmup}")
+  print(
+    f"pytree: {num} x ({rows}, {cols}) float32 = {n:,} params "
+    f"({n * 4 / 2**20:.0f} MiB per copy); steps {args.steps}, warmup {args.warmup}"
+  )
 
   # Build, compile and warm up every optimizer.
   runners: list[Runner] = []
@@ -416,8 +478,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ref = next(r for r in runners if r.spec.name == REFERENCE)
   ref_median = statistics.median(ref.times)
   print()
-  print("| optimizer | ms/step (median) | ratio to optax.adamw | median per-round ratio "
-        "| min ms | state bytes/param |")
+  print(
+    "| optimizer | ms/step (median) | ratio to optax.adamw | median per-round ratio "
+    "| min ms | state bytes/param |"
+  )
   print("|---|---:|---:|---:|---:|---:|")
   for runner in runners:
     med = statistics.median(runner.times)
@@ -426,16 +490,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     expected = runner.spec.expected_state_bytes
     # Small extras (step counters, 8-bit code tables) may add a few hundredths.
     tolerance = 0.05 if expected is None else max(0.05, 0.02 * expected)
-    bpp_text = f"{bpp:.2f}" + ("" if expected is None or abs(bpp - expected) <= tolerance
-                               else f" (expected {expected:.2f})")
-    print(f"| {runner.spec.name} | {med * 1e3:.2f} | {_fmt_ratio(med / ref_median)} | "
-          f"{_fmt_ratio(per_round)} | {min(runner.times) * 1e3:.2f} | {bpp_text} |")
+    bpp_text = f"{bpp:.2f}" + (
+      "" if expected is None or abs(bpp - expected) <= tolerance else f" (expected {expected:.2f})"
+    )
+    print(
+      f"| {runner.spec.name} | {med * 1e3:.2f} | {_fmt_ratio(med / ref_median)} | "
+      f"{_fmt_ratio(per_round)} | {min(runner.times) * 1e3:.2f} | {bpp_text} |"
+    )
   print()
   if failed:
     print(f"not benchmarked (failed to build/compile): {', '.join(failed)}")
-  print(f"ratio = median(ms/step) / median(ms/step of {REFERENCE}); per-round ratio = "
-        f"median over rounds of t/t_{REFERENCE} within the round. "
-        f"{args.steps} timed steps each.")
+  print(
+    f"ratio = median(ms/step) / median(ms/step of {REFERENCE}); per-round ratio = "
+    f"median over rounds of t/t_{REFERENCE} within the round. "
+    f"{args.steps} timed steps each."
+  )
 
   # Free every optimizer's buffers before returning.
   for runner in runners:

@@ -75,22 +75,31 @@ def main(argv=None) -> None:
   x = jnp.asarray(np.random.default_rng(0).standard_normal(args.size, dtype=np.float32))
 
   codes, absmax = jax.jit(_quantize)(x, tables)
-  data = {"quantize": (_quantize, (x,)),
-          "dequantize": (_dequantize, (codes, absmax)),
-          "round trip": (_round_trip, (x,))}
+  data = {
+    "quantize": (_quantize, (x,)),
+    "dequantize": (_dequantize, (codes, absmax)),
+    "round trip": (_round_trip, (x,)),
+  }
 
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"({platform.machine()}, {os.cpu_count()} cpus); {args.size:,} float32 values, "
-        f"{'signed' if args.signed else 'unsigned'} map, block 256, {args.repeats} runs")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform} "
+    f"({platform.machine()}, {os.cpu_count()} cpus); {args.size:,} float32 values, "
+    f"{'signed' if args.signed else 'unsigned'} map, block 256, {args.repeats} runs"
+  )
   for name, (fn, fn_args) in data.items():
     as_arguments = jax.jit(fn).lower(*fn_args, tables).compile()
     as_constants = jax.jit(lambda *a, fn=fn: fn(*a, tables)).lower(*fn_args).compile()
-    for variant, compiled, call_args in (("args", as_arguments, (*fn_args, tables)),
-                                         ("const", as_constants, fn_args)):
+    for variant, compiled, call_args in (
+      ("args", as_arguments, (*fn_args, tables)),
+      ("const", as_constants, fn_args),
+    ):
       times = _time_ms(compiled, *call_args, repeats=args.repeats)
       median = statistics.median(times)
-      print(f"  {name:10s} {variant:5s}  median {median:7.1f} ms   min {min(times):7.1f} ms"
-            f"   {args.size / (median * 1e6):5.2f} values/ns")
+      print(
+        f"  {name:10s} {variant:5s}  median {median:7.1f} ms   min {min(times):7.1f} ms"
+        f"   {args.size / (median * 1e6):5.2f} values/ns"
+      )
+
 
 if __name__ == "__main__":
   main()

@@ -41,6 +41,7 @@ def looped(chunk: int):
   def body(i, x):
     piece = jax.lax.dynamic_slice(x, (i * chunk,), (chunk,))
     return jax.lax.dynamic_update_slice(x, _work(piece), (i * chunk,))
+
   return lambda x: jax.lax.fori_loop(0, x.shape[0] // chunk, body, x)
 
 
@@ -62,13 +63,14 @@ def measure(fn, arrays: list) -> tuple[float, float]:
 def main() -> int:
   rng = np.random.default_rng(0)
   fresh = lambda n: [jnp.asarray(rng.normal(size=SIZE), jnp.float32) for _ in range(n)]
-  print(f"jax {jax.__version__}, {jax.default_backend()} with {os.cpu_count()} CPUs; "
-        f"{SIZE:,} float32 values per array, median of {STEPS} runs")
+  print(
+    f"jax {jax.__version__}, {jax.default_backend()} with {os.cpu_count()} CPUs; "
+    f"{SIZE:,} float32 values per array, median of {STEPS} runs"
+  )
   print("| program | ms | cpu/wall |")
   print("|---|---:|---:|")
   rows = [("whole array", lambda x: _work(x), 1)]
-  rows += [(f"loop, chunk {chunk:,}", looped(chunk), 1)
-           for chunk in (1 << 14, 1 << 16, 1 << 20)]
+  rows += [(f"loop, chunk {chunk:,}", looped(chunk), 1) for chunk in (1 << 14, 1 << 16, 1 << 20)]
   many_loops = lambda *xs: [looped(1 << 14)(x) for x in xs]
   rows += [(f"{k} independent loops, chunk 16,384", many_loops, k) for k in (2, 4)]
   for name, fn, arrays in rows:

@@ -8,58 +8,58 @@ kept apart when they conflict. See ``dualoptim_plus`` for the optimizer, the
 conflict cosines of the paper's Figure 2.
 """
 
+from dualoptax._moments import Precision
 from dualoptax.alias import (
-    adam,
-    adamw,
-    dualoptim,
-    dualoptim_plus,
-    multi_objective_dualoptim,
-    multi_objective_dualoptim_plus,
+  adam,
+  adamw,
+  dualoptim,
+  dualoptim_plus,
+  multi_objective_dualoptim,
+  multi_objective_dualoptim_plus,
 )
 from dualoptax.diagnostics import (
-    ConflictDiagnostics,
-    bytes_per_parameter,
-    dualoptim_diagnostics,
-    dualoptim_plus_diagnostics,
-    find_state,
-    state_nbytes,
+  ConflictDiagnostics,
+  bytes_per_parameter,
+  dualoptim_diagnostics,
+  dualoptim_plus_diagnostics,
+  find_state,
+  state_nbytes,
 )
-from dualoptax.quantization import QuantizedArray
-from dualoptax._moments import Precision
 from dualoptax.objectives import FORGET, RETAIN, scheduled_objective
+from dualoptax.quantization import QuantizedArray
 from dualoptax.transform import (
-    ScaleByDualOptimPlusState,
-    ScaleByDualOptimState,
-    ScaleByObjectiveLearningRateState,
-    scale_by_dualoptim,
-    scale_by_dualoptim_plus,
-    scale_by_objective_learning_rate,
+  ScaleByDualOptimPlusState,
+  ScaleByDualOptimState,
+  ScaleByObjectiveLearningRateState,
+  scale_by_dualoptim,
+  scale_by_dualoptim_plus,
+  scale_by_objective_learning_rate,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FORGET",
-    "RETAIN",
-    "ConflictDiagnostics",
-    "Precision",
-    "QuantizedArray",
-    "ScaleByDualOptimPlusState",
-    "ScaleByDualOptimState",
-    "ScaleByObjectiveLearningRateState",
-    "adam",
-    "adamw",
-    "bytes_per_parameter",
-    "dualoptim",
-    "dualoptim_diagnostics",
-    "dualoptim_plus",
-    "dualoptim_plus_diagnostics",
-    "find_state",
-    "multi_objective_dualoptim",
-    "multi_objective_dualoptim_plus",
-    "scale_by_dualoptim",
-    "scale_by_dualoptim_plus",
-    "scale_by_objective_learning_rate",
-    "scheduled_objective",
-    "state_nbytes",
+  "FORGET",
+  "RETAIN",
+  "ConflictDiagnostics",
+  "Precision",
+  "QuantizedArray",
+  "ScaleByDualOptimPlusState",
+  "ScaleByDualOptimState",
+  "ScaleByObjectiveLearningRateState",
+  "adam",
+  "adamw",
+  "bytes_per_parameter",
+  "dualoptim",
+  "dualoptim_diagnostics",
+  "dualoptim_plus",
+  "dualoptim_plus_diagnostics",
+  "find_state",
+  "multi_objective_dualoptim",
+  "multi_objective_dualoptim_plus",
+  "scale_by_dualoptim",
+  "scale_by_dualoptim_plus",
+  "scale_by_objective_learning_rate",
+  "scheduled_objective",
+  "state_nbytes",
 ]

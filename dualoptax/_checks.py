@@ -34,8 +34,9 @@ def check_non_negative(name: str, value: Any) -> None:
 def check_same_length(name: str, values: Any, expected: int, what: str) -> None:
   if len(values) != expected:
     raise ValueError(
-        f"{name} must have one entry per objective ({expected}, {what}), got "
-        f"{len(values)}: {tuple(values)!r}")
+      f"{name} must have one entry per objective ({expected}, {what}), got "
+      f"{len(values)}: {tuple(values)!r}"
+    )
 
 
 def _describe(path: tuple[Any, ...]) -> str:
@@ -56,16 +57,19 @@ def check_tree_matches(updates: Any, reference: Any, what: str) -> None:
   extra = [p for p in upd_paths if p not in ref_paths]
   if missing or extra:
     raise ValueError(
-        f"the gradient tree does not match the {what} built at init: "
-        f"missing paths {missing[:5] or 'none'}, unexpected paths {extra[:5] or 'none'}")
+      f"the gradient tree does not match the {what} built at init: "
+      f"missing paths {missing[:5] or 'none'}, unexpected paths {extra[:5] or 'none'}"
+    )
   for path, leaf in upd:
     key = jax.tree_util.keystr(path)
     expected = ref_paths[key]
     if getattr(leaf, "shape", ()) != getattr(expected, "shape", ()):
       raise ValueError(
-          f"the gradient at path {_describe(path)} has shape {leaf.shape}, but the "
-          f"{what} was built at init for shape {expected.shape}")
+        f"the gradient at path {_describe(path)} has shape {leaf.shape}, but the "
+        f"{what} was built at init for shape {expected.shape}"
+      )
   if jax.tree.structure(updates) != jax.tree.structure(reference):
     raise ValueError(
-        f"the gradient tree has the same paths as the {what} but a different container "
-        f"structure: {jax.tree.structure(updates)} vs {jax.tree.structure(reference)}")
+      f"the gradient tree has the same paths as the {what} but a different container "
+      f"structure: {jax.tree.structure(updates)} vs {jax.tree.structure(reference)}"
+    )

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from dualoptax import _numerics, quantization
 
-Moment = Union[jax.Array, quantization.QuantizedArray]
+Moment = jax.Array | quantization.QuantizedArray
 
 # The chunk loop addresses codes with int32 offsets (JAX's default integer width).
 _MAX_LOOP_CODES = 2**31
@@ -57,9 +58,9 @@ class Precision:
   state_bits: int = 32
   min_8bit_size: int = 4096
   block_size: int = quantization.DEFAULT_BLOCK_SIZE
-  keep_fp32: Optional[Union[Any, Callable[[Any], Any]]] = None
+  keep_fp32: Any | Callable[[Any], Any] | None = None
   dtype: Any = None  # None: float32
-  update_in_chunks: Optional[bool] = None
+  update_in_chunks: bool | None = None
 
   def __post_init__(self):
     # Under `optax.inject_hyperparams` these ints arrive as arrays: concrete ones at init
@@ -74,8 +75,10 @@ class Precision:
     if _numerics.is_concrete_number(self.state_bits) and self.state_bits not in (8, 32):
       raise ValueError(f"state_bits must be 8 or 32, got state_bits={self.state_bits!r}")
     if self.update_in_chunks is not None and not isinstance(self.update_in_chunks, bool):
-      raise ValueError("update_in_chunks must be True, False or None, got "
-                       f"update_in_chunks={self.update_in_chunks!r}")
+      raise ValueError(
+        "update_in_chunks must be True, False or None, got "
+        f"update_in_chunks={self.update_in_chunks!r}"
+      )
 
   @property
   def quantized(self) -> bool:
@@ -93,13 +96,14 @@ class Precision:
       return self.update_in_chunks
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
-  def tables(self) -> Optional[StateTables]:
+  def tables(self) -> StateTables | None:
     if not self.quantized:
       return None
     # Fresh device arrays for every state: a state is donated to jitted steps, which
     # deletes its buffers, so states must never share the (cached) tables.
     fresh = lambda signed: quantization.QuantizationTables(
-        *(jnp.array(t) for t in quantization.numpy_tables(signed)))
+      *(jnp.array(t) for t in quantization.numpy_tables(signed))
+    )
     return StateTables(fresh(True), fresh(False))
 
   def which_leaves(self, params: Any) -> Any:
@@ -110,10 +114,12 @@ class Precision:
     if keep is None:
       keep = jax.tree.map(lambda _: False, params)
     return jax.tree.map(
-        lambda p, k: bool(jnp.size(p) >= self.min_8bit_size and not k), params, keep)
+      lambda p, k: bool(jnp.size(p) >= self.min_8bit_size and not k), params, keep
+    )
 
-  def zeros(self, param: jax.Array, quantize: bool, signed: bool,
-            num_objectives: Optional[int] = None) -> Moment:
+  def zeros(
+    self, param: jax.Array, quantize: bool, signed: bool, num_objectives: int | None = None
+  ) -> Moment:
     """A zero moment for ``param``, stacked K times when ``num_objectives`` is given."""
     lead = () if num_objectives is None else (num_objectives,)
     shape = lead + tuple(jnp.shape(param))
@@ -121,8 +127,11 @@ class Precision:
       return jnp.zeros(shape, self.dtype or jnp.float32)
     blocks = quantization.num_blocks(int(jnp.size(param)), self.block_size)
     return quantization.QuantizedArray(
-        codes=jnp.zeros(shape, jnp.uint8), absmax=jnp.zeros(lead + (blocks,), jnp.float32),
-        block_size=self.block_size, signed=signed)
+      codes=jnp.zeros(shape, jnp.uint8),
+      absmax=jnp.zeros(lead + (blocks,), jnp.float32),
+      block_size=self.block_size,
+      signed=signed,
+    )
 
 
 def contraction_guard(count: jax.Array) -> jax.Array:
@@ -162,22 +171,23 @@ def is_moment_leaf(x: Any) -> bool:
   return isinstance(x, quantization.QuantizedArray)
 
 
-def _table(tables: Optional[StateTables], q: quantization.QuantizedArray):
+def _table(tables: StateTables | None, q: quantization.QuantizedArray):
   return tables.signed if q.signed else tables.unsigned
 
 
-def load(stored: Moment, tables: Optional[StateTables]) -> jax.Array:
+def load(stored: Moment, tables: StateTables | None) -> jax.Array:
   """The moment as float32."""
   if isinstance(stored, quantization.QuantizedArray):
     return stored.dequantize(_table(tables, stored))
   return stored.astype(jnp.float32)
 
 
-def store(value: jax.Array, like: Moment, tables: Optional[StateTables]) -> Moment:
+def store(value: jax.Array, like: Moment, tables: StateTables | None) -> Moment:
   """``value`` in the storage of ``like`` (re-quantized with fresh absmax if 8-bit)."""
   if isinstance(like, quantization.QuantizedArray):
     return quantization.QuantizedArray.quantize(
-        value, _table(tables, like), block_size=like.block_size, signed=like.signed)
+      value, _table(tables, like), block_size=like.block_size, signed=like.signed
+    )
   return value.astype(like.dtype)
 
 
@@ -189,24 +199,29 @@ def _update(stacked: jax.Array, row: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.dynamic_update_index_in_dim(stacked, row.astype(stacked.dtype), index, 0)
 
 
-def load_row(stacked: Moment, index: jax.Array, tables: Optional[StateTables]) -> jax.Array:
+def load_row(stacked: Moment, index: jax.Array, tables: StateTables | None) -> jax.Array:
   """Row ``index`` of a stacked (K, ...) moment, as float32."""
   if isinstance(stacked, quantization.QuantizedArray):
     row = dataclasses.replace(
-        stacked, codes=_index(stacked.codes, index), absmax=_index(stacked.absmax, index))
+      stacked, codes=_index(stacked.codes, index), absmax=_index(stacked.absmax, index)
+    )
     return load(row, tables)
   return _index(stacked, index).astype(jnp.float32)
 
 
-def store_row(stacked: Moment, value: jax.Array, index: jax.Array,
-              tables: Optional[StateTables]) -> Moment:
+def store_row(
+  stacked: Moment, value: jax.Array, index: jax.Array, tables: StateTables | None
+) -> Moment:
   """``stacked`` with row ``index`` replaced by ``value``; other rows untouched."""
   if isinstance(stacked, quantization.QuantizedArray):
     row = quantization.QuantizedArray.quantize(
-        value, _table(tables, stacked), block_size=stacked.block_size, signed=stacked.signed)
+      value, _table(tables, stacked), block_size=stacked.block_size, signed=stacked.signed
+    )
     return dataclasses.replace(
-        stacked, codes=_update(stacked.codes, row.codes, index),
-        absmax=_update(stacked.absmax, row.absmax, index))
+      stacked,
+      codes=_update(stacked.codes, row.codes, index),
+      absmax=_update(stacked.absmax, row.absmax, index),
+    )
   return _update(stacked, value, index)
 
 
@@ -216,8 +231,12 @@ def _row_mask(stacked: jax.Array, index: jax.Array) -> jax.Array:
   return (jnp.arange(num, dtype=jnp.int32) == index).reshape((num,) + (1,) * (stacked.ndim - 1))
 
 
-def update_row(stacked: Moment, update: Callable[[jax.Array], jax.Array], index: jax.Array,
-               tables: Optional[StateTables]) -> tuple[Moment, jax.Array]:
+def update_row(
+  stacked: Moment,
+  update: Callable[[jax.Array], jax.Array],
+  index: jax.Array,
+  tables: StateTables | None,
+) -> tuple[Moment, jax.Array]:
   """Replaces row ``index`` of ``stacked`` by ``update(row)``; returns (stack, new row).
 
   ``update`` must be elementwise (it may broadcast against operands shaped like one row).
@@ -252,8 +271,9 @@ class _FlatMoment(NamedTuple):
   block_offset: jax.Array  # first absmax of the row
 
 
-def _flatten(q: quantization.QuantizedArray, row: Optional[jax.Array], size: int,
-             blocks: int) -> _FlatMoment:
+def _flatten(
+  q: quantization.QuantizedArray, row: jax.Array | None, size: int, blocks: int
+) -> _FlatMoment:
   row = jnp.zeros([], jnp.int32) if row is None else jnp.asarray(row, jnp.int32)
   return _FlatMoment(q.codes.reshape(-1), q.absmax.reshape(-1), row * size, row * blocks)
 
@@ -265,13 +285,14 @@ class _Scratch(NamedTuple):
   lookup: jax.Array  # int32 (moments * chunk + 1,): where their codes are in the table
 
   @classmethod
-  def create(cls, moments: int, chunk_size: int) -> "_Scratch":
+  def create(cls, moments: int, chunk_size: int) -> _Scratch:
     size = moments * chunk_size + 1
     return cls(jnp.zeros((size,), jnp.float32), jnp.zeros((size,), jnp.int32))
 
 
-def _through_memory(rows: Union[Sequence[jax.Array], jax.Array], buffer: jax.Array,
-                    guard: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _through_memory(
+  rows: Sequence[jax.Array] | jax.Array, buffer: jax.Array, guard: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """``jnp.stack(rows)``, computed into ``buffer`` and read back from it.
 
   ``rows`` is a list of equal-length vectors (written one by one) or one 2-D array
@@ -294,12 +315,19 @@ def _through_memory(rows: Union[Sequence[jax.Array], jax.Array], buffer: jax.Arr
     for i, row in enumerate(rows):
       buffer = jax.lax.dynamic_update_slice(buffer, row, (guard + i * width,))
   # Read back at the true offset 0, which XLA cannot know is where the rows went.
-  return buffer[:len(rows) * width].reshape(len(rows), width), buffer
+  return buffer[: len(rows) * width].reshape(len(rows), width), buffer
 
 
-def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.QuantizedArray],
-                  tables: StateTables, guard: jax.Array, carry: tuple, start: Any,
-                  size: int) -> tuple:
+def _update_chunk(
+  step: Callable,
+  g: jax.Array,
+  like: Sequence[quantization.QuantizedArray],
+  tables: StateTables,
+  guard: jax.Array,
+  carry: tuple,
+  start: Any,
+  size: int,
+) -> tuple:
   """Runs ``step`` on values [start, start + size) and writes back its results."""
   flats, outputs, scratch = carry
   block_size = like[0].block_size
@@ -308,8 +336,7 @@ def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.Quan
   olds = []
   for flat, q in zip(flats, like):
     codes = jax.lax.dynamic_slice(flat.codes, (flat.code_offset + start,), (size,))
-    absmax = jax.lax.dynamic_slice(
-        flat.absmax, (flat.block_offset + first_block,), (chunk_blocks,))
+    absmax = jax.lax.dynamic_slice(flat.absmax, (flat.block_offset + first_block,), (chunk_blocks,))
     olds.append(quantization.dequantize_blockwise(codes, absmax, _table(tables, q), block_size))
   news, results = step(jax.lax.dynamic_slice(g, (start,), (size,)), *olds)
 
@@ -329,25 +356,30 @@ def _update_chunk(step: Callable, g: jax.Array, like: Sequence[quantization.Quan
   codes = quantization.codes_from_lookup(lookup, lut)
 
   updated = [
-      flat._replace(
-          codes=jax.lax.dynamic_update_slice(flat.codes, codes[i], (flat.code_offset + start,)),
-          absmax=jax.lax.dynamic_update_slice(
-              flat.absmax, absmax[i], (flat.block_offset + first_block,)))
-      for i, flat in enumerate(flats)]
-  outputs = [jax.lax.dynamic_update_slice(out, result.astype(out.dtype), (start,))
-             for out, result in zip(outputs, results)]
+    flat._replace(
+      codes=jax.lax.dynamic_update_slice(flat.codes, codes[i], (flat.code_offset + start,)),
+      absmax=jax.lax.dynamic_update_slice(
+        flat.absmax, absmax[i], (flat.block_offset + first_block,)
+      ),
+    )
+    for i, flat in enumerate(flats)
+  ]
+  outputs = [
+    jax.lax.dynamic_update_slice(out, result.astype(out.dtype), (start,))
+    for out, result in zip(outputs, results)
+  ]
   return updated, outputs, scratch
 
 
 def update_quantized(
-    step: Callable[..., tuple[Sequence[jax.Array], Sequence[jax.Array]]],
-    g: jax.Array,
-    moments: Sequence[quantization.QuantizedArray],
-    rows: Sequence[Optional[jax.Array]],
-    tables: StateTables,
-    guard: jax.Array,
-    output_dtypes: Sequence[Any] = (),
-    chunk_size: Optional[int] = None,
+  step: Callable[..., tuple[Sequence[jax.Array], Sequence[jax.Array]]],
+  g: jax.Array,
+  moments: Sequence[quantization.QuantizedArray],
+  rows: Sequence[jax.Array | None],
+  tables: StateTables,
+  guard: jax.Array,
+  output_dtypes: Sequence[Any] = (),
+  chunk_size: int | None = None,
 ) -> tuple[list[quantization.QuantizedArray], list[jax.Array]]:
   """Rewrites 8-bit moments of one parameter with ``step``, chunk by chunk, in place.
 
@@ -394,12 +426,14 @@ def update_quantized(
   if full_chunks:
     carry = (flats, outputs, _Scratch.create(len(moments), chunk_size))
     flats, outputs, _ = jax.lax.fori_loop(
-        0, full_chunks,
-        lambda i, carry: update(carry, start=i * chunk_size, size=chunk_size), carry)
+      0, full_chunks, lambda i, carry: update(carry, start=i * chunk_size, size=chunk_size), carry
+    )
   if tail:
-    flats, outputs, _ = update((flats, outputs, None), start=full_chunks * chunk_size,
-                               size=tail)
-  moments = [dataclasses.replace(q, codes=flat.codes.reshape(q.codes.shape),
-                                 absmax=flat.absmax.reshape(q.absmax.shape))
-             for q, flat in zip(moments, flats)]
+    flats, outputs, _ = update((flats, outputs, None), start=full_chunks * chunk_size, size=tail)
+  moments = [
+    dataclasses.replace(
+      q, codes=flat.codes.reshape(q.codes.shape), absmax=flat.absmax.reshape(q.absmax.shape)
+    )
+    for q, flat in zip(moments, flats)
+  ]
   return moments, [out.reshape(shape) for out in outputs]

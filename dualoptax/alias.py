@@ -11,16 +11,16 @@ Each is an ``optax.chain``: direction, weight decay, per-objective learning rate
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import jax.numpy as jnp
 import optax
 
 from dualoptax import _checks, _numerics, objectives, transform
 from dualoptax._moments import Precision
 
 ScalarOrSchedule = transform.ScalarOrSchedule
-MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
 
 def _decoupled_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientTransformation:
@@ -35,9 +35,11 @@ def _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_
   objectives.check_step_count("forget_steps", forget_steps)
   objectives.check_step_count("retain_steps", retain_steps)
   if all(_numerics.is_concrete_number(v) for v in (forget_steps, retain_steps)) and (
-      forget_steps == 0 and retain_steps == 0):
+    forget_steps == 0 and retain_steps == 0
+  ):
     raise ValueError(
-        "forget_steps and retain_steps must not both be 0, got forget_steps=0, retain_steps=0")
+      "forget_steps and retain_steps must not both be 0, got forget_steps=0, retain_steps=0"
+    )
 
 
 def _checked_ratios(objective_steps, objective_lr_ratios):
@@ -45,48 +47,51 @@ def _checked_ratios(objective_steps, objective_lr_ratios):
   objectives.validate_objective_steps(objective_steps, "objective_steps")
   if objective_lr_ratios is None:
     objective_lr_ratios = (1.0,) * len(objective_steps)
-  _checks.check_same_length("objective_lr_ratios", objective_lr_ratios, len(objective_steps),
-                            "the length of objective_steps")
+  _checks.check_same_length(
+    "objective_lr_ratios",
+    objective_lr_ratios,
+    len(objective_steps),
+    "the length of objective_steps",
+  )
   for i, ratio in enumerate(objective_lr_ratios):
     _checks.check_non_negative(f"objective_lr_ratios[{i}]", ratio)
   return objective_lr_ratios
 
 
 def _lr_chain(
-    direction: optax.GradientTransformation,
-    learning_rate: ScalarOrSchedule,
-    weight_decay: float,
-    weight_decay_mask: MaskOrFn,
-    objective_lr_ratios: Sequence[float],
-    objective_steps: Sequence[int],
+  direction: optax.GradientTransformation,
+  learning_rate: ScalarOrSchedule,
+  weight_decay: float,
+  weight_decay_mask: MaskOrFn,
+  objective_lr_ratios: Sequence[float],
+  objective_steps: Sequence[int],
 ) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
-      direction,
-      _decoupled_weight_decay(weight_decay, weight_decay_mask),
-      transform.scale_by_objective_learning_rate(
-          learning_rate, objective_lr_ratios, objective_steps),
+    direction,
+    _decoupled_weight_decay(weight_decay, weight_decay_mask),
+    transform.scale_by_objective_learning_rate(learning_rate, objective_lr_ratios, objective_steps),
   )
 
 
 def multi_objective_dualoptim_plus(
-    learning_rate: ScalarOrSchedule,
-    objective_steps: Sequence[int],
-    objective_lr_ratios: Optional[Sequence[float]] = None,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = None,
-    state_bits: int = 32,
-    min_8bit_size: int = 4096,
-    block_size: int = 256,
-    keep_fp32: MaskOrFn = None,
-    quantize_base: bool = True,
-    quantize_deltas: bool = True,
-    update_in_chunks: Optional[bool] = None,
+  learning_rate: ScalarOrSchedule,
+  objective_steps: Sequence[int],
+  objective_lr_ratios: Sequence[float] | None = None,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  weight_decay_mask: MaskOrFn = None,
+  state_dtype: Any = None,
+  state_bits: int = 32,
+  min_8bit_size: int = 4096,
+  block_size: int = 256,
+  keep_fp32: MaskOrFn = None,
+  quantize_base: bool = True,
+  quantize_deltas: bool = True,
+  update_in_chunks: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ for K objectives: one shared base state plus one delta per objective.
 
@@ -120,35 +125,53 @@ def multi_objective_dualoptim_plus(
   """
   objective_lr_ratios = _checked_ratios(objective_steps, objective_lr_ratios)
   return _lr_chain(
-      transform.scale_by_dualoptim_plus(
-          b1, b2, base_b1, base_b2, eps, objective_steps,
-          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype,
-                    update_in_chunks=update_in_chunks),
-          quantize_base=quantize_base, quantize_deltas=quantize_deltas),
-      learning_rate, weight_decay, weight_decay_mask, objective_lr_ratios, objective_steps)
+    transform.scale_by_dualoptim_plus(
+      b1,
+      b2,
+      base_b1,
+      base_b2,
+      eps,
+      objective_steps,
+      Precision(
+        state_bits,
+        min_8bit_size,
+        block_size,
+        keep_fp32,
+        state_dtype,
+        update_in_chunks=update_in_chunks,
+      ),
+      quantize_base=quantize_base,
+      quantize_deltas=quantize_deltas,
+    ),
+    learning_rate,
+    weight_decay,
+    weight_decay_mask,
+    objective_lr_ratios,
+    objective_steps,
+  )
 
 
 def dualoptim_plus(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    forget_lr_ratio: float = 1.0,
-    retain_lr_ratio: float = 1.0,
-    forget_steps: int = 1,
-    retain_steps: int = 1,
-    weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = None,
-    state_bits: int = 32,
-    min_8bit_size: int = 4096,
-    block_size: int = 256,
-    keep_fp32: MaskOrFn = None,
-    quantize_base: bool = True,
-    quantize_deltas: bool = True,
-    update_in_chunks: Optional[bool] = None,
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  forget_lr_ratio: float = 1.0,
+  retain_lr_ratio: float = 1.0,
+  forget_steps: int = 1,
+  retain_steps: int = 1,
+  weight_decay_mask: MaskOrFn = None,
+  state_dtype: Any = None,
+  state_bits: int = 32,
+  min_8bit_size: int = 4096,
+  block_size: int = 256,
+  keep_fp32: MaskOrFn = None,
+  quantize_base: bool = True,
+  quantize_deltas: bool = True,
+  update_in_chunks: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ (arXiv 2605.21539) for unlearning: forget and retain objectives.
 
@@ -203,29 +226,42 @@ def dualoptim_plus(
   """
   _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return multi_objective_dualoptim_plus(
-      learning_rate, (forget_steps, retain_steps), (forget_lr_ratio, retain_lr_ratio),
-      b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, state_dtype=state_dtype, state_bits=state_bits,
-      min_8bit_size=min_8bit_size, block_size=block_size, keep_fp32=keep_fp32,
-      quantize_base=quantize_base, quantize_deltas=quantize_deltas,
-      update_in_chunks=update_in_chunks)
+    learning_rate,
+    (forget_steps, retain_steps),
+    (forget_lr_ratio, retain_lr_ratio),
+    b1=b1,
+    b2=b2,
+    base_b1=base_b1,
+    base_b2=base_b2,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    state_dtype=state_dtype,
+    state_bits=state_bits,
+    min_8bit_size=min_8bit_size,
+    block_size=block_size,
+    keep_fp32=keep_fp32,
+    quantize_base=quantize_base,
+    quantize_deltas=quantize_deltas,
+    update_in_chunks=update_in_chunks,
+  )
 
 
 def multi_objective_dualoptim(
-    learning_rate: ScalarOrSchedule,
-    objective_steps: Sequence[int],
-    objective_lr_ratios: Optional[Sequence[float]] = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = None,
-    state_bits: int = 32,
-    min_8bit_size: int = 4096,
-    block_size: int = 256,
-    keep_fp32: MaskOrFn = None,
-    update_in_chunks: Optional[bool] = None,
+  learning_rate: ScalarOrSchedule,
+  objective_steps: Sequence[int],
+  objective_lr_ratios: Sequence[float] | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  weight_decay_mask: MaskOrFn = None,
+  state_dtype: Any = None,
+  state_bits: int = 32,
+  min_8bit_size: int = 4096,
+  block_size: int = 256,
+  keep_fp32: MaskOrFn = None,
+  update_in_chunks: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim for K objectives: separate Adam moments and counters per objective.
 
@@ -236,30 +272,45 @@ def multi_objective_dualoptim(
   """
   objective_lr_ratios = _checked_ratios(objective_steps, objective_lr_ratios)
   return _lr_chain(
-      transform.scale_by_dualoptim(
-          b1, b2, eps, objective_steps,
-          Precision(state_bits, min_8bit_size, block_size, keep_fp32, state_dtype,
-                    update_in_chunks=update_in_chunks)),
-      learning_rate, weight_decay, weight_decay_mask, objective_lr_ratios, objective_steps)
+    transform.scale_by_dualoptim(
+      b1,
+      b2,
+      eps,
+      objective_steps,
+      Precision(
+        state_bits,
+        min_8bit_size,
+        block_size,
+        keep_fp32,
+        state_dtype,
+        update_in_chunks=update_in_chunks,
+      ),
+    ),
+    learning_rate,
+    weight_decay,
+    weight_decay_mask,
+    objective_lr_ratios,
+    objective_steps,
+  )
 
 
 def dualoptim(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    forget_lr_ratio: float = 1.0,
-    retain_lr_ratio: float = 1.0,
-    forget_steps: int = 1,
-    retain_steps: int = 1,
-    weight_decay_mask: MaskOrFn = None,
-    state_dtype: Any = None,
-    state_bits: int = 32,
-    min_8bit_size: int = 4096,
-    block_size: int = 256,
-    keep_fp32: MaskOrFn = None,
-    update_in_chunks: Optional[bool] = None,
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  forget_lr_ratio: float = 1.0,
+  retain_lr_ratio: float = 1.0,
+  forget_steps: int = 1,
+  retain_steps: int = 1,
+  weight_decay_mask: MaskOrFn = None,
+  state_dtype: Any = None,
+  state_bits: int = 32,
+  min_8bit_size: int = 4096,
+  block_size: int = 256,
+  keep_fp32: MaskOrFn = None,
+  update_in_chunks: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim (NeurIPS 2025): an independent AdamW state per objective.
 
@@ -270,24 +321,34 @@ def dualoptim(
   """
   _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return multi_objective_dualoptim(
-      learning_rate, (forget_steps, retain_steps), (forget_lr_ratio, retain_lr_ratio),
-      b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, state_dtype=state_dtype, state_bits=state_bits,
-      min_8bit_size=min_8bit_size, block_size=block_size, keep_fp32=keep_fp32,
-      update_in_chunks=update_in_chunks)
+    learning_rate,
+    (forget_steps, retain_steps),
+    (forget_lr_ratio, retain_lr_ratio),
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    state_dtype=state_dtype,
+    state_bits=state_bits,
+    min_8bit_size=min_8bit_size,
+    block_size=block_size,
+    keep_fp32=keep_fp32,
+    update_in_chunks=update_in_chunks,
+  )
 
 
 def adamw(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    forget_lr_ratio: float = 1.0,
-    retain_lr_ratio: float = 1.0,
-    forget_steps: int = 1,
-    retain_steps: int = 1,
-    weight_decay_mask: MaskOrFn = None,
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 1e-4,
+  forget_lr_ratio: float = 1.0,
+  retain_lr_ratio: float = 1.0,
+  forget_steps: int = 1,
+  retain_steps: int = 1,
+  weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW baseline with the dualoptax interface: ONE Adam state for all objectives.
 
@@ -305,22 +366,34 @@ def adamw(
   _checks.check_non_negative("eps", eps)
   _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return _lr_chain(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay,
-      weight_decay_mask, (forget_lr_ratio, retain_lr_ratio), (forget_steps, retain_steps))
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    learning_rate,
+    weight_decay,
+    weight_decay_mask,
+    (forget_lr_ratio, retain_lr_ratio),
+    (forget_steps, retain_steps),
+  )
 
 
 def adam(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    forget_lr_ratio: float = 1.0,
-    retain_lr_ratio: float = 1.0,
-    forget_steps: int = 1,
-    retain_steps: int = 1,
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  forget_lr_ratio: float = 1.0,
+  retain_lr_ratio: float = 1.0,
+  forget_steps: int = 1,
+  retain_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam baseline (no weight decay) with the dualoptax interface; see :func:`adamw`."""
   return adamw(
-      learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=0.0,
-      forget_lr_ratio=forget_lr_ratio, retain_lr_ratio=retain_lr_ratio,
-      forget_steps=forget_steps, retain_steps=retain_steps)
+    learning_rate,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=0.0,
+    forget_lr_ratio=forget_lr_ratio,
+    retain_lr_ratio=retain_lr_ratio,
+    forget_steps=forget_steps,
+    retain_steps=retain_steps,
+  )

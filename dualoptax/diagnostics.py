@@ -14,7 +14,7 @@ the params, and totals over all leaves. They are pure and jittable.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Type, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -43,20 +43,21 @@ def _is_quantized(x: Any) -> bool:
   return isinstance(x, quantization.QuantizedArray)
 
 
-def find_state(opt_state: Any, state_type: Type[State]) -> State:
+def find_state(opt_state: Any, state_type: type[State]) -> State:
   """Returns the single ``state_type`` inside ``opt_state`` (e.g. a chain's state).
 
   Raises:
     ValueError: if there is none, or more than one.
   """
   found = [
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
-      if isinstance(s, state_type)
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
+    if isinstance(s, state_type)
   ]
   if len(found) != 1:
     raise ValueError(
-        f"expected exactly one {state_type.__name__} in the optimizer state, found "
-        f"{len(found)}")
+      f"expected exactly one {state_type.__name__} in the optimizer state, found {len(found)}"
+    )
   return found[0]
 
 
@@ -66,7 +67,8 @@ def _as_float32(moment: Any, tables: Any, stacked: bool) -> jax.Array:
     return moment.astype(jnp.float32)
   table = tables.signed if moment.signed else tables.unsigned
   dequantize = lambda codes, absmax: quantization.dequantize_blockwise(
-      codes, absmax, table, moment.block_size)
+    codes, absmax, table, moment.block_size
+  )
   if stacked:
     return jax.vmap(dequantize)(moment.codes, moment.absmax)
   return dequantize(moment.codes, moment.absmax)
@@ -90,11 +92,11 @@ def _sums(first, precond, base) -> dict[str, jax.Array]:
   delta = (first - base[None]).reshape(first.shape[0], -1)
   base = base.reshape(-1)
   return dict(
-      first_dot=_gram(first),
-      precond_dot=_gram(precond),
-      delta_base=delta @ base if base.size else jnp.zeros(first.shape[0]),
-      delta_sq=jnp.sum(delta * delta, axis=1),
-      base_sq=jnp.sum(base * base),
+    first_dot=_gram(first),
+    precond_dot=_gram(precond),
+    delta_base=delta @ base if base.size else jnp.zeros(first.shape[0]),
+    delta_sq=jnp.sum(delta * delta, axis=1),
+    base_sq=jnp.sum(base * base),
   )
 
 
@@ -105,12 +107,12 @@ def _finish(sums: dict[str, jax.Array], a: int, b: int) -> ConflictDiagnostics:
   first_sq = jnp.diagonal(sums["first_dot"])
   precond_sq = jnp.diagonal(sums["precond_dot"])
   return ConflictDiagnostics(
-      update_cosine=cosine(sums["first_dot"][a, b], first_sq[a], first_sq[b]),
-      preconditioned_cosine=cosine(sums["precond_dot"][a, b], precond_sq[a], precond_sq[b]),
-      delta_base_cosine=cosine(sums["delta_base"], sums["delta_sq"], sums["base_sq"]),
-      update_norm=jnp.sqrt(first_sq),
-      delta_norm=jnp.sqrt(sums["delta_sq"]),
-      base_norm=jnp.sqrt(sums["base_sq"]),
+    update_cosine=cosine(sums["first_dot"][a, b], first_sq[a], first_sq[b]),
+    preconditioned_cosine=cosine(sums["precond_dot"][a, b], precond_sq[a], precond_sq[b]),
+    delta_base_cosine=cosine(sums["delta_base"], sums["delta_sq"], sums["base_sq"]),
+    update_norm=jnp.sqrt(first_sq),
+    delta_norm=jnp.sqrt(sums["delta_sq"]),
+    base_norm=jnp.sqrt(sums["base_sq"]),
   )
 
 
@@ -119,23 +121,25 @@ def _diagnose(terms_per_leaf, like, a, b):
   treedef = jax.tree.structure(like)
   leaf_sums = [_sums(*terms) for terms in treedef.flatten_up_to(terms_per_leaf)]
   per_leaf = [_finish(s, a, b) for s in leaf_sums]
-  per_leaf = ConflictDiagnostics(*(  # one tree per field
-      treedef.unflatten([getattr(d, f) for d in per_leaf])
-      for f in ConflictDiagnostics._fields))
+  per_leaf = ConflictDiagnostics(
+    *(  # one tree per field
+      treedef.unflatten([getattr(d, f) for d in per_leaf]) for f in ConflictDiagnostics._fields
+    )
+  )
   total = _finish(jax.tree.map(lambda *xs: sum(xs), *leaf_sums), a, b)
   return per_leaf, total
 
 
 def dualoptim_plus_diagnostics(
-    opt_state: Any,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    a: int = objectives.FORGET,
-    b: int = objectives.RETAIN,
+  opt_state: Any,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  a: int = objectives.FORGET,
+  b: int = objectives.RETAIN,
 ) -> tuple[ConflictDiagnostics, ConflictDiagnostics]:
   """Conflict diagnostics of a DualOptim+ state, as of its last step.
 
@@ -179,13 +183,13 @@ def dualoptim_plus_diagnostics(
 
 
 def dualoptim_diagnostics(
-    opt_state: Any,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    a: int = objectives.FORGET,
-    b: int = objectives.RETAIN,
+  opt_state: Any,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  a: int = objectives.FORGET,
+  b: int = objectives.RETAIN,
 ) -> tuple[ConflictDiagnostics, ConflictDiagnostics]:
   """Conflict diagnostics of a DualOptim state (no base: deltas are the moments).
 

@@ -14,7 +14,8 @@ A caller may instead name the objective of a step through optax's extra-args mec
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,7 @@ def check_step_count(name: str, value: Any) -> None:
     return
   as_float = float(value)
   if as_float != int(as_float) or as_float < 0:
-    raise ValueError(
-        f"{name} must be a non-negative integer number of steps, got {name}={value!r}")
+    raise ValueError(f"{name} must be a non-negative integer number of steps, got {name}={value!r}")
 
 
 def validate_objective_steps(steps: Sequence[Any], name: str = "objective_steps") -> None:
@@ -72,9 +72,10 @@ def scheduled_objective(step: jax.Array, objective_steps: Sequence[Any]) -> jax.
     [0, 1, 1, 0, 1, 1]
   """
   steps = jnp.asarray(
-      np.asarray(objective_steps, np.int32) if all(
-          _numerics.is_concrete_number(s) for s in objective_steps)
-      else jnp.stack([jnp.asarray(s, jnp.int32) for s in objective_steps]))
+    np.asarray(objective_steps, np.int32)
+    if all(_numerics.is_concrete_number(s) for s in objective_steps)
+    else jnp.stack([jnp.asarray(s, jnp.int32) for s in objective_steps])
+  )
   ends = jnp.cumsum(steps)
   position = jnp.asarray(step, jnp.int32) % ends[-1]
   # Objectives with zero steps have an empty interval and are never chosen.
@@ -83,8 +84,9 @@ def scheduled_objective(step: jax.Array, objective_steps: Sequence[Any]) -> jax.
 
 def _raise_unknown_objective(objective: Any, num_objectives: int) -> None:
   raise ValueError(
-      f"objective={int(objective)} is not a valid objective id; expected an integer in "
-      f"[0, {num_objectives}) (FORGET={FORGET}, RETAIN={RETAIN})")
+    f"objective={int(objective)} is not a valid objective id; expected an integer in "
+    f"[0, {num_objectives}) (FORGET={FORGET}, RETAIN={RETAIN})"
+  )
 
 
 def checked_objective(objective: Any, num_objectives: int) -> jax.Array:
@@ -101,25 +103,27 @@ def checked_objective(objective: Any, num_objectives: int) -> jax.Array:
     as_float = float(objective)
     if as_float != int(as_float) or not 0 <= as_float < num_objectives:
       raise ValueError(
-          f"objective={objective!r} is not a valid objective id; expected an integer in "
-          f"[0, {num_objectives}) (FORGET={FORGET}, RETAIN={RETAIN})")
+        f"objective={objective!r} is not a valid objective id; expected an integer in "
+        f"[0, {num_objectives}) (FORGET={FORGET}, RETAIN={RETAIN})"
+      )
     return jnp.int32(int(as_float))
   objective = jnp.asarray(objective)
   if objective.shape != () or not jnp.issubdtype(objective.dtype, jnp.integer):
     raise ValueError(
-        f"objective must be an integer scalar, got shape {objective.shape} and dtype "
-        f"{objective.dtype}")
+      f"objective must be an integer scalar, got shape {objective.shape} and dtype "
+      f"{objective.dtype}"
+    )
   objective = objective.astype(jnp.int32)
   invalid = (objective < 0) | (objective >= num_objectives)
   jax.lax.cond(
-      invalid,
-      lambda: jax.debug.callback(_raise_unknown_objective, objective, num_objectives),
-      lambda: None)
+    invalid,
+    lambda: jax.debug.callback(_raise_unknown_objective, objective, num_objectives),
+    lambda: None,
+  )
   return objective
 
 
-def active_objective(
-    step: jax.Array, objective: Any, objective_steps: Sequence[Any]) -> jax.Array:
+def active_objective(step: jax.Array, objective: Any, objective_steps: Sequence[Any]) -> jax.Array:
   """The objective a step serves: ``objective`` if given, else the schedule's choice."""
   if objective is None:
     return scheduled_objective(step, objective_steps)

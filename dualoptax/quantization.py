@@ -67,8 +67,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -158,10 +159,10 @@ def create_dynamic_map(signed: bool) -> np.ndarray:
   """
   entries = [np.float32(0.0), np.float32(1.0)]
   for decade in range(_NUM_DECADES):
-    intervals = 2**decade if signed else 2**(decade + 1)
+    intervals = 2**decade if signed else 2 ** (decade + 1)
     edges = _linspace_f32(_FRACTION_LOW, _FRACTION_HIGH, intervals + 1)
     midpoints = (edges[:-1] + edges[1:]) / np.float32(2.0)
-    scale = np.float32(10.0**(decade - (_NUM_DECADES - 1)))
+    scale = np.float32(10.0 ** (decade - (_NUM_DECADES - 1)))
     magnitudes = scale * midpoints  # float32 * float32, one rounding.
     entries.extend(magnitudes)
     if signed:
@@ -175,7 +176,8 @@ def lut_grid() -> np.ndarray:
   """The float32 grid ``-1 + 2 i / 65535`` (i = 0 .. 65535) the lookup table is indexed by."""
   i = np.arange(NUM_GRID_POINTS, dtype=np.float32)
   return (np.float32(-1.0) + np.float32(2.0) * i / np.float32(NUM_GRID_POINTS - 1)).astype(
-      np.float32)
+    np.float32
+  )
 
 
 def make_code_lut(code_map: np.ndarray) -> np.ndarray:
@@ -292,8 +294,9 @@ def grid_indices(rows: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array
   # Past absmax = 2**126 the reciprocal is a subnormal, which XLA:CPU flushes to zero
   # (every code would become that of 0). Such blocks are scaled by 2**-64 first, exactly,
   # keeping the reciprocal normal; for all other blocks the scale is 1 and changes nothing.
-  prescale = jnp.where(absmax >= _LARGEST_NORMAL_RECIPROCAL_ABSMAX, jnp.float32(2.0**-64),
-                       jnp.float32(1.0))
+  prescale = jnp.where(
+    absmax >= _LARGEST_NORMAL_RECIPROCAL_ABSMAX, jnp.float32(2.0**-64), jnp.float32(1.0)
+  )
   inverse = jnp.float32(1.0) / (absmax * prescale)
   prescaled = rows * _per_element(prescale, size, block_size)
   y = jnp.clip(prescaled * _per_element(inverse, size, block_size), -1.0, 1.0)
@@ -310,8 +313,7 @@ def grid_indices(rows: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array
   return jnp.where(zero_block, -1, grid_index), absmax
 
 
-def lookup_indices(grid_index: jax.Array, lut_offsets: jax.Array,
-                   zero_index: int) -> jax.Array:
+def lookup_indices(grid_index: jax.Array, lut_offsets: jax.Array, zero_index: int) -> jax.Array:
   """Where each row's codes are in a :func:`stacked_luts` table: ``lut_offsets[row] +
   grid_index``, and ``zero_index`` (an entry holding code 0) for all-zero blocks.
 
@@ -351,8 +353,9 @@ def stacked_luts(tables: Sequence[QuantizationTables]) -> tuple[jax.Array, jax.A
   return lut, jnp.asarray(offsets, jnp.int32), len(distinct) * NUM_GRID_POINTS
 
 
-def _quantize_rows(rows: jax.Array, tables: Sequence[QuantizationTables],
-                   block_size: int) -> tuple[jax.Array, jax.Array]:
+def _quantize_rows(
+  rows: jax.Array, tables: Sequence[QuantizationTables], block_size: int
+) -> tuple[jax.Array, jax.Array]:
   """The reference rule on each row of ``rows`` (rows, n) with that row's tables.
   Returns codes (rows, n), absmax (rows, blocks)."""
   grid_index, absmax = grid_indices(rows, block_size)
@@ -361,9 +364,7 @@ def _quantize_rows(rows: jax.Array, tables: Sequence[QuantizationTables],
 
 
 def quantize_blockwise(
-    x: jax.Array,
-    tables: QuantizationTables,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+  x: jax.Array, tables: QuantizationTables, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[jax.Array, jax.Array]:
   """Quantizes ``x`` block-wise with the reference CPU rule (see the module docstring).
 
@@ -389,9 +390,7 @@ def quantize_blockwise(
 
 
 def quantize_blockwise_stacked(
-    xs: jax.Array,
-    tables: Sequence[QuantizationTables],
-    block_size: int = DEFAULT_BLOCK_SIZE,
+  xs: jax.Array, tables: Sequence[QuantizationTables], block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`quantize_blockwise` of each row of ``xs`` with its own tables, in one pass.
 
@@ -410,16 +409,17 @@ def quantize_blockwise_stacked(
   _check_block_size(block_size)
   xs = jnp.asarray(xs, jnp.float32)
   if xs.ndim != 2 or len(tables) != xs.shape[0]:
-    raise ValueError(f"expected one table per row of a 2-D array, got {xs.shape} and "
-                     f"{len(tables)} tables")
+    raise ValueError(
+      f"expected one table per row of a 2-D array, got {xs.shape} and {len(tables)} tables"
+    )
   return _quantize_rows(xs, tables, block_size)
 
 
 def dequantize_blockwise(
-    codes: jax.Array,
-    absmax: jax.Array,
-    tables: QuantizationTables,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+  codes: jax.Array,
+  absmax: jax.Array,
+  tables: QuantizationTables,
+  block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
   """``code_map[code] * absmax[block]`` in float32, in the shape of ``codes``.
 
@@ -438,8 +438,9 @@ def dequantize_blockwise(
   expected_blocks = num_blocks(codes.size, block_size)
   if absmax.shape != (expected_blocks,):
     raise ValueError(
-        f"absmax has shape {absmax.shape}, expected ({expected_blocks},) for "
-        f"{codes.size} codes in blocks of {block_size}")
+      f"absmax has shape {absmax.shape}, expected ({expected_blocks},) for "
+      f"{codes.size} codes in blocks of {block_size}"
+    )
   flat = codes.reshape(-1).astype(jnp.int32)
   values = jnp.take(jnp.asarray(tables.code_map, jnp.float32), flat, mode="clip")
   return (values * _per_element(absmax, flat.size, block_size)).reshape(codes.shape)
@@ -451,9 +452,9 @@ def dequantize_blockwise(
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["codes", "absmax"],
-    meta_fields=["block_size", "signed"],
+  jax.tree_util.register_dataclass,
+  data_fields=["codes", "absmax"],
+  meta_fields=["block_size", "signed"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
@@ -478,12 +479,12 @@ class QuantizedArray:
 
   @classmethod
   def quantize(
-      cls,
-      x: jax.Array,
-      tables: Optional[QuantizationTables] = None,
-      block_size: int = DEFAULT_BLOCK_SIZE,
-      signed: bool = True,
-  ) -> "QuantizedArray":
+    cls,
+    x: jax.Array,
+    tables: QuantizationTables | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    signed: bool = True,
+  ) -> QuantizedArray:
     """Quantizes ``x`` with the ``signed`` (or unsigned) map.
 
     Args:
@@ -502,7 +503,7 @@ class QuantizedArray:
     codes, absmax = quantize_blockwise(x, tables, block_size)
     return cls(codes=codes, absmax=absmax, block_size=block_size, signed=bool(signed))
 
-  def dequantize(self, tables: Optional[QuantizationTables] = None) -> jax.Array:
+  def dequantize(self, tables: QuantizationTables | None = None) -> jax.Array:
     """Float32 values of the original shape (``tables`` None: :func:`tables_for`)."""
     if tables is None:
       tables = tables_for(self.signed)
@@ -522,21 +523,20 @@ class QuantizedArray:
   def nbytes(self) -> int:
     """Bytes held by codes and absmax (works on tracers and abstract arrays too)."""
     return sum(
-        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-        for leaf in (self.codes, self.absmax))
+      math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in (self.codes, self.absmax)
+    )
 
 
 def quantize(
-    x: jax.Array,
-    tables: Optional[QuantizationTables] = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    signed: bool = True,
+  x: jax.Array,
+  tables: QuantizationTables | None = None,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  signed: bool = True,
 ) -> QuantizedArray:
   """Functional form of :meth:`QuantizedArray.quantize`."""
   return QuantizedArray.quantize(x, tables, block_size, signed)
 
 
-def dequantize(
-    quantized: QuantizedArray, tables: Optional[QuantizationTables] = None) -> jax.Array:
+def dequantize(quantized: QuantizedArray, tables: QuantizationTables | None = None) -> jax.Array:
   """Functional form of :meth:`QuantizedArray.dequantize`."""
   return quantized.dequantize(tables)

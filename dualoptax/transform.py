@@ -21,17 +21,17 @@ copied by XLA:CPU every step (see ``_moments.update_row`` and ``tests/dualoptax/
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax import tree as otu
 
 from dualoptax import _checks, _moments, _numerics, _tree, objectives
 from dualoptax._moments import Precision
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 class ScaleByDualOptimPlusState(NamedTuple):
@@ -43,7 +43,7 @@ class ScaleByDualOptimPlusState(NamedTuple):
   base_nu: optax.Updates  # V: EMA of every step's squared gradient.
   delta_mu: optax.Updates  # D: per objective, EMA of g - Bh; leaves (K, *param.shape).
   delta_nu: optax.Updates  # E: per objective, EMA of g^2 - Vh; may be negative.
-  tables: Optional[_moments.StateTables] = None  # code tables when states are 8-bit.
+  tables: _moments.StateTables | None = None  # code tables when states are 8-bit.
 
 
 class ScaleByDualOptimState(NamedTuple):
@@ -53,7 +53,7 @@ class ScaleByDualOptimState(NamedTuple):
   objective_counts: jax.Array  # int32 (K,), steps taken per objective.
   mu: optax.Updates  # per objective Adam first moment; leaves (K, *param.shape).
   nu: optax.Updates  # per objective Adam second moment; leaves (K, *param.shape).
-  tables: Optional[_moments.StateTables] = None  # code tables when states are 8-bit.
+  tables: _moments.StateTables | None = None  # code tables when states are 8-bit.
 
 
 class ScaleByObjectiveLearningRateState(NamedTuple):
@@ -62,20 +62,24 @@ class ScaleByObjectiveLearningRateState(NamedTuple):
   count: jax.Array  # int32 (), steps taken: input to the schedule and the lr schedule.
 
 
-def _zero_moments(params, precision: Precision, quantize: bool, signed: bool,
-                  num_objectives: Optional[int] = None) -> Any:
+def _zero_moments(
+  params, precision: Precision, quantize: bool, signed: bool, num_objectives: int | None = None
+) -> Any:
   """Zero moments like ``params`` (stacked K times if ``num_objectives``)."""
   which = precision.which_leaves(params)
   return jax.tree.map(
-      lambda p, q: precision.zeros(p, quantize and q, signed, num_objectives), params, which)
+    lambda p, q: precision.zeros(p, quantize and q, signed, num_objectives), params, which
+  )
 
 
 def _moment_shapes(moments: Any, stacked: bool = False) -> Any:
   """Shapes of the parameters ``moments`` were built for (rows of stacked moments), with
   8-bit moments as single leaves, to check incoming updates against."""
+
   def shape_of(m):
     shape = m.codes.shape if isinstance(m, _moments.quantization.QuantizedArray) else m.shape
     return jax.ShapeDtypeStruct(shape[1:] if stacked else shape, jnp.float32)
+
   return jax.tree.map(shape_of, moments, is_leaf=_moments.is_moment_leaf)
 
 
@@ -87,15 +91,15 @@ def _check_common(b1: Any, b2: Any, eps: Any, objective_steps: Sequence[Any]) ->
 
 
 def scale_by_dualoptim_plus(
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    objective_steps: Sequence[int] = (1, 1),
-    precision: Precision = Precision(),
-    quantize_base: bool = True,
-    quantize_deltas: bool = True,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  objective_steps: Sequence[int] = (1, 1),
+  precision: Precision = Precision(),
+  quantize_base: bool = True,
+  quantize_deltas: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by the DualOptim+ rule (shared base + per-objective deltas).
 
@@ -151,13 +155,13 @@ def scale_by_dualoptim_plus(
 
   def init_fn(params):
     return ScaleByDualOptimPlusState(
-        count=jnp.zeros([], jnp.int32),
-        objective_counts=jnp.zeros([num_objectives], jnp.int32),
-        base_mu=_zero_moments(params, precision, quantize_base, signed=True),
-        base_nu=_zero_moments(params, precision, quantize_base, signed=False),
-        delta_mu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
-        delta_nu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
-        tables=precision.tables(),
+      count=jnp.zeros([], jnp.int32),
+      objective_counts=jnp.zeros([num_objectives], jnp.int32),
+      base_mu=_zero_moments(params, precision, quantize_base, signed=True),
+      base_nu=_zero_moments(params, precision, quantize_base, signed=False),
+      delta_mu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
+      delta_nu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
+      tables=precision.tables(),
     )
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
@@ -200,15 +204,16 @@ def scale_by_dualoptim_plus(
         """(B, V, D_o, E_o) after this step, from their values before it."""
         g_sq = r(g32 * g32)
         mu_hat_base, nu_hat_base = base_hats(bm, bn)
-        return (r(base_b1 * bm) + one_minus_bb1 * g32,
-                r(base_b2 * bn) + one_minus_bb2 * g_sq,
-                r(b1 * dm) + r(one_minus_b1 * (g32 - mu_hat_base)),
-                r(b2 * dn) + r(one_minus_b2 * (g_sq - nu_hat_base)))
+        return (
+          r(base_b1 * bm) + one_minus_bb1 * g32,
+          r(base_b2 * bn) + one_minus_bb2 * g_sq,
+          r(b1 * dm) + r(one_minus_b1 * (g32 - mu_hat_base)),
+          r(b2 * dn) + r(one_minus_b2 * (g_sq - nu_hat_base)),
+        )
 
       def direction_from(bm, bn, d, e):
         mu_hat_base, nu_hat_base = base_hats(bm, bn)
-        return (d / delta_c1 + mu_hat_base) / (
-            jnp.sqrt(jnp.abs(e / delta_c2 + nu_hat_base)) + eps)
+        return (d / delta_c1 + mu_hat_base) / (jnp.sqrt(jnp.abs(e / delta_c2 + nu_hat_base)) + eps)
 
       def step(g32, bm, bn, dm, dn):
         new = new_moments(g32, bm, bn, dm, dn)
@@ -218,40 +223,54 @@ def scale_by_dualoptim_plus(
       if precision.chunked(stored):
         # One loop over chunks reads the old codes, writes the new ones in place and
         # produces the direction (see `_moments.update_quantized`).
-        (new_base_mu, new_base_nu, delta_mu, delta_nu), (direction,) = (
-            _moments.update_quantized(step, g32, stored, (None, None, active, active),
-                                      tables, guard, output_dtypes=(g.dtype,)))
+        (new_base_mu, new_base_nu, delta_mu, delta_nu), (direction,) = _moments.update_quantized(
+          step, g32, stored, (None, None, active, active), tables, guard, output_dtypes=(g.dtype,)
+        )
       else:
         old_base_mu = _moments.load(base_mu, tables)
         old_base_nu = _moments.load(base_nu, tables)
         new_base_mu, new_base_nu = (
-            _moments.store(value, like, tables) for value, like in zip(
-                new_moments(g32, old_base_mu, old_base_nu, 0.0, 0.0)[:2], stored))
+          _moments.store(value, like, tables)
+          for value, like in zip(new_moments(g32, old_base_mu, old_base_nu, 0.0, 0.0)[:2], stored)
+        )
         delta_mu, d = _moments.update_row(
-            delta_mu, lambda dm: new_moments(g32, old_base_mu, old_base_nu, dm, 0.0)[2],
-            active, tables)
+          delta_mu,
+          lambda dm: new_moments(g32, old_base_mu, old_base_nu, dm, 0.0)[2],
+          active,
+          tables,
+        )
         delta_nu, e = _moments.update_row(
-            delta_nu, lambda dn: new_moments(g32, old_base_mu, old_base_nu, 0.0, dn)[3],
-            active, tables)
+          delta_nu,
+          lambda dn: new_moments(g32, old_base_mu, old_base_nu, 0.0, dn)[3],
+          active,
+          tables,
+        )
         direction = direction_from(old_base_mu, old_base_nu, d, e)
       return (direction.astype(g.dtype), new_base_mu, new_base_nu, delta_mu, delta_nu)
 
     out = jax.tree.map(
-        leaf_update, updates, state.base_mu, state.base_nu, state.delta_mu, state.delta_nu)
+      leaf_update, updates, state.base_mu, state.base_nu, state.delta_mu, state.delta_nu
+    )
     direction, base_mu, base_nu, delta_mu, delta_nu = _tree.unzip(out, updates, 5)
     return direction, ScaleByDualOptimPlusState(
-        count=count, objective_counts=objective_counts, base_mu=base_mu,
-        base_nu=base_nu, delta_mu=delta_mu, delta_nu=delta_nu, tables=tables)
+      count=count,
+      objective_counts=objective_counts,
+      base_mu=base_mu,
+      base_nu=base_nu,
+      delta_mu=delta_mu,
+      delta_nu=delta_nu,
+      tables=tables,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_dualoptim(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    objective_steps: Sequence[int] = (1, 1),
-    precision: Precision = Precision(),
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  objective_steps: Sequence[int] = (1, 1),
+  precision: Precision = Precision(),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Adam on the active objective's own moments (DualOptim).
 
@@ -279,17 +298,16 @@ def scale_by_dualoptim(
 
   def init_fn(params):
     return ScaleByDualOptimState(
-        count=jnp.zeros([], jnp.int32),
-        objective_counts=jnp.zeros([num_objectives], jnp.int32),
-        mu=_zero_moments(params, precision, True, True, num_objectives),
-        nu=_zero_moments(params, precision, True, False, num_objectives),
-        tables=precision.tables(),
+      count=jnp.zeros([], jnp.int32),
+      objective_counts=jnp.zeros([num_objectives], jnp.int32),
+      mu=_zero_moments(params, precision, True, True, num_objectives),
+      nu=_zero_moments(params, precision, True, False, num_objectives),
+      tables=precision.tables(),
     )
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    _checks.check_tree_matches(
-        updates, _moment_shapes(state.mu, stacked=True), "DualOptim state")
+    _checks.check_tree_matches(updates, _moment_shapes(state.mu, stacked=True), "DualOptim state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     objective_counts = state.objective_counts.at[active].add(1)
     active_count = objective_counts[active]
@@ -319,7 +337,8 @@ def scale_by_dualoptim(
           return (m, v), (direction_from(m, v),)
 
         (mu, nu), (direction,) = _moments.update_quantized(
-            step, g32, (mu, nu), (active, active), tables, guard, output_dtypes=(g.dtype,))
+          step, g32, (mu, nu), (active, active), tables, guard, output_dtypes=(g.dtype,)
+        )
         return direction, mu, nu
       mu, m = _moments.update_row(mu, lambda mo: new_mu(g32, mo), active, tables)
       nu, v = _moments.update_row(nu, lambda no: new_nu(g32, no), active, tables)
@@ -328,16 +347,20 @@ def scale_by_dualoptim(
     out = jax.tree.map(leaf_update, updates, state.mu, state.nu)
     direction, mu, nu = _tree.unzip(out, updates, 3)
     return direction, ScaleByDualOptimState(
-        count=optax.safe_increment(state.count), objective_counts=objective_counts,
-        mu=mu, nu=nu, tables=tables)
+      count=optax.safe_increment(state.count),
+      objective_counts=objective_counts,
+      mu=mu,
+      nu=nu,
+      tables=tables,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_objective_learning_rate(
-    learning_rate: ScalarOrSchedule,
-    lr_ratios: Sequence[float] = (1.0, 1.0),
-    objective_steps: Sequence[int] = (1, 1),
+  learning_rate: ScalarOrSchedule,
+  lr_ratios: Sequence[float] = (1.0, 1.0),
+  objective_steps: Sequence[int] = (1, 1),
 ) -> optax.GradientTransformationExtraArgs:
   """Scales updates by ``-learning_rate * lr_ratios[o]`` for the active objective ``o``.
 
@@ -355,12 +378,14 @@ def scale_by_objective_learning_rate(
   _checks.check_non_negative("learning_rate", learning_rate)
   objectives.validate_objective_steps(objective_steps)
   _checks.check_same_length(
-      "lr_ratios", lr_ratios, len(objective_steps), "the length of objective_steps")
+    "lr_ratios", lr_ratios, len(objective_steps), "the length of objective_steps"
+  )
   for i, ratio in enumerate(lr_ratios):
     _checks.check_non_negative(f"lr_ratios[{i}]", ratio)
   constant_rates = None
   if not callable(learning_rate) and all(
-      _numerics.is_concrete_number(v) for v in (learning_rate, *lr_ratios)):
+    _numerics.is_concrete_number(v) for v in (learning_rate, *lr_ratios)
+  ):
     # As the reference: lr * ratio in float64, rounded once to float32.
     constant_rates = tuple(float(learning_rate) * float(r) for r in lr_ratios)
 

@@ -37,7 +37,7 @@ class KVCache(NamedTuple):
 
 
 def _attention_fwd(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
   # A finite fill keeps fully-masked rows (padding queries) NaN-free.
@@ -48,7 +48,7 @@ def _attention_fwd(
 
 
 def _attention_bwd(
-    scale: float, residuals: tuple[jax.Array, ...], g: jax.Array
+  scale: float, residuals: tuple[jax.Array, ...], g: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, None]:
   q, k, v, mask, probs = residuals
   g_probs = jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32)
@@ -65,7 +65,7 @@ def _attention_bwd(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
 ) -> jax.Array:
   """Softmax attention on head-major operands, with a hand-written backward.
 
@@ -85,7 +85,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
 ) -> jax.Array:
   """Masked softmax attention with grouped key/value heads.
 
@@ -134,10 +134,18 @@ class Attention(nnx.Module):
     q_width = config.num_heads * config.head_dim
     kv_width = config.num_kv_heads * config.head_dim
     kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-    self.q_proj = Dense(d, q_width, (sharding.EMBED, sharding.HEADS), use_bias=config.qkv_bias, **kw)
-    self.k_proj = Dense(d, kv_width, (sharding.EMBED, sharding.KV_HEADS), use_bias=config.qkv_bias, **kw)
-    self.v_proj = Dense(d, kv_width, (sharding.EMBED, sharding.KV_HEADS), use_bias=config.qkv_bias, **kw)
-    self.o_proj = Dense(q_width, d, (sharding.HEADS, sharding.EMBED), use_bias=config.attn_out_bias, **kw)
+    self.q_proj = Dense(
+      d, q_width, (sharding.EMBED, sharding.HEADS), use_bias=config.qkv_bias, **kw
+    )
+    self.k_proj = Dense(
+      d, kv_width, (sharding.EMBED, sharding.KV_HEADS), use_bias=config.qkv_bias, **kw
+    )
+    self.v_proj = Dense(
+      d, kv_width, (sharding.EMBED, sharding.KV_HEADS), use_bias=config.qkv_bias, **kw
+    )
+    self.o_proj = Dense(
+      q_width, d, (sharding.HEADS, sharding.EMBED), use_bias=config.attn_out_bias, **kw
+    )
     if config.qk_layernorm:
       norm_kw = dict(axes=(sharding.HEAD_DIM,), **kw)
       self.q_norm = LayerNorm(config.head_dim, config.norm_eps, **norm_kw)
@@ -151,13 +159,13 @@ class Attention(nnx.Module):
     return (self.q_proj, self.k_proj, self.v_proj)
 
   def __call__(
-      self,
-      x: jax.Array,
-      mask: jax.Array,
-      rope: tuple[jax.Array, jax.Array] | None,
-      cache: KVCache | None = None,
-      cache_index: jax.Array | int = 0,
-      projected: list[jax.Array] | None = None,
+    self,
+    x: jax.Array,
+    mask: jax.Array,
+    rope: tuple[jax.Array, jax.Array] | None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+    projected: list[jax.Array] | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Attends `x` to itself (and to the cache, if given).
 
@@ -191,8 +199,8 @@ class Attention(nnx.Module):
     if cache is not None:
       start = (0, cache_index, 0, 0)
       cache = KVCache(
-          jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-          jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
       )
       k, v = cache.k, cache.v
     out = dot_product_attention(q, k, v, mask, self.scale)

@@ -31,40 +31,52 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 # Tensors HF checkpoints may contain that are buffers, not parameters.
-_IGNORED = (
-    re.compile(r"rotary_emb\.inv_freq$"),
-    re.compile(r"\.attn\.(masked_)?bias$"),
-)
+_IGNORED = (re.compile(r"rotary_emb\.inv_freq$"), re.compile(r"\.attn\.(masked_)?bias$"))
 
 # Our module path -> HF module name, per family (within a layer, then global).
 _LAYER_MODULES = {
-    "phi": {
-        "attn_norm": "input_layernorm", "attn.q_proj": "self_attn.q_proj",
-        "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-        "attn.o_proj": "self_attn.dense", "attn.q_norm": "self_attn.q_layernorm",
-        "attn.k_norm": "self_attn.k_layernorm", "mlp.up_proj": "mlp.fc1",
-        "mlp.down_proj": "mlp.fc2",
-    },
-    "llama": {
-        "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-        "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
-        "attn.v_proj": "self_attn.v_proj", "attn.o_proj": "self_attn.o_proj",
-        "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
-        "mlp.down_proj": "mlp.down_proj",
-    },
-    "gpt2": {
-        "attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.q_proj": "attn.c_attn",
-        "attn.k_proj": "attn.c_attn", "attn.v_proj": "attn.c_attn",
-        "attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc",
-        "mlp.down_proj": "mlp.c_proj",
-    },
+  "phi": {
+    "attn_norm": "input_layernorm",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.o_proj": "self_attn.dense",
+    "attn.q_norm": "self_attn.q_layernorm",
+    "attn.k_norm": "self_attn.k_layernorm",
+    "mlp.up_proj": "mlp.fc1",
+    "mlp.down_proj": "mlp.fc2",
+  },
+  "llama": {
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+  },
+  "gpt2": {
+    "attn_norm": "ln_1",
+    "mlp_norm": "ln_2",
+    "attn.q_proj": "attn.c_attn",
+    "attn.k_proj": "attn.c_attn",
+    "attn.v_proj": "attn.c_attn",
+    "attn.o_proj": "attn.c_proj",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+  },
 }
 _LAYER_PREFIX = {"phi": "model.layers", "llama": "model.layers", "gpt2": "transformer.h"}
 _GLOBAL_MODULES = {
-    "phi": {"embed": "model.embed_tokens", "final_norm": "model.final_layernorm"},
-    "llama": {"embed": "model.embed_tokens", "final_norm": "model.norm"},
-    "gpt2": {"embed": "transformer.wte", "pos_embed": "transformer.wpe",
-             "final_norm": "transformer.ln_f"},
+  "phi": {"embed": "model.embed_tokens", "final_norm": "model.final_layernorm"},
+  "llama": {"embed": "model.embed_tokens", "final_norm": "model.norm"},
+  "gpt2": {
+    "embed": "transformer.wte",
+    "pos_embed": "transformer.wpe",
+    "final_norm": "transformer.ln_f",
+  },
 }
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -112,9 +124,9 @@ def _hf_spec(config: ModelConfig, path: str) -> TensorSpec:
 def _param_variables(model: CausalLM) -> dict[str, nnx.Variable]:
   """Our base parameters by dotted path (LoRA adapters excluded)."""
   return {
-      ".".join(map(str, path)): node
-      for path, node in nnx.iter_graph(model)
-      if isinstance(node, nnx.Param) and "lora" not in path
+    ".".join(map(str, path)): node
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Param) and "lora" not in path
   }
 
 
@@ -136,8 +148,8 @@ def _read_config(path: Path) -> Any:
   model_type = json.loads(config_file.read_text()).get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(
-        f"Unsupported model_type {model_type!r} in {config_file}; supported "
-        f"model types are {', '.join(SUPPORTED_MODEL_TYPES)}."
+      f"Unsupported model_type {model_type!r} in {config_file}; supported "
+      f"model types are {', '.join(SUPPORTED_MODEL_TYPES)}."
     )
   import transformers  # deferred: heavy, and only needed for I/O
 
@@ -157,13 +169,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
   if single_file.is_file():
     with safetensors.safe_open(str(single_file), framework="flax") as f:
       return {name: single_file for name in f.keys()}
-  raise FileNotFoundError(
-      f"No weights in {path}: expected {single_file} or {index_file}."
-  )
+  raise FileNotFoundError(f"No weights in {path}: expected {single_file} or {index_file}.")
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None
+  path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None
 ) -> tuple[CausalLM, ModelConfig]:
   """Loads an HF causal LM folder (config.json + safetensors) into a `CausalLM`.
 
@@ -198,8 +208,8 @@ def load_pretrained(
   unexpected = sorted(set(files) - set(specs_by_name) - ignored)
   if missing or unexpected:
     raise ValueError(
-        f"Checkpoint {path} does not match the {config.model_type} model: "
-        f"missing tensors {missing}, unexpected tensors {unexpected}."
+      f"Checkpoint {path} does not match the {config.model_type} model: "
+      f"missing tensors {missing}, unexpected tensors {unexpected}."
     )
 
   shapes = {p: tuple(v.get_value().shape) for p, v in variables.items()}
@@ -214,8 +224,8 @@ def load_pretrained(
       expected = _hf_shape(specs, shapes)
       if actual != expected:
         raise ValueError(
-            f"Shape mismatch for tensor {hf_name!r}: checkpoint has {actual}, "
-            f"the model expects {expected}."
+          f"Shape mismatch for tensor {hf_name!r}: checkpoint has {actual}, "
+          f"the model expects {expected}."
         )
       tensor = handle.get_tensor(hf_name)
       for spec in specs:
@@ -223,7 +233,7 @@ def load_pretrained(
         if spec.fused_part is not None:
           index, count = spec.fused_part
           width = value.shape[-1] // count
-          value = value[..., index * width:(index + 1) * width]
+          value = value[..., index * width : (index + 1) * width]
         if spec.transpose:
           value = value.T
         variables[spec.path].set_value(jnp.asarray(value, dtype=config.param_dtype))
@@ -254,11 +264,11 @@ def export_tensors(model: CausalLM, config: ModelConfig) -> dict[str, jax.Array]
 
 
 def save_pretrained(
-    model: CausalLM,
-    config: ModelConfig,
-    path: str | os.PathLike,
-    tokenizer: Any = None,
-    max_shard_bytes: int | None = None,
+  model: CausalLM,
+  config: ModelConfig,
+  path: str | os.PathLike,
+  tokenizer: Any = None,
+  max_shard_bytes: int | None = None,
 ) -> None:
   """Writes an HF-format folder that transformers' `from_pretrained` can read.
 
@@ -297,7 +307,9 @@ def save_pretrained(
     weight_map = {}
     for i, names in enumerate(shards):
       fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      safetensors.flax.save_file({n: tensors[n] for n in names}, str(path / fname), metadata=metadata)
+      safetensors.flax.save_file(
+        {n: tensors[n] for n in names}, str(path / fname), metadata=metadata
+      )
       weight_map.update({n: fname for n in names})
     (path / WEIGHTS_NAME).unlink(missing_ok=True)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -90,7 +90,7 @@ class ModelConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   hf_config: dict[str, Any] | None = dataclasses.field(
-      default=None, compare=False, hash=False, repr=False
+    default=None, compare=False, hash=False, repr=False
   )
 
   def replace(self, **changes: Any) -> ModelConfig:
@@ -108,7 +108,7 @@ class ModelConfig:
 
   @classmethod
   def from_hf(
-      cls, hf_config: Any, dtype: Any = jnp.float32, param_dtype: Any = None
+    cls, hf_config: Any, dtype: Any = jnp.float32, param_dtype: Any = None
   ) -> ModelConfig:
     """Builds a `ModelConfig` from a `transformers.PretrainedConfig`.
 
@@ -127,23 +127,23 @@ class ModelConfig:
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(
-          f"Unsupported model_type {model_type!r}; supported model types are "
-          f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        f"Unsupported model_type {model_type!r}; supported model types are "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}."
       )
     builder = {"phi": _phi_fields, "llama": _llama_fields, "gpt2": _gpt2_fields}
     fields = builder[model_type](hf_config)
     eos = hf_config.eos_token_id
     return cls(
-        model_type=model_type,
-        vocab_size=hf_config.vocab_size,
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        bos_token_id=hf_config.bos_token_id,
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        pad_token_id=hf_config.pad_token_id,
-        dtype=jnp.dtype(dtype),
-        param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype),
-        hf_config=hf_config.to_dict(),
-        **fields,
+      model_type=model_type,
+      vocab_size=hf_config.vocab_size,
+      tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+      bos_token_id=hf_config.bos_token_id,
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=hf_config.pad_token_id,
+      dtype=jnp.dtype(dtype),
+      param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype),
+      hf_config=hf_config.to_dict(),
+      **fields,
     )
 
 
@@ -158,13 +158,11 @@ def _rope_settings(hf_config: Any) -> tuple[float, float]:
   rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
   if rope_type != "default":
     raise NotImplementedError(
-        f"RoPE scaling type {rope_type!r} is not implemented; only the default "
-        "(unscaled) rotary embedding is supported."
+      f"RoPE scaling type {rope_type!r} is not implemented; only the default "
+      "(unscaled) rotary embedding is supported."
     )
   theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-  fraction = params.get(
-      "partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)
-  )
+  fraction = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
   return float(theta), float(fraction)
 
 
@@ -173,68 +171,68 @@ def _rotary_decoder_fields(c: Any) -> dict[str, Any]:
   theta, fraction = _rope_settings(c)
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
   return dict(
-      hidden_size=c.hidden_size,
-      intermediate_size=c.intermediate_size,
-      num_layers=c.num_hidden_layers,
-      num_heads=c.num_attention_heads,
-      num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-      head_dim=head_dim,
-      activation=c.hidden_act,
-      position_type="rotary",
-      rotary_dim=int(head_dim * fraction),
-      rope_theta=theta,
-      max_position_embeddings=c.max_position_embeddings,
-      attn_scale=head_dim**-0.5,
+    hidden_size=c.hidden_size,
+    intermediate_size=c.intermediate_size,
+    num_layers=c.num_hidden_layers,
+    num_heads=c.num_attention_heads,
+    num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+    head_dim=head_dim,
+    activation=c.hidden_act,
+    position_type="rotary",
+    rotary_dim=int(head_dim * fraction),
+    rope_theta=theta,
+    max_position_embeddings=c.max_position_embeddings,
+    attn_scale=head_dim**-0.5,
   )
 
 
 def _phi_fields(c: Any) -> dict[str, Any]:
   return dict(
-      _rotary_decoder_fields(c),
-      norm_type="layernorm",
-      norm_eps=c.layer_norm_eps,
-      mlp_type="dense",
-      parallel_residual=True,
-      qkv_bias=True,
-      attn_out_bias=True,
-      mlp_bias=True,
-      lm_head_bias=True,
-      qk_layernorm=bool(c.qk_layernorm),
+    _rotary_decoder_fields(c),
+    norm_type="layernorm",
+    norm_eps=c.layer_norm_eps,
+    mlp_type="dense",
+    parallel_residual=True,
+    qkv_bias=True,
+    attn_out_bias=True,
+    mlp_bias=True,
+    lm_head_bias=True,
+    qk_layernorm=bool(c.qk_layernorm),
   )
 
 
 def _llama_fields(c: Any) -> dict[str, Any]:
   return dict(
-      _rotary_decoder_fields(c),
-      norm_type="rmsnorm",
-      norm_eps=c.rms_norm_eps,
-      mlp_type="gated",
-      parallel_residual=False,
-      qkv_bias=bool(c.attention_bias),
-      attn_out_bias=bool(c.attention_bias),
-      mlp_bias=bool(c.mlp_bias),
+    _rotary_decoder_fields(c),
+    norm_type="rmsnorm",
+    norm_eps=c.rms_norm_eps,
+    mlp_type="gated",
+    parallel_residual=False,
+    qkv_bias=bool(c.attention_bias),
+    attn_out_bias=bool(c.attention_bias),
+    mlp_bias=bool(c.mlp_bias),
   )
 
 
 def _gpt2_fields(c: Any) -> dict[str, Any]:
   head_dim = c.n_embd // c.n_head
   return dict(
-      hidden_size=c.n_embd,
-      intermediate_size=c.n_inner or 4 * c.n_embd,
-      num_layers=c.n_layer,
-      num_heads=c.n_head,
-      num_kv_heads=c.n_head,
-      head_dim=head_dim,
-      norm_type="layernorm",
-      norm_eps=c.layer_norm_epsilon,
-      mlp_type="dense",
-      activation=c.activation_function,
-      parallel_residual=False,
-      position_type="learned",
-      max_position_embeddings=c.n_positions,
-      qkv_bias=True,
-      attn_out_bias=True,
-      mlp_bias=True,
-      attn_scale=head_dim**-0.5 if c.scale_attn_weights else 1.0,
-      scale_attn_by_inverse_layer_idx=bool(c.scale_attn_by_inverse_layer_idx),
+    hidden_size=c.n_embd,
+    intermediate_size=c.n_inner or 4 * c.n_embd,
+    num_layers=c.n_layer,
+    num_heads=c.n_head,
+    num_kv_heads=c.n_head,
+    head_dim=head_dim,
+    norm_type="layernorm",
+    norm_eps=c.layer_norm_epsilon,
+    mlp_type="dense",
+    activation=c.activation_function,
+    parallel_residual=False,
+    position_type="learned",
+    max_position_embeddings=c.n_positions,
+    qkv_bias=True,
+    attn_out_bias=True,
+    mlp_bias=True,
+    attn_scale=head_dim**-0.5 if c.scale_attn_weights else 1.0,
+    scale_attn_by_inverse_layer_idx=bool(c.scale_attn_by_inverse_layer_idx),
   )

@@ -9,7 +9,7 @@ compiled program per (shape, max_new_tokens) and no Python loop per token.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,22 +21,24 @@ from models.transformer import CausalLM, default_positions
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
 def _greedy(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    max_new_tokens: int,
-    eos_ids: jax.Array,
-    pad_id: jax.Array,
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  max_new_tokens: int,
+  eos_ids: jax.Array,
+  pad_id: jax.Array,
 ) -> jax.Array:
   model = nnx.merge(graphdef, state)
   config = model.config
   batch, prompt_len = input_ids.shape
-  caches = [KVCache.zeros(batch, prompt_len + max_new_tokens, config)
-            for _ in range(config.num_layers)]
+  caches = [
+    KVCache.zeros(batch, prompt_len + max_new_tokens, config) for _ in range(config.num_layers)
+  ]
   # Generated slots are all real tokens; causality hides the unfilled ones.
   key_valid = jnp.concatenate(
-      [attention_mask.astype(bool), jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    [attention_mask.astype(bool), jnp.ones((batch, max_new_tokens), bool)], axis=1
+  )
   positions = default_positions(attention_mask)
   logits, caches = model.forward_with_cache(input_ids, positions, key_valid, caches, 0)
   next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
@@ -53,8 +55,8 @@ def _greedy(
     out = out.at[:, step].set(token)
     done = done | jnp.isin(token, eos_ids)
     logits, caches = model.forward_with_cache(
-        token[:, None], (last_position + 1 + step)[:, None], key_valid, caches,
-        prompt_len + step)
+      token[:, None], (last_position + 1 + step)[:, None], key_valid, caches, prompt_len + step
+    )
     token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     return step + 1, token, caches, out, done
 
@@ -64,13 +66,13 @@ def _greedy(
 
 
 def generate(
-    model: CausalLM,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
-    *,
-    max_new_tokens: int,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+  model: CausalLM,
+  input_ids: jax.Array,
+  attention_mask: jax.Array | None = None,
+  *,
+  max_new_tokens: int,
+  eos_token_id: int | Sequence[int] | None = None,
+  pad_token_id: int | None = None,
 ) -> jax.Array:
   """Greedy continuation of a left-padded batch of prompts.
 
@@ -106,5 +108,12 @@ def generate(
   # EOS/pad ids are traced (not static) so changing them does not recompile;
   # -1 never matches a token and stands in for "no EOS".
   eos_array = jnp.asarray(eos_ids or (-1,), jnp.int32)
-  return _greedy(graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32),
-                 max_new_tokens, eos_array, jnp.int32(pad_token_id))
+  return _greedy(
+    graphdef,
+    state,
+    input_ids,
+    jnp.asarray(attention_mask, jnp.int32),
+    max_new_tokens,
+    eos_array,
+    jnp.int32(pad_token_id),
+  )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,12 @@ _INIT = nnx.initializers.normal(stddev=0.02)
 
 
 def param(
-    rngs: nnx.Rngs,
-    init: Callable[..., jax.Array],
-    shape: tuple[int, ...],
-    dtype: Any,
-    axes: AxisNames,
-    kind: type[nnx.Param] = nnx.Param,
+  rngs: nnx.Rngs,
+  init: Callable[..., jax.Array],
+  shape: tuple[int, ...],
+  dtype: Any,
+  axes: AxisNames,
+  kind: type[nnx.Param] = nnx.Param,
 ) -> nnx.Param:
   """Creates a `kind` parameter annotated with logical `axes` (not sharded yet)."""
   initializer = nnx.with_partitioning(init, axes, eager_sharding=False)
@@ -59,13 +60,13 @@ gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    # HF "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation.
-    "gelu_new": gelu_tanh,
-    "gelu_pytorch_tanh": gelu_tanh,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "relu": jax.nn.relu,
+  # HF "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation.
+  "gelu_new": gelu_tanh,
+  "gelu_pytorch_tanh": gelu_tanh,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "relu": jax.nn.relu,
 }
 
 
@@ -73,7 +74,7 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   """Returns the activation called `name` in HF configs."""
   if name not in _ACTIVATIONS:
     raise NotImplementedError(
-        f"Activation {name!r} is not implemented; known: {sorted(_ACTIVATIONS)}"
+      f"Activation {name!r} is not implemented; known: {sorted(_ACTIVATIONS)}"
     )
   return _ACTIVATIONS[name]
 
@@ -123,7 +124,7 @@ def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _matmul_bwd(
-    residuals: tuple[jax.Array, jax.Array], g: jax.Array
+  residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   x, kernel = residuals
   return g @ kernel.T, _kernel_grad(x, g)
@@ -147,13 +148,13 @@ def matmul_transposed(x: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 def _matmul_transposed_fwd(
-    x: jax.Array, weight: jax.Array
+  x: jax.Array, weight: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   return x @ weight.T, (x, weight)
 
 
 def _matmul_transposed_bwd(
-    residuals: tuple[jax.Array, jax.Array], g: jax.Array
+  residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   x, weight = residuals
   return g @ weight, materialized_transpose(_kernel_grad(x, g))
@@ -173,15 +174,15 @@ class Dense(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      axes: tuple[str, str],
-      *,
-      use_bias: bool,
-      dtype: Any,
-      param_dtype: Any,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
   ):
     self.in_features = in_features
     self.out_features = out_features
@@ -189,9 +190,9 @@ class Dense(nnx.Module):
     self.dtype = dtype
     self.kernel = param(rngs, _INIT, (in_features, out_features), param_dtype, axes)
     self.bias = (
-        param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],))
-        if use_bias
-        else nnx.data(None)
+      param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],))
+      if use_bias
+      else nnx.data(None)
     )
     self.lora = nnx.data(None)
 
@@ -250,14 +251,14 @@ class Embedding(nnx.Module):
   """Token (or position) embedding table of shape (num_embeddings, features)."""
 
   def __init__(
-      self,
-      num_embeddings: int,
-      features: int,
-      axes: AxisNames,
-      *,
-      dtype: Any,
-      param_dtype: Any,
-      rngs: nnx.Rngs,
+    self,
+    num_embeddings: int,
+    features: int,
+    axes: AxisNames,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
   ):
     self.dtype = dtype
     self.embedding = param(rngs, _INIT, (num_embeddings, features), param_dtype, axes)
@@ -271,7 +272,7 @@ class Embedding(nnx.Module):
 
 
 def _layer_norm_fwd(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+  x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
   mean = x.mean(-1, keepdims=True)
   var = jnp.square(x - mean).mean(-1, keepdims=True)
@@ -281,15 +282,18 @@ def _layer_norm_fwd(
 
 
 def _layer_norm_bwd(
-    eps: float, residuals: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
+  eps: float, residuals: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   del eps
   normed, rstd, scale = residuals
   batch_axes = tuple(range(g.ndim - 1))
   g_normed = g * scale
   # d/dx of (x - mean) * rstd, in the closed form torch's kernel also uses.
-  dx = rstd * (g_normed - g_normed.mean(-1, keepdims=True)
-               - normed * (g_normed * normed).mean(-1, keepdims=True))
+  dx = rstd * (
+    g_normed
+    - g_normed.mean(-1, keepdims=True)
+    - normed * (g_normed * normed).mean(-1, keepdims=True)
+  )
   return dx, (g * normed).sum(batch_axes), g.sum(batch_axes)
 
 
@@ -311,8 +315,14 @@ class LayerNorm(nnx.Module):
   """LayerNorm with scale and bias, statistics in float32 (like torch)."""
 
   def __init__(
-      self, features: int, eps: float, *, dtype: Any, param_dtype: Any,
-      rngs: nnx.Rngs, axes: AxisNames = (sharding.EMBED,)
+    self,
+    features: int,
+    eps: float,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    axes: AxisNames = (sharding.EMBED,),
   ):
     self.eps = eps
     self.dtype = dtype
@@ -320,8 +330,12 @@ class LayerNorm(nnx.Module):
     self.bias = param(rngs, nnx.initializers.zeros, (features,), param_dtype, axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = _layer_norm(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
-                    self.bias[...].astype(jnp.float32), self.eps)
+    y = _layer_norm(
+      x.astype(jnp.float32),
+      self.scale[...].astype(jnp.float32),
+      self.bias[...].astype(jnp.float32),
+      self.eps,
+    )
     return y.astype(self.dtype)
 
 
@@ -329,8 +343,14 @@ class RMSNorm(nnx.Module):
   """Llama RMSNorm: normalise in float32, cast, then multiply by the scale."""
 
   def __init__(
-      self, features: int, eps: float, *, dtype: Any, param_dtype: Any,
-      rngs: nnx.Rngs, axes: AxisNames = (sharding.EMBED,)
+    self,
+    features: int,
+    eps: float,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    axes: AxisNames = (sharding.EMBED,),
   ):
     self.eps = eps
     self.dtype = dtype
@@ -346,8 +366,11 @@ def make_norm(config: Any, rngs: nnx.Rngs) -> LayerNorm | RMSNorm:
   """The residual-stream norm chosen by `config.norm_type`."""
   cls = RMSNorm if config.norm_type == "rmsnorm" else LayerNorm
   return cls(
-      config.hidden_size, config.norm_eps, dtype=config.dtype,
-      param_dtype=config.param_dtype, rngs=rngs,
+    config.hidden_size,
+    config.norm_eps,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    rngs=rngs,
   )
 
 
@@ -355,8 +378,9 @@ class DenseMLP(nnx.Module):
   """Two-layer MLP `down(act(up(x)))` (Phi fc1/fc2, GPT-2 c_fc/c_proj)."""
 
   def __init__(self, config: Any, rngs: nnx.Rngs):
-    kw = dict(use_bias=config.mlp_bias, dtype=config.dtype,
-              param_dtype=config.param_dtype, rngs=rngs)
+    kw = dict(
+      use_bias=config.mlp_bias, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+    )
     d, f = config.hidden_size, config.intermediate_size
     self.up_proj = Dense(d, f, (sharding.EMBED, sharding.MLP), **kw)
     self.down_proj = Dense(f, d, (sharding.MLP, sharding.EMBED), **kw)
@@ -376,8 +400,9 @@ class GatedMLP(nnx.Module):
   """Gated MLP `down(act(gate(x)) * up(x))` (Llama SwiGLU)."""
 
   def __init__(self, config: Any, rngs: nnx.Rngs):
-    kw = dict(use_bias=config.mlp_bias, dtype=config.dtype,
-              param_dtype=config.param_dtype, rngs=rngs)
+    kw = dict(
+      use_bias=config.mlp_bias, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+    )
     d, f = config.hidden_size, config.intermediate_size
     self.gate_proj = Dense(d, f, (sharding.EMBED, sharding.MLP), **kw)
     self.up_proj = Dense(d, f, (sharding.EMBED, sharding.MLP), **kw)

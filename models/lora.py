@@ -49,16 +49,28 @@ class LoRAAdapter(nnx.Module):
   """The low-rank update of one projection: `dropout(x) @ a @ b * scaling`."""
 
   def __init__(
-      self, base: Dense, config: LoRAConfig, rngs: nnx.Rngs, b_init: Any = nnx.initializers.zeros
+    self, base: Dense, config: LoRAConfig, rngs: nnx.Rngs, b_init: Any = nnx.initializers.zeros
   ):
     in_axis, out_axis = base.axes
     dtype = base.kernel.get_value().dtype
     # `a` random (Kaiming-uniform-like, as in the LoRA paper's code), `b` zero.
     a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-    self.a = param(rngs, a_init, (base.in_features, config.rank), dtype,
-                   (in_axis, sharding.LORA_RANK), kind=LoRAParam)
-    self.b = param(rngs, b_init, (config.rank, base.out_features), dtype,
-                   (sharding.LORA_RANK, out_axis), kind=LoRAParam)
+    self.a = param(
+      rngs,
+      a_init,
+      (base.in_features, config.rank),
+      dtype,
+      (in_axis, sharding.LORA_RANK),
+      kind=LoRAParam,
+    )
+    self.b = param(
+      rngs,
+      b_init,
+      (config.rank, base.out_features),
+      dtype,
+      (sharding.LORA_RANK, out_axis),
+      kind=LoRAParam,
+    )
     self.scaling = config.alpha / config.rank
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
@@ -73,11 +85,16 @@ class LoRAAdapter(nnx.Module):
 
 
 def _projections(model: nnx.Module) -> list[tuple[tuple[Any, ...], Dense]]:
-  return [(path, node) for path, node in nnx.iter_graph(model)
-          if isinstance(node, Dense) and "lora" not in path]
+  return [
+    (path, node)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, Dense) and "lora" not in path
+  ]
 
 
-def apply_lora(model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs, **adapter_kwargs: Any) -> nnx.Module:
+def apply_lora(
+  model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs, **adapter_kwargs: Any
+) -> nnx.Module:
   """Adds adapters in place to every projection named in `config.targets`.
 
   Args:
@@ -121,8 +138,8 @@ def lora_mask(params: Any) -> Any:
   Works on an `nnx.State` (Variables as leaves) or a pure dict of arrays.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: _is_lora_path(path), params,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+    lambda path, _: _is_lora_path(path), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
 
 
 def lora_labels(params: Any, trainable: str = "lora", frozen: str = "frozen") -> Any:

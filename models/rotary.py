@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 
 def rotary_angles(
-    positions: jax.Array, rotary_dim: int, theta: float
+  positions: jax.Array, rotary_dim: int, theta: float
 ) -> tuple[jax.Array, jax.Array]:
   """Cosine and sine tables for integer `positions`.
 
@@ -32,9 +32,7 @@ def rotary_angles(
   return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def apply_rotary(
-    x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int
-) -> jax.Array:
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) -> jax.Array:
   """Rotates the first `rotary_dim` features of every head of `x`.
 
   Args:

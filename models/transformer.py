@@ -26,12 +26,12 @@ class DecoderBlock(nnx.Module):
     self.mlp = mlp_cls(config, rngs)
 
   def __call__(
-      self,
-      x: jax.Array,
-      mask: jax.Array,
-      rope: tuple[jax.Array, jax.Array] | None,
-      cache: KVCache | None = None,
-      cache_index: jax.Array | int = 0,
+    self,
+    x: jax.Array,
+    mask: jax.Array,
+    rope: tuple[jax.Array, jax.Array] | None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
   ) -> tuple[jax.Array, KVCache | None]:
     h = self.attn_norm(x)
     if self.parallel_residual:
@@ -40,8 +40,9 @@ class DecoderBlock(nnx.Module):
       attn_dense = self.attn.input_projections()
       projected = dense_group(h, attn_dense + self.mlp.input_projections())
       attn_out, cache = self.attn(
-          h, mask, rope, cache, cache_index, projected=projected[:len(attn_dense)])
-      return x + attn_out + self.mlp(h, projected=projected[len(attn_dense):]), cache
+        h, mask, rope, cache, cache_index, projected=projected[: len(attn_dense)]
+      )
+      return x + attn_out + self.mlp(h, projected=projected[len(attn_dense) :]), cache
     attn_out, cache = self.attn(h, mask, rope, cache, cache_index)
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), cache
@@ -71,11 +72,16 @@ class CausalLM(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-    self.embed = Embedding(config.vocab_size, config.hidden_size, (sharding.VOCAB, sharding.EMBED), **kw)
+    self.embed = Embedding(
+      config.vocab_size, config.hidden_size, (sharding.VOCAB, sharding.EMBED), **kw
+    )
     if config.position_type == "learned":
       self.pos_embed = Embedding(
-          config.max_position_embeddings, config.hidden_size,
-          (sharding.POSITION, sharding.EMBED), **kw)
+        config.max_position_embeddings,
+        config.hidden_size,
+        (sharding.POSITION, sharding.EMBED),
+        **kw,
+      )
     else:
       self.pos_embed = nnx.data(None)
     self.layers = nnx.List([DecoderBlock(config, i, rngs) for i in range(config.num_layers)])
@@ -84,17 +90,23 @@ class CausalLM(nnx.Module):
     if config.tie_word_embeddings:
       self.lm_head = nnx.data(None)
       if config.lm_head_bias:
-        self.lm_head_bias = param(rngs, nnx.initializers.zeros, (config.vocab_size,),
-                                  config.param_dtype, (sharding.VOCAB,))
+        self.lm_head_bias = param(
+          rngs, nnx.initializers.zeros, (config.vocab_size,), config.param_dtype, (sharding.VOCAB,)
+        )
     else:
-      self.lm_head = Dense(config.hidden_size, config.vocab_size,
-                           (sharding.EMBED, sharding.VOCAB), use_bias=config.lm_head_bias, **kw)
+      self.lm_head = Dense(
+        config.hidden_size,
+        config.vocab_size,
+        (sharding.EMBED, sharding.VOCAB),
+        use_bias=config.lm_head_bias,
+        **kw,
+      )
 
   def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      positions: jax.Array | None = None,
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
   ) -> jax.Array:
     """Next-token logits for a (padded) batch.
 
@@ -115,12 +127,12 @@ class CausalLM(nnx.Module):
     return logits
 
   def forward_with_cache(
-      self,
-      input_ids: jax.Array,
-      positions: jax.Array,
-      key_valid: jax.Array,
-      caches: list[KVCache] | None,
-      cache_index: jax.Array | int,
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    key_valid: jax.Array,
+    caches: list[KVCache] | None,
+    cache_index: jax.Array | int,
   ) -> tuple[jax.Array, list[KVCache] | None]:
     """Runs the model on tokens that occupy cache slots starting at `cache_index`.
 

@@ -14,7 +14,8 @@ import dataclasses
 import pathlib
 import types
 import typing
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -29,7 +30,7 @@ class ConfigError(ValueError):
 class ModelConfig:
   """Which model to train: a local Hugging Face folder, or a tiny one built from scratch."""
 
-  path: Optional[str] = None  # local HF checkpoint folder; None: the tiny default model
+  path: str | None = None  # local HF checkpoint folder; None: the tiny default model
   family: str = "llama"  # for the tiny model: llama | phi | gpt2
   hidden_size: int = 128
   num_layers: int = 2
@@ -46,10 +47,10 @@ class ModelConfig:
 class DataConfig:
   """Where the TOFU-format data is and how it is batched."""
 
-  path: Optional[str] = None  # TOFU-format folder; None: generate the embedded benchmark
+  path: str | None = None  # TOFU-format folder; None: generate the embedded benchmark
   forget_split: str = "forget10"
-  retain_split: Optional[str] = None  # None: the complement of forget_split
-  task_id: Optional[int] = None  # continual unlearning: which forget task
+  retain_split: str | None = None  # None: the complement of forget_split
+  task_id: int | None = None  # continual unlearning: which forget task
   template: str = "plain"  # prompt template preset
   max_length: int = 128
   batch_size: int = 8
@@ -79,7 +80,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.01
   state_bits: int = 32
-  clip_norm: Optional[float] = 1.0
+  clip_norm: float | None = 1.0
   warmup_steps: int = 0
 
   def validate(self, key: str) -> None:
@@ -93,8 +94,9 @@ class OptimizerConfig:
         raise ConfigError(f"{key}.{name} must be in [0, 1), got {getattr(self, name)!r}")
     if self.forget_steps < 0 or self.retain_steps < 0 or self.forget_steps + self.retain_steps == 0:
       raise ConfigError(
-          f"{key}.forget_steps and {key}.retain_steps must be >= 0 and not both 0, got "
-          f"{self.forget_steps!r} and {self.retain_steps!r}")
+        f"{key}.forget_steps and {key}.retain_steps must be >= 0 and not both 0, got "
+        f"{self.forget_steps!r} and {self.retain_steps!r}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +115,8 @@ class LossSection:
     """The ``train.losses.LossConfig`` this section describes."""
     try:
       return losses.LossConfig.from_spec(
-          self.name, forget_coeff=self.forget_coeff, retain_coeff=self.retain_coeff,
-          beta=self.beta)
+        self.name, forget_coeff=self.forget_coeff, retain_coeff=self.retain_coeff, beta=self.beta
+      )
     except ValueError as e:
       raise ConfigError(f"{key}: {e}") from e
 
@@ -134,8 +136,18 @@ class TrainingConfig:
 
   def validate(self, key: str) -> None:
     _one_of(f"{key}.mode", self.mode, ("alternating", "joint"))
-    _positive(key, self, ("steps", "grad_accum", "diagnostics_every", "checkpoint_every",
-                          "keep_checkpoints", "log_every"))
+    _positive(
+      key,
+      self,
+      (
+        "steps",
+        "grad_accum",
+        "diagnostics_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+      ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +168,7 @@ class MeshConfig:
 class EvalConfig:
   """Evaluation after the run."""
 
-  max_items: Optional[int] = None
+  max_items: int | None = None
   max_new_tokens: int = 32
   batch_size: int = 16
 
@@ -179,7 +191,7 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig()
   eval: EvalConfig = EvalConfig()
 
-  def validate(self) -> "RunConfig":
+  def validate(self) -> RunConfig:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if dataclasses.is_dataclass(value):
@@ -230,8 +242,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
   unknown = sorted(set(values) - fields)
   if unknown:
     where = f"{prefix}." if prefix else ""
-    raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
-                      f"known: {sorted(fields)}")
+    raise ConfigError(
+      f"unknown config key(s) {[where + k for k in unknown]}; known: {sorted(fields)}"
+    )
   kwargs = {}
   for name, value in values.items():
     key = f"{prefix}.{name}" if prefix else name
@@ -275,8 +288,7 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def load_config(path: Optional[str | pathlib.Path] = None,
-                overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
   """Reads a YAML file (optional), applies ``key=value`` overrides, validates.
 
   Raises:

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Optional
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ("model", "forget quality", "forget efficacy", "model utility", "ranking score",
-           "seconds", "optimizer state bytes")
+COLUMNS = (
+  "model",
+  "forget quality",
+  "forget efficacy",
+  "model utility",
+  "ranking score",
+  "seconds",
+  "optimizer state bytes",
+)
 
 
-def row(label: str, summary: dict[str, Any], seconds: Optional[float] = None,
-        state_bytes: Optional[int] = None) -> dict[str, Any]:
+def row(
+  label: str, summary: dict[str, Any], seconds: float | None = None, state_bytes: int | None = None
+) -> dict[str, Any]:
   """One table row from an evaluation summary."""
-  return {"model": label, "forget quality": summary.get("forget_quality"),
-          "forget efficacy": summary.get("forget_efficacy"),
-          "model utility": summary.get("model_utility"),
-          "ranking score": summary.get("ranking_score"),
-          "seconds": seconds, "optimizer state bytes": state_bytes}
+  return {
+    "model": label,
+    "forget quality": summary.get("forget_quality"),
+    "forget efficacy": summary.get("forget_efficacy"),
+    "model utility": summary.get("model_utility"),
+    "ranking score": summary.get("ranking_score"),
+    "seconds": seconds,
+    "optimizer state bytes": state_bytes,
+  }
 
 
 def _fmt(value: Any) -> str:
@@ -86,8 +98,9 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def write(out: pathlib.Path, rows: list[dict[str, Any]],
-          histories: dict[str, list[dict]]) -> pathlib.Path:
+def write(
+  out: pathlib.Path, rows: list[dict[str, Any]], histories: dict[str, list[dict]]
+) -> pathlib.Path:
   """Writes ``report.md`` and the plots under ``out``; returns the report's path."""
   plots = out / "plots"
   plots.mkdir(parents=True, exist_ok=True)
@@ -96,7 +109,8 @@ def write(out: pathlib.Path, rows: list[dict[str, Any]],
   _plot_tradeoff(rows, plots / "tradeoff.png")
   path = out / "report.md"
   path.write_text(
-      "# Unlearning report\n\n" + markdown(rows) + "\n\n"
-      "![losses](plots/losses.png)\n\n![conflict](plots/conflict_cosine.png)\n\n"
-      "![trade-off](plots/tradeoff.png)\n")
+    "# Unlearning report\n\n" + markdown(rows) + "\n\n"
+    "![losses](plots/losses.png)\n\n![conflict](plots/conflict_cosine.png)\n\n"
+    "![trade-off](plots/tradeoff.png)\n"
+  )
   return path

@@ -26,16 +26,17 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from train.config import (  # noqa: E402
-    ConfigError, RunConfig, apply_overrides, load_config, save_config)
+from train.config import ConfigError, RunConfig, apply_overrides, load_config, save_config  # noqa: E402
 
 COMMANDS = ("experiment", "finetune", "unlearn", "evaluate")
 
 
 def _tokenizer_and_data(config: RunConfig):
-  from train.data import synthetic, tokenizer as tokenizer_lib  # noqa: PLC0415 (heavy imports)
   import models  # noqa: PLC0415
+  from train.data import synthetic  # noqa: PLC0415 (heavy imports)
+  from train.data import tokenizer as tokenizer_lib
   from train.runtime import distributed  # noqa: PLC0415
+
   data_dir = config.data.path
   if data_dir is None:
     data_dir = str(pathlib.Path(config.output_dir) / "data")
@@ -46,14 +47,17 @@ def _tokenizer_and_data(config: RunConfig):
     tokenizer = models.load_tokenizer(config.model.path)
   else:
     tokenizer = tokenizer_lib.train_tokenizer(
-        tokenizer_lib.tofu_corpus_texts(data_dir, template=config.data.template))
+      tokenizer_lib.tofu_corpus_texts(data_dir, template=config.data.template)
+    )
   return tokenizer, data_dir
 
 
 def _stage(command: str, config: RunConfig) -> None:
-  from train import data as data_lib, program  # noqa: PLC0415
-  from train.runtime import distributed  # noqa: PLC0415
+  from train import data as data_lib  # noqa: PLC0415
+  from train import program
   from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
+  from train.runtime import distributed  # noqa: PLC0415
+
   out = pathlib.Path(config.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   if distributed.is_primary():
@@ -63,29 +67,37 @@ def _stage(command: str, config: RunConfig) -> None:
   model, params = FunctionalModel.split(module, model_config)
   if command == "evaluate":
     summary = program.evaluate_params(config, model, params, tokenizer, data_dir, out / "eval")
-    print(f"evaluation written to {out / 'eval'}: model utility {summary['model_utility']}, "
-          f"forget efficacy {summary['forget_efficacy']}")
+    print(
+      f"evaluation written to {out / 'eval'}: model utility {summary['model_utility']}, "
+      f"forget efficacy {summary['forget_efficacy']}"
+    )
     return
-  splits = data_lib.load_unlearning_data(data_dir, config.data.forget_split, config.data.task_id,
-                                         retain_split=config.data.retain_split)
+  splits = data_lib.load_unlearning_data(
+    data_dir, config.data.forget_split, config.data.task_id, retain_split=config.data.retain_split
+  )
   loss_config = config.loss.build()
   forget_stream, retain_stream = program.make_streams(config, splits, tokenizer, loss_config)
   if command == "finetune":
-    params = program.finetune(model, params, retain_stream, config.training.steps,
-                              config.optimizer.learning_rate)
+    params = program.finetune(
+      model, params, retain_stream, config.training.steps, config.optimizer.learning_rate
+    )
   else:
     result = program.unlearn(config, model, params, params, forget_stream, retain_stream, out)
     params = result.params
-    print(f"unlearned {config.training.steps} steps in {result.seconds:.1f} s; "
-          f"optimizer state {result.state_bytes:,} bytes; metrics in {out / 'metrics.jsonl'}")
+    print(
+      f"unlearned {config.training.steps} steps in {result.seconds:.1f} s; "
+      f"optimizer state {result.state_bytes:,} bytes; metrics in {out / 'metrics.jsonl'}"
+    )
   save_model(model, params, str(out / "model"), tokenizer)
   print(f"model written to {out / 'model'}")
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      description="LLM unlearning with DualOptim+ (dualoptax).",
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    description="LLM unlearning with DualOptim+ (dualoptax).",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__,
+  )
   parser.add_argument("command", nargs="?", default="experiment", choices=COMMANDS)
   parser.add_argument("args", nargs="*", help="[config.yaml] then section.key=value overrides")
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,11 +110,16 @@ def main(argv=None) -> int:
     config_path = overrides.pop(0)
   try:
     from train.runtime import distributed  # noqa: PLC0415
+
     distributed.initialize_from_env()  # multi-host jobs; a no-op on one process
     if options.command == "experiment":
       from train import experiment  # noqa: PLC0415
-      config = (load_config(config_path, overrides) if config_path
-                else apply_overrides(experiment.default_config(), overrides))
+
+      config = (
+        load_config(config_path, overrides)
+        if config_path
+        else apply_overrides(experiment.default_config(), overrides)
+      )
       experiment.run(config)
     else:
       _stage(options.command, load_config(config_path, overrides))

@@ -4,13 +4,15 @@ cached jitted stepper and the optimizers under test."""
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import dualoptax
 
 SHAPES = {"embed": (8, 4), "w": (4, 4), "b": (4,)}
 PLUS_STATE = dualoptax.ScaleByDualOptimPlusState
@@ -35,8 +37,9 @@ def _objectives(objective_steps: Sequence[int], n: int) -> list[int]:
   return [cycle[s % len(cycle)] for s in range(n)]
 
 
-def _grads(n: int, seed: int = 1, objectives: Optional[Sequence[int]] = None,
-           scale: float = 1.0) -> list[dict[str, np.ndarray]]:
+def _grads(
+  n: int, seed: int = 1, objectives: Sequence[int] | None = None, scale: float = 1.0
+) -> list[dict[str, np.ndarray]]:
   """Random gradients; with ``objectives``, each objective also has its own mean direction
   (objective 0 against the others) so forget and retain partly conflict."""
   rng = np.random.default_rng(seed)
@@ -51,8 +54,9 @@ def _grads(n: int, seed: int = 1, objectives: Optional[Sequence[int]] = None,
     # Magnitudes in [0.5, ~3]: DualOptim+ takes sqrt(|Eh + Vh|), which cancels in float32
     # when a gradient entry is tiny next to its history (then eager, jit and float64 all
     # disagree at the 1e-3 level in that entry); keeping entries away from 0 avoids it.
-    out.append({k: (scale * np.sign(v) * (0.5 + 0.5 * np.abs(v))).astype(np.float32)
-                for k, v in g.items()})
+    out.append(
+      {k: (scale * np.sign(v) * (0.5 + 0.5 * np.abs(v))).astype(np.float32) for k, v in g.items()}
+    )
   return out
 
 
@@ -65,8 +69,9 @@ def _np(tree):
 
 
 def _leaves_with_paths(tree):
-  return [(jax.tree_util.keystr(p), leaf)
-          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    (jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def assert_trees_equal(a, b):
@@ -78,13 +83,14 @@ def assert_trees_equal(a, b):
 def assert_trees_close(a, b, rtol, atol=0.0):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for (path, x), (_, y) in zip(_leaves_with_paths(a), _leaves_with_paths(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                               err_msg=path)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=path)
 
 
 def _max_abs_diff(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 class Run(NamedTuple):
@@ -93,16 +99,19 @@ class Run(NamedTuple):
   updates: list[Any]  # updates[i] of step i (0-based)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stepper(tx, explicit: bool):
   if explicit:
+
     def step(params, state, grads, objective):
       updates, state = tx.update(grads, state, params, objective=objective)
       return optax.apply_updates(params, updates), state, updates
   else:
+
     def step(params, state, grads):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state, updates
+
   return jax.jit(step)
 
 
@@ -133,7 +142,7 @@ def _dual(lr=1e-2, **kw):
 FACTORIES = {"dualoptim_plus": _plus, "dualoptim": _dual}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _make_cached(name, items):
   return FACTORIES[name](**dict(items))
 
@@ -142,5 +151,7 @@ def make(name, **kw):
   """The same transformation object for the same arguments, so that tests share the
   compiled steps of ``_stepper`` (it is cached per transformation)."""
   return _make_cached(name, tuple(sorted(kw.items())))
+
+
 STATE_TYPES = {"dualoptim_plus": PLUS_STATE, "dualoptim": DUAL_STATE}
 COMMON = dict(weight_decay=0.1, forget_lr_ratio=0.5, forget_steps=2, retain_steps=3)

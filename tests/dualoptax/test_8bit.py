@@ -1,11 +1,12 @@
 """DualOptim+ / DualOptim with 8-bit states: memory, options, training, checkpoints."""
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import dualoptax
 
 PARAMS = {"embed": jnp.ones((64, 128)), "w": jnp.ones((128, 256)), "b": jnp.ones(256)}
 
@@ -33,10 +34,10 @@ def test_8bit_state_is_at_most_6_1_bytes_per_parameter():
 
 def test_small_leaves_and_chosen_leaves_keep_float32():
   tx = dualoptax.dualoptim_plus(
-      1e-3, state_bits=8, min_8bit_size=4096, keep_fp32=lambda p: {k: k == "embed" for k in p})
+    1e-3, state_bits=8, min_8bit_size=4096, keep_fp32=lambda p: {k: k == "embed" for k in p}
+  )
   s = dualoptax.find_state(tx.init(PARAMS), dualoptax.ScaleByDualOptimPlusState)
-  assert _leaf_kinds(s.base_mu) == {"embed": "ArrayImpl", "w": "QuantizedArray",
-                                    "b": "ArrayImpl"}
+  assert _leaf_kinds(s.base_mu) == {"embed": "ArrayImpl", "w": "QuantizedArray", "b": "ArrayImpl"}
   assert s.base_nu["w"].signed is False and s.base_mu["w"].signed is True
   assert s.delta_nu["w"].signed is True  # deltas of the second moment can be negative
   assert s.delta_mu["w"].codes.shape == (2, 128, 256)
@@ -45,8 +46,9 @@ def test_small_leaves_and_chosen_leaves_keep_float32():
 
 @pytest.mark.parametrize("quantize_base,quantize_deltas", [(True, False), (False, True)])
 def test_state_groups_can_be_quantized_separately(quantize_base, quantize_deltas):
-  tx = dualoptax.dualoptim_plus(1e-3, state_bits=8, quantize_base=quantize_base,
-                                quantize_deltas=quantize_deltas)
+  tx = dualoptax.dualoptim_plus(
+    1e-3, state_bits=8, quantize_base=quantize_base, quantize_deltas=quantize_deltas
+  )
   s = dualoptax.find_state(tx.init(PARAMS), dualoptax.ScaleByDualOptimPlusState)
   assert isinstance(s.base_mu["w"], dualoptax.QuantizedArray) == quantize_base
   assert isinstance(s.delta_nu["w"], dualoptax.QuantizedArray) == quantize_deltas
@@ -57,8 +59,7 @@ def test_inactive_objective_codes_are_untouched():
   state = tx.init(PARAMS)
   step = jax.jit(lambda g, s, o: tx.update(g, s, PARAMS, objective=o))
   rng = np.random.default_rng(0)
-  grads = lambda: jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
-                               PARAMS)
+  grads = lambda: jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), PARAMS)
   _, state = step(grads(), state, jnp.int32(dualoptax.RETAIN))
   before = dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState)
   _, state = step(grads(), state, jnp.int32(dualoptax.FORGET))
@@ -76,8 +77,10 @@ def _train_mlp(tx, steps=300, seed=0):
   teacher = rng.normal(size=(32, 8)) / np.sqrt(32)
   y_a = jnp.asarray(np.tanh(np.asarray(x) @ teacher), jnp.float32)
   y_b = jnp.asarray(np.asarray(y_a) + 0.3 * rng.normal(size=y_a.shape), jnp.float32)
-  params = {"w1": jnp.asarray(rng.normal(size=(32, 256)) / np.sqrt(32), jnp.float32),
-            "w2": jnp.asarray(rng.normal(size=(256, 8)) / 16, jnp.float32)}
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(32, 256)) / np.sqrt(32), jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(256, 8)) / 16, jnp.float32),
+  }
 
   def loss(p, y):
     return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
@@ -118,10 +121,14 @@ def test_8bit_state_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: dualoptax.dualoptim(3e-3, state_bits=8, min_8bit_size=2048),
     lambda: dualoptax.dualoptim_plus(3e-3, state_bits=8, min_8bit_size=2048),
-], ids=["dualoptim", "dualoptim_plus"])
+  ],
+  ids=["dualoptim", "dualoptim_plus"],
+)
 def test_8bit_optimizers_train(make):
   initial = _train_mlp(dualoptax.dualoptim_plus(0.0), steps=1)
   assert _train_mlp(make()) < 0.5 * initial
@@ -156,17 +163,23 @@ def _run_steps(tx, params, grads):
   return p, s
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: dualoptax.dualoptim(1e-3, weight_decay=0.01, state_bits=8),
     lambda: dualoptax.dualoptim_plus(1e-3, weight_decay=0.01, state_bits=8),
-], ids=["dualoptim", "dualoptim_plus"])
+  ],
+  ids=["dualoptim", "dualoptim_plus"],
+)
 def test_chunked_8bit_update_equals_one_chunk(make, monkeypatch):
   """The chunk loop (full chunks plus a partial tail) gives the one-chunk result exactly."""
   from dualoptax import _moments
+
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(65, 64)), jnp.float32)}  # 4160 = 16.25 blocks
-  grads = [{"w": jnp.asarray(rng.normal(size=(65, 64)), jnp.float32) * 10.0**k}
-           for k in (-3, 0, -6, 2)]
+  grads = [
+    {"w": jnp.asarray(rng.normal(size=(65, 64)), jnp.float32) * 10.0**k} for k in (-3, 0, -6, 2)
+  ]
 
   def run(chunk_size):
     monkeypatch.setattr(_moments, "UPDATE_CHUNK_SIZE", chunk_size)
@@ -183,27 +196,37 @@ def test_chunked_8bit_update_equals_one_chunk(make, monkeypatch):
     np.testing.assert_allclose(chunked[0]["w"], one_chunk[0]["w"], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda chunks: dualoptax.dualoptim(1e-2, weight_decay=0.01, state_bits=8,
-                                       min_8bit_size=1024, update_in_chunks=chunks),
-    lambda chunks: dualoptax.dualoptim_plus(1e-2, weight_decay=0.01, state_bits=8,
-                                            min_8bit_size=1024, update_in_chunks=chunks),
-], ids=["dualoptim", "dualoptim_plus"])
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda chunks: dualoptax.dualoptim(
+      1e-2, weight_decay=0.01, state_bits=8, min_8bit_size=1024, update_in_chunks=chunks
+    ),
+    lambda chunks: dualoptax.dualoptim_plus(
+      1e-2, weight_decay=0.01, state_bits=8, min_8bit_size=1024, update_in_chunks=chunks
+    ),
+  ],
+  ids=["dualoptim", "dualoptim_plus"],
+)
 def test_chunk_loop_and_whole_array_updates_are_bit_identical(make):
   """The two ways of rewriting 8-bit moments (``update_in_chunks``) agree bit for bit:
   states and parameters, over steps of both objectives and gradients of any scale."""
   rng = np.random.default_rng(1)
   # (96, 521): three full 16K-value chunks plus a tail ending in a partial block.
-  params = {"w": jnp.asarray(rng.normal(size=(96, 521)), jnp.float32),
-            "v": jnp.asarray(rng.normal(size=(40, 128)), jnp.float32)}
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10.0**k, jnp.float32),
-                        params) for k in (-3, 0, -6, 2, -1, -2)]
+  params = {
+    "w": jnp.asarray(rng.normal(size=(96, 521)), jnp.float32),
+    "v": jnp.asarray(rng.normal(size=(40, 128)), jnp.float32),
+  }
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10.0**k, jnp.float32), params)
+    for k in (-3, 0, -6, 2, -1, -2)
+  ]
 
-  looped, whole = (jax.device_get(_run_steps(make(chunks), params, grads))
-                   for chunks in (True, False))
+  looped, whole = (
+    jax.device_get(_run_steps(make(chunks), params, grads)) for chunks in (True, False)
+  )
   assert jax.tree.structure(looped) == jax.tree.structure(whole)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(looped)[0],
-                          jax.tree.leaves(whole)):
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(looped)[0], jax.tree.leaves(whole)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
@@ -231,8 +254,10 @@ def test_moments_too_large_for_int32_offsets_take_the_whole_array_update():
 
   def moment(shape):
     blocks = dualoptax.quantization.num_blocks(int(np.prod(shape)))
-    return dualoptax.QuantizedArray(codes=jax.ShapeDtypeStruct(shape, jnp.uint8),
-                                    absmax=jax.ShapeDtypeStruct((blocks,), jnp.float32))
+    return dualoptax.QuantizedArray(
+      codes=jax.ShapeDtypeStruct(shape, jnp.uint8),
+      absmax=jax.ShapeDtypeStruct((blocks,), jnp.float32),
+    )
 
   precision = _moments.Precision(state_bits=8, update_in_chunks=True)
   assert precision.chunked([moment((4096, 4096)), moment((2, 4096, 4096))])

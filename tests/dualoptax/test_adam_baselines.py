@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dualoptax
 import jax
 import numpy as np
 import optax
 import pytest
-
 from composition_helpers import (
   DUAL_STATE,
   PARAMS0,
@@ -18,6 +16,8 @@ from composition_helpers import (
   assert_trees_close,
   run,
 )
+
+import dualoptax
 
 # ---------------------------------------------------------------------------------------
 # The Adam baselines against optax.
@@ -46,8 +46,7 @@ def test_adamw_alias_equals_optax_adamw():
 def test_single_objective_dualoptim_equals_optax_adam(wd):
   n, lr = 20, 1e-2
   grads = _grads(n, seed=22)
-  got = run(dualoptax.multi_objective_dualoptim(lr, objective_steps=(1,), weight_decay=wd),
-            grads)
+  got = run(dualoptax.multi_objective_dualoptim(lr, objective_steps=(1,), weight_decay=wd), grads)
   want = run(optax.adamw(lr, weight_decay=wd) if wd else optax.adam(lr), grads)
   s = dualoptax.find_state(got.states[-1], DUAL_STATE)
   np.testing.assert_array_equal(s.objective_counts, [n])
@@ -64,8 +63,7 @@ def test_adamw_forget_ratio_scales_forget_updates():
   n, lr, wd = 10, 1e-2, 0.05
   objs = _objectives((2, 3), n)
   grads = _grads(n, seed=23, objectives=objs)
-  tx = dualoptax.adamw(lr, weight_decay=wd, forget_lr_ratio=0.5, forget_steps=2,
-                       retain_steps=3)
+  tx = dualoptax.adamw(lr, weight_decay=wd, forget_lr_ratio=0.5, forget_steps=2, retain_steps=3)
   got = run(tx, grads)
   # Feed optax.adamw the same gradients at the same params: its Adam state is the same
   # (it does not depend on the learning rate), so the updates differ only by the ratio.
@@ -77,5 +75,3 @@ def test_adamw_forget_ratio_scales_forget_updates():
     ratio = 0.5 if objs[i] == dualoptax.FORGET else 1.0
     _assert_max_ulp(got.updates[i], jax.tree.map(lambda u: ratio * u, want))  # noqa: B023
   assert objs.count(dualoptax.FORGET) == 4
-
-

@@ -1,19 +1,22 @@
 """Conflict diagnostics (the paper's Figure 2) against direct computations from the state."""
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import dualoptax
+
 B1, B2, BB1, BB2, EPS = 0.9, 0.95, 0.8, 0.9, 1e-8
 
 
 def _run(tx, grads_fn, steps=12, seed=0):
   rng = np.random.default_rng(seed)
-  params = {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+  params = {
+    "w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+  }
   state = tx.init(params)
   for t in range(steps):
     grads = grads_fn(t, rng)
@@ -33,8 +36,10 @@ def _grads(relation, noise=0.05):
 
   def grads_fn(t, rng):
     s = sign if t % 2 == 0 else 1.0
-    return {k: jnp.asarray(s * v + noise * rng.normal(size=v.shape), jnp.float32)
-            for k, v in c.items()}
+    return {
+      k: jnp.asarray(s * v + noise * rng.normal(size=v.shape), jnp.float32) for k, v in c.items()
+    }
+
   return grads_fn
 
 
@@ -44,7 +49,8 @@ def _plus():
 
 def _plus_diag(state):
   return dualoptax.dualoptim_plus_diagnostics(
-      state, b1=B1, b2=B2, base_b1=BB1, base_b2=BB2, eps=EPS)
+    state, b1=B1, b2=B2, base_b1=BB1, base_b2=BB2, eps=EPS
+  )
 
 
 def _cos(x, y):
@@ -58,10 +64,10 @@ def _manual_plus_terms(state):
   counts = np.asarray(s.objective_counts)
   firsts, preconds, bases = [], [], []
   for leaf in ("b", "w"):  # the order of jax.tree leaves of a dict
-    base = np.asarray(s.base_mu[leaf], np.float64).ravel() / (1 - BB1 ** t)
-    base_nu = np.asarray(s.base_nu[leaf], np.float64).ravel() / (1 - BB2 ** t)
-    d = np.asarray(s.delta_mu[leaf], np.float64).reshape(2, -1) / (1 - B1 ** counts)[:, None]
-    e = np.asarray(s.delta_nu[leaf], np.float64).reshape(2, -1) / (1 - B2 ** counts)[:, None]
+    base = np.asarray(s.base_mu[leaf], np.float64).ravel() / (1 - BB1**t)
+    base_nu = np.asarray(s.base_nu[leaf], np.float64).ravel() / (1 - BB2**t)
+    d = np.asarray(s.delta_mu[leaf], np.float64).reshape(2, -1) / (1 - B1**counts)[:, None]
+    e = np.asarray(s.delta_nu[leaf], np.float64).reshape(2, -1) / (1 - B2**counts)[:, None]
     first = d + base
     firsts.append(first)
     preconds.append(first / (np.sqrt(np.abs(e + base_nu)) + EPS))
@@ -76,22 +82,22 @@ def test_dualoptim_plus_diagnostics_match_direct_computation(relation):
   firsts, preconds, bases = _manual_plus_terms(state)
   for i, leaf in enumerate(("b", "w")):
     np.testing.assert_allclose(per_leaf.update_cosine[leaf], _cos(*firsts[i]), atol=1e-5)
-    np.testing.assert_allclose(
-        per_leaf.preconditioned_cosine[leaf], _cos(*preconds[i]), atol=1e-5)
+    np.testing.assert_allclose(per_leaf.preconditioned_cosine[leaf], _cos(*preconds[i]), atol=1e-5)
     np.testing.assert_allclose(per_leaf.base_norm[leaf], np.linalg.norm(bases[i]), rtol=1e-5)
     for k in range(2):
       delta = firsts[i][k] - bases[i]
       np.testing.assert_allclose(
-          per_leaf.delta_base_cosine[leaf][k], _cos(delta, bases[i]), atol=1e-5)
+        per_leaf.delta_base_cosine[leaf][k], _cos(delta, bases[i]), atol=1e-5
+      )
       np.testing.assert_allclose(per_leaf.delta_norm[leaf][k], np.linalg.norm(delta), rtol=1e-4)
       np.testing.assert_allclose(
-          per_leaf.update_norm[leaf][k], np.linalg.norm(firsts[i][k]), rtol=1e-5)
+        per_leaf.update_norm[leaf][k], np.linalg.norm(firsts[i][k]), rtol=1e-5
+      )
   all_first = np.concatenate(firsts, axis=1)
   all_precond = np.concatenate(preconds, axis=1)
   np.testing.assert_allclose(total.update_cosine, _cos(*all_first), atol=1e-5)
   np.testing.assert_allclose(total.preconditioned_cosine, _cos(*all_precond), atol=1e-5)
-  np.testing.assert_allclose(
-      total.base_norm, np.linalg.norm(np.concatenate(bases)), rtol=1e-5)
+  np.testing.assert_allclose(total.base_norm, np.linalg.norm(np.concatenate(bases)), rtol=1e-5)
 
 
 def test_bridging_shows_in_the_diagnostics():
@@ -112,10 +118,12 @@ def test_dualoptim_diagnostics_are_the_adam_moments():
   per_leaf, total = dualoptax.dualoptim_diagnostics(state, b1=B1, b2=B2, eps=EPS)
   s = dualoptax.find_state(state, dualoptax.ScaleByDualOptimState)
   counts = np.asarray(s.objective_counts)
-  m = {k: np.asarray(v, np.float64).reshape(2, -1) / (1 - B1 ** counts)[:, None]
-       for k, v in s.mu.items()}
-  v = {k: np.asarray(x, np.float64).reshape(2, -1) / (1 - B2 ** counts)[:, None]
-       for k, x in s.nu.items()}
+  m = {
+    k: np.asarray(v, np.float64).reshape(2, -1) / (1 - B1**counts)[:, None] for k, v in s.mu.items()
+  }
+  v = {
+    k: np.asarray(x, np.float64).reshape(2, -1) / (1 - B2**counts)[:, None] for k, x in s.nu.items()
+  }
   for leaf in m:
     np.testing.assert_allclose(per_leaf.update_cosine[leaf], _cos(*m[leaf]), atol=1e-5)
     pre = m[leaf] / (np.sqrt(v[leaf]) + EPS)
@@ -145,10 +153,14 @@ def test_diagnostics_are_jittable_and_find_state_errors():
 @pytest.mark.parametrize("name", ["dualoptim_plus", "dualoptim"])
 def test_diagnostics_of_8bit_states_follow_the_fp32_ones(name):
   """8-bit states dequantize for the diagnostics; cosines stay close to fp32's."""
-  make = {"dualoptim_plus": lambda **kw: dualoptax.dualoptim_plus(1e-2, **kw),
-          "dualoptim": lambda **kw: dualoptax.dualoptim(1e-2, b1=B1, b2=B2, **kw)}[name]
-  diagnose = {"dualoptim_plus": dualoptax.dualoptim_plus_diagnostics,
-              "dualoptim": lambda s: dualoptax.dualoptim_diagnostics(s, b1=B1, b2=B2)}[name]
+  make = {
+    "dualoptim_plus": lambda **kw: dualoptax.dualoptim_plus(1e-2, **kw),
+    "dualoptim": lambda **kw: dualoptax.dualoptim(1e-2, b1=B1, b2=B2, **kw),
+  }[name]
+  diagnose = {
+    "dualoptim_plus": dualoptax.dualoptim_plus_diagnostics,
+    "dualoptim": lambda s: dualoptax.dualoptim_diagnostics(s, b1=B1, b2=B2),
+  }[name]
   c = np.random.default_rng(5).normal(size=(64, 64))
 
   def grads_fn(t, rng):

@@ -14,18 +14,20 @@ import functools
 import math
 import re
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import dualoptax
+
 SHAPES = {"embed": (8, 4), "w": (4, 4), "b": (4,)}
 _rng = np.random.default_rng(0)
 PARAMS = {k: jnp.asarray(_rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
-GRADS = [{k: jnp.asarray(_rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
-         for _ in range(3)]
+GRADS = [
+  {k: jnp.asarray(_rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()} for _ in range(3)
+]
 
 
 def _mentions(message: str, name: str) -> bool:
@@ -41,31 +43,45 @@ PLUS = ("dualoptim_plus", lambda **kw: D.dualoptim_plus(kw.pop("learning_rate", 
 DUAL = ("dualoptim", lambda **kw: D.dualoptim(kw.pop("learning_rate", 1e-3), **kw))
 ADAMW = ("adamw", lambda **kw: D.adamw(kw.pop("learning_rate", 1e-3), **kw))
 ADAM = ("adam", lambda **kw: D.adam(kw.pop("learning_rate", 1e-3), **kw))
-MULTI_PLUS = ("multi_objective_dualoptim_plus", lambda **kw: D.multi_objective_dualoptim_plus(
-    kw.pop("learning_rate", 1e-3), kw.pop("objective_steps", (1, 2, 1)), **kw))
-MULTI_DUAL = ("multi_objective_dualoptim", lambda **kw: D.multi_objective_dualoptim(
-    kw.pop("learning_rate", 1e-3), kw.pop("objective_steps", (1, 2, 1)), **kw))
+MULTI_PLUS = (
+  "multi_objective_dualoptim_plus",
+  lambda **kw: D.multi_objective_dualoptim_plus(
+    kw.pop("learning_rate", 1e-3), kw.pop("objective_steps", (1, 2, 1)), **kw
+  ),
+)
+MULTI_DUAL = (
+  "multi_objective_dualoptim",
+  lambda **kw: D.multi_objective_dualoptim(
+    kw.pop("learning_rate", 1e-3), kw.pop("objective_steps", (1, 2, 1)), **kw
+  ),
+)
 SCALE_PLUS = ("scale_by_dualoptim_plus", D.scale_by_dualoptim_plus)
 SCALE_DUAL = ("scale_by_dualoptim", D.scale_by_dualoptim)
 ALL_OPTIMIZERS = (PLUS, DUAL, ADAMW, ADAM, MULTI_PLUS, MULTI_DUAL)
 
 
 def _cases(optimizers, name, values):
-  return [pytest.param(factory, name, value, id=f"{label}-{name}={value!r}")
-          for label, factory in optimizers for value in values]
+  return [
+    pytest.param(factory, name, value, id=f"{label}-{name}={value!r}")
+    for label, factory in optimizers
+    for value in values
+  ]
 
 
 DECAYS = (1.0, -0.1, 1.5)
 HYPERPARAMETER_CASES = (
-    _cases(ALL_OPTIMIZERS, "learning_rate", (-1e-3, math.nan, math.inf))
-    + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "b1", DECAYS)
-    + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "b2", DECAYS)
-    + _cases((PLUS, MULTI_PLUS, SCALE_PLUS), "base_b1", DECAYS)
-    + _cases((PLUS, MULTI_PLUS, SCALE_PLUS), "base_b2", DECAYS)
-    + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "eps", (-1e-8, math.inf))
-    + _cases((PLUS, DUAL, ADAMW, MULTI_PLUS, MULTI_DUAL), "weight_decay", (-0.1, math.nan))
-    + _cases((MULTI_PLUS, MULTI_DUAL, SCALE_PLUS, SCALE_DUAL), "objective_steps",
-             ((0, 0), (0, 0, 0), (1, -1), (1, 1.5), ()))
+  _cases(ALL_OPTIMIZERS, "learning_rate", (-1e-3, math.nan, math.inf))
+  + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "b1", DECAYS)
+  + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "b2", DECAYS)
+  + _cases((PLUS, MULTI_PLUS, SCALE_PLUS), "base_b1", DECAYS)
+  + _cases((PLUS, MULTI_PLUS, SCALE_PLUS), "base_b2", DECAYS)
+  + _cases(ALL_OPTIMIZERS + (SCALE_PLUS, SCALE_DUAL), "eps", (-1e-8, math.inf))
+  + _cases((PLUS, DUAL, ADAMW, MULTI_PLUS, MULTI_DUAL), "weight_decay", (-0.1, math.nan))
+  + _cases(
+    (MULTI_PLUS, MULTI_DUAL, SCALE_PLUS, SCALE_DUAL),
+    "objective_steps",
+    ((0, 0), (0, 0, 0), (1, -1), (1, 1.5), ()),
+  )
 )
 
 
@@ -76,8 +92,9 @@ def test_invalid_hyperparameter_is_named_with_its_value(factory, name, value):
   message = str(info.value)
   assert _mentions(message, name), message
   # The bad value itself, or for a sequence the offending entry.
-  shown = [repr(value)] + ([repr(v) for v in value if not 0 <= v == int(v)]
-                           if isinstance(value, tuple) else [])
+  shown = [repr(value)] + (
+    [repr(v) for v in value if not 0 <= v == int(v)] if isinstance(value, tuple) else []
+  )
   assert any(s in message for s in shown), message
 
 
@@ -86,42 +103,48 @@ def test_invalid_hyperparameter_is_named_with_its_value(factory, name, value):
 # sequences; the multi-objective forms take objective_lr_ratios. The messages must name
 # the argument the caller passed, not the internal 'lr_ratios[0]' or 'objective_steps[1]'.
 RATIO_ARGUMENTS = [
-    (dict(forget_lr_ratio=-0.5), "forget_lr_ratio", "-0.5"),
-    (dict(retain_lr_ratio=-2.0), "retain_lr_ratio", "-2.0"),
-    (dict(forget_lr_ratio=math.inf), "forget_lr_ratio", "inf"),
+  (dict(forget_lr_ratio=-0.5), "forget_lr_ratio", "-0.5"),
+  (dict(retain_lr_ratio=-2.0), "retain_lr_ratio", "-2.0"),
+  (dict(forget_lr_ratio=math.inf), "forget_lr_ratio", "inf"),
 ]
 STEP_ARGUMENTS = [
-    (dict(forget_steps=-1), "forget_steps", "-1"),
-    (dict(retain_steps=-3), "retain_steps", "-3"),
-    (dict(forget_steps=1.5), "forget_steps", "1.5"),
-    (dict(retain_steps=2.25), "retain_steps", "2.25"),
-    (dict(forget_steps=0, retain_steps=0), "forget_steps", "0"),
+  (dict(forget_steps=-1), "forget_steps", "-1"),
+  (dict(retain_steps=-3), "retain_steps", "-3"),
+  (dict(forget_steps=1.5), "forget_steps", "1.5"),
+  (dict(retain_steps=2.25), "retain_steps", "2.25"),
+  (dict(forget_steps=0, retain_steps=0), "forget_steps", "0"),
 ]
 MULTI_RATIO_ARGUMENTS = [
-    (dict(objective_lr_ratios=(1.0, 0.5)), "objective_lr_ratios", "(1.0, 0.5)"),
-    (dict(objective_lr_ratios=(1.0, 0.5, 1.0, 1.0)), "objective_lr_ratios",
-     "(1.0, 0.5, 1.0, 1.0)"),
-    (dict(objective_lr_ratios=(1.0, -0.5, 1.0)), "objective_lr_ratios", "-0.5"),
+  (dict(objective_lr_ratios=(1.0, 0.5)), "objective_lr_ratios", "(1.0, 0.5)"),
+  (dict(objective_lr_ratios=(1.0, 0.5, 1.0, 1.0)), "objective_lr_ratios", "(1.0, 0.5, 1.0, 1.0)"),
+  (dict(objective_lr_ratios=(1.0, -0.5, 1.0)), "objective_lr_ratios", "-0.5"),
 ]
 TWO_OBJECTIVE = (PLUS, DUAL, ADAMW, ADAM)
 GROUPS = {
-    "ratios": (TWO_OBJECTIVE, RATIO_ARGUMENTS, "lr_ratios"),
-    "steps": (TWO_OBJECTIVE, STEP_ARGUMENTS, "objective_steps"),
-    "multi_ratios": ((MULTI_PLUS, MULTI_DUAL), MULTI_RATIO_ARGUMENTS, "lr_ratios"),
+  "ratios": (TWO_OBJECTIVE, RATIO_ARGUMENTS, "lr_ratios"),
+  "steps": (TWO_OBJECTIVE, STEP_ARGUMENTS, "objective_steps"),
+  "multi_ratios": ((MULTI_PLUS, MULTI_DUAL), MULTI_RATIO_ARGUMENTS, "lr_ratios"),
 }
 
 
 def _group_cases(group):
   optimizers, arguments, _ = GROUPS[group]
-  return [(label, factory, kwargs, name, shown)
-          for label, factory in optimizers for kwargs, name, shown in arguments]
+  return [
+    (label, factory, kwargs, name, shown)
+    for label, factory in optimizers
+    for kwargs, name, shown in arguments
+  ]
 
 
-@pytest.mark.parametrize("label,factory,kwargs,name,shown", [
+@pytest.mark.parametrize(
+  "label,factory,kwargs,name,shown",
+  [
     pytest.param(*case, id=f"{case[0]}-{case[3]}={case[4]}")
-    for group in GROUPS for case in _group_cases(group)])
-def test_invalid_schedule_or_ratio_raises_with_the_value(label, factory, kwargs, name,
-                                                         shown):
+    for group in GROUPS
+    for case in _group_cases(group)
+  ],
+)
+def test_invalid_schedule_or_ratio_raises_with_the_value(label, factory, kwargs, name, shown):
   with pytest.raises(ValueError) as info:
     factory(**kwargs)
   message = str(info.value)
@@ -141,10 +164,14 @@ def test_invalid_schedule_or_ratio_names_the_argument_passed(group):
   assert not unnamed, "\n".join(unnamed)
 
 
-@pytest.mark.parametrize("factory", [
+@pytest.mark.parametrize(
+  "factory",
+  [
     lambda: dualoptax.scale_by_objective_learning_rate(1e-3, (1.0,), (1, 1)),
     lambda: dualoptax.scale_by_objective_learning_rate(1e-3, (1.0, 1.0, 1.0), (1, 1)),
-], ids=["too-few", "too-many"])
+  ],
+  ids=["too-few", "too-many"],
+)
 def test_lr_ratios_length_mismatch_in_the_transform(factory):
   with pytest.raises(ValueError, match=r"lr_ratios must have one entry per objective"):
     factory()
@@ -165,17 +192,18 @@ def test_valid_edge_values_are_accepted(label, factory):
 # Update-time errors, and the state they leave behind.
 
 OPTIMIZERS = {
-    "dualoptim_plus": lambda: dualoptax.dualoptim_plus(1e-2, weight_decay=0.1),
-    "dualoptim": lambda: dualoptax.dualoptim(1e-2, weight_decay=0.1),
-    "adamw": lambda: dualoptax.adamw(1e-2, forget_lr_ratio=0.5),
-    "multi_plus": lambda: dualoptax.multi_objective_dualoptim_plus(1e-2, (1, 2, 1)),
-    "clipped_plus": lambda: optax.chain(optax.clip_by_global_norm(1.0),
-                                        dualoptax.dualoptim_plus(1e-2)),
+  "dualoptim_plus": lambda: dualoptax.dualoptim_plus(1e-2, weight_decay=0.1),
+  "dualoptim": lambda: dualoptax.dualoptim(1e-2, weight_decay=0.1),
+  "adamw": lambda: dualoptax.adamw(1e-2, forget_lr_ratio=0.5),
+  "multi_plus": lambda: dualoptax.multi_objective_dualoptim_plus(1e-2, (1, 2, 1)),
+  "clipped_plus": lambda: optax.chain(
+    optax.clip_by_global_norm(1.0), dualoptax.dualoptim_plus(1e-2)
+  ),
 }
 NUM_OBJECTIVES = {"multi_plus": 3}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(name):
   """The optimizer, a jitted step with a traced objective, the state after two steps, and
   the result of a third (RETAIN) step from that state."""
@@ -238,8 +266,9 @@ def test_objective_that_is_not_an_integer_is_rejected(bad):
   _assert_untouched_and_usable("dualoptim_plus", params, state, snapshot)
 
 
-@pytest.mark.parametrize("bad", [jnp.float32(1.0), jnp.array([0, 1], jnp.int32)],
-                         ids=["float-array", "vector"])
+@pytest.mark.parametrize(
+  "bad", [jnp.float32(1.0), jnp.array([0, 1], jnp.int32)], ids=["float-array", "vector"]
+)
 def test_objective_array_of_wrong_kind_is_rejected_under_jit(bad):
   tx, _, params, state, _ = _setup("dualoptim_plus")
   with pytest.raises(ValueError, match="objective must be an integer scalar"):
@@ -263,11 +292,11 @@ def _without(tree, key):
 
 
 MISMATCHES = {
-    "missing": (lambda g: _without(g, "w"), ["['w']", "missing"]),
-    "extra": (lambda g: {**g, "x": jnp.ones(3)}, ["['x']", "unexpected"]),
-    "shape": (lambda g: {**g, "w": jnp.ones((4, 5))}, ["['w']", "(4, 5)", "(4, 4)"]),
-    "transposed": (lambda g: {**g, "embed": g["embed"].T}, ["['embed']", "(4, 8)"]),
-    "scalar": (lambda g: {**g, "b": jnp.float32(1.0)}, ["['b']", "()"]),
+  "missing": (lambda g: _without(g, "w"), ["['w']", "missing"]),
+  "extra": (lambda g: {**g, "x": jnp.ones(3)}, ["['x']", "unexpected"]),
+  "shape": (lambda g: {**g, "w": jnp.ones((4, 5))}, ["['w']", "(4, 5)", "(4, 4)"]),
+  "transposed": (lambda g: {**g, "embed": g["embed"].T}, ["['embed']", "(4, 8)"]),
+  "scalar": (lambda g: {**g, "b": jnp.float32(1.0)}, ["['b']", "()"]),
 }
 
 
@@ -300,12 +329,15 @@ def test_nested_path_is_named_in_full():
     tx.update(missing, state, params)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(learning_rate="0.01"), dict(forget_steps=True), dict(b1="0.9")])
+@pytest.mark.parametrize(
+  "kwargs", [dict(learning_rate="0.01"), dict(forget_steps=True), dict(b1="0.9")]
+)
 def test_strings_and_bools_are_not_numbers(kwargs):
   kwargs = {"learning_rate": 1e-3, **kwargs}
-  with pytest.raises(ValueError, match=next(k for k in kwargs if k != "learning_rate")
-                     if len(kwargs) > 1 else "learning_rate"):
+  with pytest.raises(
+    ValueError,
+    match=next(k for k in kwargs if k != "learning_rate") if len(kwargs) > 1 else "learning_rate",
+  ):
     dualoptax.dualoptim_plus(**kwargs)
 
 

@@ -6,11 +6,12 @@ compiled HLO shows them directly, so this is checked on the program, not on timi
 
 import re
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
+
+import dualoptax
 
 PARAMS = {"w": jnp.ones((256, 512)), "v": jnp.ones((128, 64))}
 # XLA:CPU copies a donated buffer that is read by one fusion while another rewrites it,
@@ -34,10 +35,14 @@ def _copied_shapes(compiled):
   return re.findall(r"= (\w+\[[\d,]*\])\S* copy\(", compiled.as_text())
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: dualoptax.dualoptim(1e-3, weight_decay=0.01),
     lambda: dualoptax.dualoptim_plus(1e-3, weight_decay=0.01),
-], ids=["dualoptim", "dualoptim_plus"])
+  ],
+  ids=["dualoptim", "dualoptim_plus"],
+)
 def test_per_objective_moments_are_never_copied(make):
   copied = _copied_shapes(_compiled(make()))
   stacked = [s for s in copied if s.startswith("f32[2,")]

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from composition_helpers import (
   COMMON,
   FACTORIES,
@@ -27,6 +25,8 @@ from composition_helpers import (
   make,
   run,
 )
+
+import dualoptax
 
 # ---------------------------------------------------------------------------------------
 # The objective as an explicit (traced) extra argument.
@@ -54,8 +54,10 @@ def test_traced_objective_compiles_once_and_matches_schedule(name):
     assert_trees_close(explicit.states[i], scheduled.states[i], rtol=1e-6, atol=1e-8)
 
 
-MULTI_FACTORIES = {"dualoptim_plus": dualoptax.multi_objective_dualoptim_plus,
-                   "dualoptim": dualoptax.multi_objective_dualoptim}
+MULTI_FACTORIES = {
+  "dualoptim_plus": dualoptax.multi_objective_dualoptim_plus,
+  "dualoptim": dualoptax.multi_objective_dualoptim,
+}
 
 
 @pytest.mark.parametrize("name", ["dualoptim_plus", "dualoptim"])
@@ -70,12 +72,18 @@ def test_explicit_objective_overrides_the_schedule(name):
   s = dualoptax.find_state(explicit.states[-1], STATE_TYPES[name])
   np.testing.assert_array_equal(s.objective_counts, [0, n])
   # The forget learning rate ratio (0.5) was never used: a forget-only run differs.
-  assert _max_abs_diff(explicit.params[-1], run(
-      make(name, **COMMON), grads, objectives=[dualoptax.FORGET] * n).params[-1]) > 1e-3
+  assert (
+    _max_abs_diff(
+      explicit.params[-1],
+      run(make(name, **COMMON), grads, objectives=[dualoptax.FORGET] * n).params[-1],
+    )
+    > 1e-3
+  )
 
 
-@pytest.mark.parametrize("name,steps", [
-    ("dualoptim_plus", (0, 3)), ("dualoptim_plus", (2, 0)), ("dualoptim", (0, 3))])
+@pytest.mark.parametrize(
+  "name,steps", [("dualoptim_plus", (0, 3)), ("dualoptim_plus", (2, 0)), ("dualoptim", (0, 3))]
+)
 def test_two_objective_alias_accepts_one_zero_step_count(name, steps):
   """A retain-only (or forget-only) schedule, valid for the multi-objective form."""
   alias = FACTORIES[name](forget_steps=steps[0], retain_steps=steps[1])
@@ -114,8 +122,9 @@ def test_python_int_objective_matches_traced_objective():
 
 def test_multi_objective_schedule_counters_and_isolation():
   steps, ratios, n = (1, 2, 1), (1.0, 0.5, 2.0), 12
-  tx = dualoptax.multi_objective_dualoptim_plus(1e-2, objective_steps=steps,
-                                                objective_lr_ratios=ratios)
+  tx = dualoptax.multi_objective_dualoptim_plus(
+    1e-2, objective_steps=steps, objective_lr_ratios=ratios
+  )
   expected = [0, 1, 1, 2] * 3
   assert _objectives(steps, n) == expected
   assert [int(dualoptax.scheduled_objective(jnp.int32(s), steps)) for s in range(n)] == expected
@@ -142,8 +151,12 @@ def test_multi_objective_schedule_counters_and_isolation():
   ones = dualoptax.multi_objective_dualoptim_plus(1e-2, steps, (1.0, 1.0, 1.0))
   ones_run = run(ones, _grads(n, seed=20, objectives=expected))
   for i, k in enumerate(expected):
-    assert_trees_close(got.updates[i], jax.tree.map(lambda u: ratios[k] * u,  # noqa: B023
-                                                    ones_run.updates[i]),
-                       rtol=1e-6, atol=1e-12)
-
-
+    assert_trees_close(
+      got.updates[i],
+      jax.tree.map(
+        lambda u: ratios[k] * u,  # noqa: B023
+        ones_run.updates[i],
+      ),
+      rtol=1e-6,
+      atol=1e-12,
+    )

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import functools
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from composition_helpers import (
   COMMON,
   DUAL_STATE,
@@ -29,6 +27,8 @@ from composition_helpers import (
   run,
 )
 
+import dualoptax
+
 # ---------------------------------------------------------------------------------------
 # optax.chain(clip_by_global_norm, tx)
 
@@ -38,11 +38,12 @@ def test_clip_by_global_norm_equals_preclipped_gradients(name):
   c, n = 1.0, 8
   grads = _grads(n, seed=6, scale=2.0)
   grads[3] = {k: 50.0 * v for k, v in grads[3].items()}  # one gradient far larger
-  norms = [np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in g.values()))
-           for g in grads]
+  norms = [np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in g.values())) for g in grads]
   assert min(norms) > c  # clipping is active on every step
-  clipped = [{k: (np.asarray(v, np.float64) * (c / norm)).astype(np.float32)
-              for k, v in g.items()} for g, norm in zip(grads, norms)]
+  clipped = [
+    {k: (np.asarray(v, np.float64) * (c / norm)).astype(np.float32) for k, v in g.items()}
+    for g, norm in zip(grads, norms)
+  ]
 
   tx = make(name, **COMMON)
   chained = run(optax.chain(optax.clip_by_global_norm(c), tx), grads)
@@ -134,16 +135,18 @@ def test_masked_updates_only_the_masked_leaves(name):
   assert moments["w"].shape == (2, 4, 4)
 
   # Freezing: masked(tx) for the trained leaves, masked(set_to_zero) for the rest.
-  frozen = run(optax.chain(optax.masked(tx, MASK),
-                           optax.masked(optax.set_to_zero(), NOT_MASK)), grads)
+  frozen = run(
+    optax.chain(optax.masked(tx, MASK), optax.masked(optax.set_to_zero(), NOT_MASK)), grads
+  )
   for i in range(n + 1):
     np.testing.assert_array_equal(frozen.params[i]["embed"], PARAMS0["embed"])
     assert_trees_close(_sub(frozen.params[i]), alone.params[i], rtol=1e-6, atol=1e-7)
   assert _max_abs_diff(frozen.params[-1]["w"], PARAMS0["w"]) > 1e-3
 
 
-@pytest.mark.parametrize("name,explicit", [
-    ("dualoptim_plus", False), ("dualoptim_plus", True), ("dualoptim", True)])
+@pytest.mark.parametrize(
+  "name,explicit", [("dualoptim_plus", False), ("dualoptim_plus", True), ("dualoptim", True)]
+)
 def test_multi_transform_freezes_embed(name, explicit):
   n = 6
   grads = _grads(n, seed=10)
@@ -151,8 +154,11 @@ def test_multi_transform_freezes_embed(name, explicit):
   # through multi_transform's extra args to give the sub-tree result.
   objs = [1, 0, 0, 1, 0, 1] if explicit else None
   tx = make(name, **COMMON)
-  multi = run(optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, LABELS),
-              grads, objectives=objs)
+  multi = run(
+    optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, LABELS),
+    grads,
+    objectives=objs,
+  )
   alone = run(tx, [_sub(g) for g in grads], params=_sub(PARAMS0), objectives=objs)
   for i in range(n + 1):
     np.testing.assert_array_equal(multi.params[i]["embed"], PARAMS0["embed"])
@@ -172,8 +178,10 @@ HP = dict(learning_rate=1e-2, **COMMON)
 # inject_hyperparams every float hyperparameter becomes a float32 array, so 1 - beta is
 # computed from the rounded beta: for b2 = 0.999 that is ~1.3e-5 relative off, an error
 # the plain alias (which takes 1 - beta in float64) does not have.
-EXACT_BETAS = {"dualoptim_plus": dict(b1=0.875, b2=0.9375, base_b1=0.75, base_b2=0.96875),
-               "dualoptim": dict(b1=0.875, b2=0.9921875)}
+EXACT_BETAS = {
+  "dualoptim_plus": dict(b1=0.875, b2=0.9375, base_b1=0.75, base_b2=0.96875),
+  "dualoptim": dict(b1=0.875, b2=0.9921875),
+}
 
 
 def test_inject_hyperparams_without_static_args():
@@ -186,8 +194,9 @@ def test_inject_hyperparams_without_static_args():
     assert_trees_close(got.updates[i], want.updates[i], rtol=1e-6, atol=1e-10)
 
 
-@pytest.mark.parametrize("name,betas", [
-    ("dualoptim_plus", "exact"), ("dualoptim_plus", "default"), ("dualoptim", "exact")])
+@pytest.mark.parametrize(
+  "name,betas", [("dualoptim_plus", "exact"), ("dualoptim_plus", "default"), ("dualoptim", "exact")]
+)
 def test_inject_hyperparams_matches_plain_alias(name, betas):
   n = 10
   factory = {"dualoptim_plus": dualoptax.dualoptim_plus, "dualoptim": dualoptax.dualoptim}
@@ -228,12 +237,15 @@ def test_inject_hyperparams_changes_take_effect_under_jit():
   reference_params, reference_state, reference_updates = step(params, state, grads[3])
   state.hyperparams["learning_rate"] = jnp.float32(2e-2)
   doubled_params, doubled_state, doubled_updates = step(params, state, grads[3])
-  assert_trees_close(doubled_updates, jax.tree.map(lambda u: 2 * u, reference_updates),
-                     rtol=1e-6, atol=1e-12)
+  assert_trees_close(
+    doubled_updates, jax.tree.map(lambda u: 2 * u, reference_updates), rtol=1e-6, atol=1e-12
+  )
   assert float(doubled_state.hyperparams["learning_rate"]) == pytest.approx(2e-2)
   # The moments do not depend on the learning rate.
-  assert_trees_equal(dualoptax.find_state(doubled_state, PLUS_STATE),
-                     dualoptax.find_state(reference_state, PLUS_STATE))
+  assert_trees_equal(
+    dualoptax.find_state(doubled_state, PLUS_STATE),
+    dualoptax.find_state(reference_state, PLUS_STATE),
+  )
 
   # A zero learning rate leaves the params where they are.
   state.hyperparams["learning_rate"] = jnp.float32(0.0)
@@ -264,14 +276,20 @@ def _poison(g, value, leaf="w", index=(1, 2)):
   return g
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _if_finite(name):
   return optax.apply_if_finite(make(name, **COMMON), max_consecutive_errors=2)
 
 
-@pytest.mark.parametrize("name,bad", [
-    ("dualoptim_plus", np.nan), ("dualoptim_plus", np.inf), ("dualoptim_plus", -np.inf),
-    ("dualoptim", np.nan)])
+@pytest.mark.parametrize(
+  "name,bad",
+  [
+    ("dualoptim_plus", np.nan),
+    ("dualoptim_plus", np.inf),
+    ("dualoptim_plus", -np.inf),
+    ("dualoptim", np.nan),
+  ],
+)
 def test_apply_if_finite_skips_the_bad_step_entirely(name, bad):
   good = _grads(7, seed=13)
   with_bad = good[:3] + [_poison(good[3], bad)] + good[3:]
@@ -345,5 +363,3 @@ def test_nonfinite_gradient_enters_dualoptim_state_of_active_objective_only():
   assert np.all(np.isfinite(s.mu["w"][1])) and np.all(np.isfinite(s.nu["w"][1]))
   s = dualoptax.find_state(got.states[3], DUAL_STATE)
   assert np.all(np.isfinite(s.mu["w"][1]))  # DualOptim's retain state stays clean
-
-

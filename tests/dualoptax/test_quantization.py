@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from dualoptax import quantization
 
-GOLDEN_FILE = (pathlib.Path(__file__).resolve().parents[3] / "shared" / "golden" /
-               "bnb_quant_blockwise.npz")
+GOLDEN_FILE = (
+  pathlib.Path(__file__).resolve().parents[3] / "shared" / "golden" / "bnb_quant_blockwise.npz"
+)
 SKIP_REASON = f"golden quantizer data not found at {GOLDEN_FILE}"
 MAP_NAMES = {"signed": True, "unsigned": False}
 
@@ -63,8 +65,9 @@ def _assert_bit_equal(actual, expected, what: str):
   assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
   differing = np.flatnonzero(_bits(actual).ravel() != _bits(expected).ravel())
   assert differing.size == 0, (
-      f"{what}: {differing.size} of {actual.size} differ, first at {differing[:5]}: "
-      f"{actual.ravel()[differing[:5]]} vs {expected.ravel()[differing[:5]]}")
+    f"{what}: {differing.size} of {actual.size} differ, first at {differing[:5]}: "
+    f"{actual.ravel()[differing[:5]]} vs {expected.ravel()[differing[:5]]}"
+  )
 
 
 def _numpy_quantize(x, signed: bool, block_size: int = 256):
@@ -76,13 +79,13 @@ def _numpy_quantize(x, signed: bool, block_size: int = 256):
   absmax = np.zeros(blocks, np.float32)
   one, half = np.float32(1.0), np.float32(0.5)
   for b in range(blocks):
-    block = flat[b * block_size:(b + 1) * block_size]
+    block = flat[b * block_size : (b + 1) * block_size]
     absmax[b] = np.max(np.abs(block))
     if absmax[b] == 0:
       continue
     y = np.clip(block * (one / absmax[b]), -one, one)
     j = (((y + one) * half) * np.float32(65535.0) + half).astype(np.int64)
-    codes[b * block_size:(b + 1) * block_size] = tables.lut[j]
+    codes[b * block_size : (b + 1) * block_size] = tables.lut[j]
   return codes.reshape(np.shape(x)), absmax
 
 
@@ -186,11 +189,13 @@ def test_quantize_matches_golden(entry, jit):
 
   codes, absmax = quantize(x, tables)
   assert codes.dtype == jnp.uint8 and absmax.dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(codes), golden[f"q/{entry}/codes"],
-                                err_msg=f"{entry} codes")
+  np.testing.assert_array_equal(
+    np.asarray(codes), golden[f"q/{entry}/codes"], err_msg=f"{entry} codes"
+  )
   _assert_bit_equal(absmax, golden[f"q/{entry}/absmax"], f"{entry} absmax")
-  _assert_bit_equal(dequantize(codes, absmax, tables), golden[f"q/{entry}/dequant"],
-                    f"{entry} dequant")
+  _assert_bit_equal(
+    dequantize(codes, absmax, tables), golden[f"q/{entry}/dequant"], f"{entry} dequant"
+  )
 
 
 @pytest.mark.parametrize("entry", _entry_names("dq"))
@@ -199,8 +204,7 @@ def test_dequantize_matches_golden(entry):
   tables = quantization.tables_for(_is_signed(entry))
   codes, absmax = golden[f"dq/{entry}/codes"], golden[f"dq/{entry}/absmax"]
   for dequantize in (quantization.dequantize_blockwise, _jit_dequantize):
-    _assert_bit_equal(dequantize(codes, absmax, tables), golden[f"dq/{entry}/dequant"],
-                      entry)
+    _assert_bit_equal(dequantize(codes, absmax, tables), golden[f"dq/{entry}/dequant"], entry)
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,11 +243,16 @@ def test_stacked_rows_equal_rows_quantized_one_by_one():
   xs[2, 0:256] = 0.0
   xs[3, 5] = np.nan
   xs[3, 600] = np.inf
-  tables = [quantization.signed_tables(), quantization.unsigned_tables(),
-            quantization.signed_tables(), quantization.unsigned_tables()]
+  tables = [
+    quantization.signed_tables(),
+    quantization.unsigned_tables(),
+    quantization.signed_tables(),
+    quantization.unsigned_tables(),
+  ]
   for block_size in (256, 100):
     codes, absmax = jax.jit(quantization.quantize_blockwise_stacked, static_argnums=2)(
-        xs, tables, block_size)
+      xs, tables, block_size
+    )
     for row, table in enumerate(tables):
       expected_codes, expected_absmax = _jit_quantize(xs[row], table, block_size=block_size)
       np.testing.assert_array_equal(np.asarray(codes[row]), np.asarray(expected_codes))
@@ -283,8 +292,9 @@ def test_jit_equals_eager():
   jitted = _jit_quantize(x, tables)
   np.testing.assert_array_equal(np.asarray(eager[0]), np.asarray(jitted[0]))
   _assert_bit_equal(eager[1], jitted[1], "absmax")
-  _assert_bit_equal(quantization.dequantize_blockwise(*eager, tables),
-                    _jit_dequantize(*jitted, tables), "dequant")
+  _assert_bit_equal(
+    quantization.dequantize_blockwise(*eager, tables), _jit_dequantize(*jitted, tables), "dequant"
+  )
 
 
 def test_vmap_over_leading_axis_equals_per_row_calls():
@@ -295,14 +305,17 @@ def test_vmap_over_leading_axis_equals_per_row_calls():
   codes, absmax = batched_q(x, tables)
   assert codes.shape == x.shape and absmax.shape == (3, 3)  # 600 values -> 3 blocks/row
   restored = jax.vmap(quantization.dequantize_blockwise, in_axes=(0, 0, None))(
-      codes, absmax, tables)
+    codes, absmax, tables
+  )
   for row in range(x.shape[0]):
     row_codes, row_absmax = quantization.quantize_blockwise(x[row], tables)
     np.testing.assert_array_equal(np.asarray(codes[row]), np.asarray(row_codes))
     _assert_bit_equal(absmax[row], row_absmax, f"absmax row {row}")
-    _assert_bit_equal(restored[row],
-                      quantization.dequantize_blockwise(row_codes, row_absmax, tables),
-                      f"dequant row {row}")
+    _assert_bit_equal(
+      restored[row],
+      quantization.dequantize_blockwise(row_codes, row_absmax, tables),
+      f"dequant row {row}",
+    )
 
 
 def test_non_float32_input_is_cast():
@@ -364,8 +377,11 @@ def test_quantized_array_basics():
   expected_codes, expected_absmax = _numpy_quantize(x, True)
   np.testing.assert_array_equal(np.asarray(q.codes), expected_codes)
   _assert_bit_equal(q.absmax, expected_absmax, "absmax")
-  _assert_bit_equal(q.dequantize(quantization.signed_tables()),
-                    quantization.dequantize(q), "dequant with default tables")
+  _assert_bit_equal(
+    q.dequantize(quantization.signed_tables()),
+    quantization.dequantize(q),
+    "dequant with default tables",
+  )
 
 
 def test_quantized_array_is_a_pytree_of_two_leaves():
@@ -399,8 +415,9 @@ def test_quantized_array_under_jit():
   def dequantize_both(q, v, signed_tables, unsigned_tables):
     return q.dequantize(signed_tables), v.dequantize(unsigned_tables)
 
-  again, squares = dequantize_both(q, v, quantization.signed_tables(),
-                                   quantization.unsigned_tables())
+  again, squares = dequantize_both(
+    q, v, quantization.signed_tables(), quantization.unsigned_tables()
+  )
   _assert_bit_equal(restored, again, "dequant")
   expected_codes, _ = _numpy_quantize(x * x, False)
   np.testing.assert_array_equal(np.asarray(v.codes), expected_codes)
@@ -436,18 +453,27 @@ _HALF_GRID_STEP = 1.0 / 65535
 
 # 1e17 times the largest scale below is 1e37, under 2**126 (see the huge-block test).
 _LIMIT = float(np.float32(1e17))
-_finite_floats = st.floats(min_value=-_LIMIT, max_value=_LIMIT, allow_nan=False,
-                           allow_infinity=False, allow_subnormal=False, width=32)
+_finite_floats = st.floats(
+  min_value=-_LIMIT,
+  max_value=_LIMIT,
+  allow_nan=False,
+  allow_infinity=False,
+  allow_subnormal=False,
+  width=32,
+)
 
 
-@hypothesis.settings(max_examples=25, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.settings(
+  max_examples=25, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
 @hypothesis.given(
-    # A few sizes (each compiles once): one value, partial, full, full + 1, several blocks.
-    x=hnp.arrays(np.float32, st.sampled_from([1, 2, 100, 255, 256, 257, 600]),
-                 elements=_finite_floats),
-    scale=st.sampled_from([1.0, 1e-20, 1e20]),
-    signed=st.booleans())
+  # A few sizes (each compiles once): one value, partial, full, full + 1, several blocks.
+  x=hnp.arrays(
+    np.float32, st.sampled_from([1, 2, 100, 255, 256, 257, 600]), elements=_finite_floats
+  ),
+  scale=st.sampled_from([1.0, 1e-20, 1e20]),
+  signed=st.booleans(),
+)
 def test_round_trip_error_is_within_map_resolution(x, scale, signed):
   x = (x * np.float32(scale)).astype(np.float32)
   # XLA:CPU reads float32 subnormals as zero (documented); make the input say so.
@@ -461,12 +487,13 @@ def test_round_trip_error_is_within_map_resolution(x, scale, signed):
   restored = np.asarray(_jit_dequantize(codes, absmax, tables), np.float64)
   codes, absmax = np.asarray(codes).astype(np.int64), np.asarray(absmax, np.float64)
 
-  per_element_absmax = np.repeat(absmax, 256)[:x.size]
+  per_element_absmax = np.repeat(absmax, 256)[: x.size]
   max_gap = np.max(np.diff(code_map))
   # Plus the smallest normal float32: XLA:CPU flushes subnormal results (e.g. a
   # dequantized map[c] * absmax below 2**-126) to zero.
-  bound = (per_element_absmax * (max_gap / 2 + _HALF_GRID_STEP) * (1 + 1e-6) +
-           np.finfo(np.float32).tiny)
+  bound = (
+    per_element_absmax * (max_gap / 2 + _HALF_GRID_STEP) * (1 + 1e-6) + np.finfo(np.float32).tiny
+  )
   error = np.abs(restored - x.astype(np.float64))
   assert np.all(error <= bound), (error - bound).max()
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import warnings
 
-import dualoptax
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
-
 from composition_helpers import (
   COMMON,
   PARAMS0,
@@ -22,6 +20,8 @@ from composition_helpers import (
   make,
   run,
 )
+
+import dualoptax
 
 # ---------------------------------------------------------------------------------------
 # The state as a pytree.
@@ -53,6 +53,7 @@ def test_state_is_a_pytree(name):
       params, state = carry
       updates, state = tx.update(g, state, params)
       return (optax.apply_updates(params, updates), state), None
+
     return jax.lax.scan(body, (params, state), stacked)[0]
 
   params, final_state = scanned(PARAMS0, state, stacked)

@@ -23,11 +23,19 @@ STEPS = 5
 
 def unlearn_args(out, state_bits):
   """The CLI arguments of one small unlearning run into `out`."""
-  return [str(ROOT / "train" / "run.py"), "unlearn", f"output_dir={out}",
-          f"training.steps={STEPS}", f"training.checkpoint_every={STEPS}",
-          "training.diagnostics_every=2", "model.hidden_size=64", "data.batch_size=8",
-          "data.max_length=48", f"optimizer.learning_rate={LEARNING_RATE}",
-          f"optimizer.state_bits={state_bits}"]
+  return [
+    str(ROOT / "train" / "run.py"),
+    "unlearn",
+    f"output_dir={out}",
+    f"training.steps={STEPS}",
+    f"training.checkpoint_every={STEPS}",
+    "training.diagnostics_every=2",
+    "model.hidden_size=64",
+    "data.batch_size=8",
+    "data.max_length=48",
+    f"optimizer.learning_rate={LEARNING_RATE}",
+    f"optimizer.state_bits={state_bits}",
+  ]
 
 
 def run_cli(args, devices, timeout=600, env=None):
@@ -36,10 +44,16 @@ def run_cli(args, devices, timeout=600, env=None):
   Returns:
     The finished process (its stdout and stderr as text).
   """
-  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-  done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  env = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    **(env or {}),
+  }
+  done = subprocess.run(
+    [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
+  )
   assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
   return done
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +77,19 @@ def case_names(kinds: tuple[str, ...]) -> list[str]:
 def case_params(kinds: tuple[str, ...]) -> list[Any]:
   """pytest parameters for the cases of ``kinds``; one skipped entry saying why if none."""
   import pytest  # only the tests use this helper
+
   names = case_names(kinds)
   if names:
     return names
-  return [pytest.param(None, marks=pytest.mark.skip(
-      reason=f"no golden cases of kind {kinds} at {GOLDEN_DIR} (the folder lives beside "
-             "the project in ../shared/golden and is never copied into the repository)"))]
+  return [
+    pytest.param(
+      None,
+      marks=pytest.mark.skip(
+        reason=f"no golden cases of kind {kinds} at {GOLDEN_DIR} (the folder lives beside "
+        "the project in ../shared/golden and is never copied into the repository)"
+      ),
+    )
+  ]
 
 
 def load_case(name: str) -> GoldenCase:
@@ -95,17 +103,25 @@ def optimizer_for(case: GoldenCase, **overrides: Any) -> optax.GradientTransform
   are further keyword arguments, e.g. ``update_in_chunks`` for the 8-bit cases)."""
   hp = case.meta["hyperparameters"]
   common = dict(
-      eps=hp["eps"], weight_decay=hp["weight_decay"],
-      forget_lr_ratio=hp["lr_ratio_1"], retain_lr_ratio=hp["lr_ratio_2"],
-      forget_steps=hp["switch_freq_1"], retain_steps=hp["switch_freq_2"])
+    eps=hp["eps"],
+    weight_decay=hp["weight_decay"],
+    forget_lr_ratio=hp["lr_ratio_1"],
+    retain_lr_ratio=hp["lr_ratio_2"],
+    forget_steps=hp["switch_freq_1"],
+    retain_steps=hp["switch_freq_2"],
+  )
   betas = hp["betas"]
   if case.meta.get("min_8bit_size"):
-    common.update(state_bits=8, min_8bit_size=int(case.meta["min_8bit_size"]),
-                  block_size=int(case.meta["blocksize"]))
+    common.update(
+      state_bits=8,
+      min_8bit_size=int(case.meta["min_8bit_size"]),
+      block_size=int(case.meta["blocksize"]),
+    )
   common.update(overrides)
   if case.kind.startswith("dualoptim_plus"):
     return dualoptax.dualoptim_plus(
-        hp["lr"], b1=betas[0], b2=betas[1], base_b1=betas[2], base_b2=betas[3], **common)
+      hp["lr"], b1=betas[0], b2=betas[1], base_b1=betas[2], base_b2=betas[3], **common
+    )
   if case.kind.startswith("dualoptim"):
     return dualoptax.dualoptim(hp["lr"], b1=betas[0], b2=betas[1], **common)
   raise ValueError(f"golden case {case.name} has unknown kind {case.kind!r}")
@@ -120,11 +136,11 @@ class ReplayResult:
 
 
 def replay(
-    case: GoldenCase,
-    tx: optax.GradientTransformationExtraArgs,
-    explicit_objective: bool,
-    inner_state: Callable[[Any], Any] = lambda s: s,
-    keep_states: bool = False,
+  case: GoldenCase,
+  tx: optax.GradientTransformationExtraArgs,
+  explicit_objective: bool,
+  inner_state: Callable[[Any], Any] = lambda s: s,
+  keep_states: bool = False,
 ) -> ReplayResult:
   """Runs the case's gradients through ``tx``, jitted, one step at a time."""
 
@@ -141,15 +157,22 @@ def replay(
   states = []
   modes = case.objectives()
   for t in range(case.steps):
-    chosen.append(int(dualoptax.scheduled_objective(
-        jnp.int32(t), (case.meta["hyperparameters"]["switch_freq_1"],
-                       case.meta["hyperparameters"]["switch_freq_2"]))))
+    chosen.append(
+      int(
+        dualoptax.scheduled_objective(
+          jnp.int32(t),
+          (
+            case.meta["hyperparameters"]["switch_freq_1"],
+            case.meta["hyperparameters"]["switch_freq_2"],
+          ),
+        )
+      )
+    )
     params, state = step(params, state, case.grads(t), jnp.int32(modes[t]))
     history.append(jax.tree.map(np.asarray, params))
     if keep_states:
       states.append(jax.tree.map(np.asarray, state))
-  return ReplayResult(params=history, state=inner_state(state), objectives=chosen,
-                      states=states)
+  return ReplayResult(params=history, state=inner_state(state), objectives=chosen, states=states)
 
 
 @dataclasses.dataclass
@@ -194,12 +217,16 @@ def compare_params(case: GoldenCase, result: ReplayResult) -> ParamComparison:
     failed += step_failed
     worst_fraction = min(worst_fraction, 1.0 - step_failed / step_checked)
   return ParamComparison(
-      checked=checked, failed=failed, worst_step_pass_fraction=worst_fraction,
-      median_scaled_error=float(np.median(np.concatenate(scaled_all))),
-      max_scaled_error_sensitive=max_sensitive, sensitive_sign_mismatches=sign_mismatch)
+    checked=checked,
+    failed=failed,
+    worst_step_pass_fraction=worst_fraction,
+    median_scaled_error=float(np.median(np.concatenate(scaled_all))),
+    max_scaled_error_sensitive=max_sensitive,
+    sensitive_sign_mismatches=sign_mismatch,
+  )
 
 
 def golden_states(case: GoldenCase, p: str) -> dict[str, np.ndarray]:
   """The reference's final states of parameter ``p``, keyed by the file's names."""
   prefix = f"final/{p}/"
-  return {k[len(prefix):]: case.data[k] for k in case.data.files if k.startswith(prefix)}
+  return {k[len(prefix) :]: case.data[k] for k in case.data.files if k.startswith(prefix)}

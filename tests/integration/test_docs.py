@@ -21,8 +21,7 @@ def test_readme_python_examples_run():
     exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
 
 
-MODULES = sorted(
-    f"dualoptax.{m.name}" for m in pkgutil.iter_modules(dualoptax.__path__))
+MODULES = sorted(f"dualoptax.{m.name}" for m in pkgutil.iter_modules(dualoptax.__path__))
 
 
 @pytest.mark.parametrize("module_name", MODULES)

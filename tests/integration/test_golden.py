@@ -1,10 +1,10 @@
 """Fidelity: replay the authors' PyTorch trajectories through dualoptax and match them."""
 
+import golden
 import numpy as np
 import pytest
 
 import dualoptax
-import golden
 
 FP32_KINDS = ("dualoptim_plus_fp32", "dualoptim_fp32")
 CASES = golden.case_names(FP32_KINDS)
@@ -26,16 +26,26 @@ def _our_states(case, state, p):
   if case.kind.startswith("dualoptim_plus"):
     s = dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState)
     moments = {
-        "state1_1": s.delta_mu[p][forget], "state1_2": s.delta_mu[p][retain],
-        "state2_1": s.delta_nu[p][forget], "state2_2": s.delta_nu[p][retain],
-        "state1_base": s.base_mu[p], "state2_base": s.base_nu[p]}
+      "state1_1": s.delta_mu[p][forget],
+      "state1_2": s.delta_mu[p][retain],
+      "state2_1": s.delta_nu[p][forget],
+      "state2_2": s.delta_nu[p][retain],
+      "state1_base": s.base_mu[p],
+      "state2_base": s.base_nu[p],
+    }
   else:
     s = dualoptax.find_state(state, dualoptax.ScaleByDualOptimState)
     moments = {
-        "state1_1": s.mu[p][forget], "state1_2": s.mu[p][retain],
-        "state2_1": s.nu[p][forget], "state2_2": s.nu[p][retain]}
-  counters = {"step": s.count, "step1": s.objective_counts[forget],
-              "step2": s.objective_counts[retain]}
+      "state1_1": s.mu[p][forget],
+      "state1_2": s.mu[p][retain],
+      "state2_1": s.nu[p][forget],
+      "state2_2": s.nu[p][retain],
+    }
+  counters = {
+    "step": s.count,
+    "step1": s.objective_counts[forget],
+    "step2": s.objective_counts[retain],
+  }
   return moments, counters
 
 
@@ -49,15 +59,18 @@ def test_replay_matches_reference(name, explicit_objective):
   np.testing.assert_array_equal(result.objectives, case.objectives())
 
   cmp = golden.compare_params(case, result)
-  report = (f"{name}: {cmp.failed}/{cmp.checked} non-sensitive element-steps outside "
-            f"{golden.PARAM_TOL}*(|p|+lr); worst step passes {cmp.worst_step_pass_fraction:.4%}; "
-            f"median scaled error {cmp.median_scaled_error:.2e}")
+  report = (
+    f"{name}: {cmp.failed}/{cmp.checked} non-sensitive element-steps outside "
+    f"{golden.PARAM_TOL}*(|p|+lr); worst step passes {cmp.worst_step_pass_fraction:.4%}; "
+    f"median scaled error {cmp.median_scaled_error:.2e}"
+  )
   print(report)
   assert cmp.worst_step_pass_fraction >= golden.MIN_PASS_FRACTION, report
   assert cmp.median_scaled_error <= golden.MAX_MEDIAN_SCALED_ERROR, report
   assert cmp.sensitive_sign_mismatches == 0, (
-      f"{name}: {cmp.sensitive_sign_mismatches} ill-conditioned elements moved the other way "
-      "or became non-finite")
+    f"{name}: {cmp.sensitive_sign_mismatches} ill-conditioned elements moved the other way "
+    "or became non-finite"
+  )
 
   for p in case.param_names:
     reference = golden.golden_states(case, p)

@@ -1,10 +1,10 @@
 """Fidelity of DualOptim+ 8-bit: replay the authors' 8-bit trajectories code for code."""
 
+import golden
 import numpy as np
 import pytest
 
 import dualoptax
-import golden
 
 CASES = golden.case_names(("dualoptim_plus_8bit",))
 MIN_EQUAL_CODES = 0.999
@@ -21,12 +21,12 @@ def _moments(state, p):
   s = dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState)
   f, r = dualoptax.FORGET, dualoptax.RETAIN
   return {
-      "1_base": (s.base_mu[p].codes, s.base_mu[p].absmax),
-      "2_base": (s.base_nu[p].codes, s.base_nu[p].absmax),
-      "1_1": (s.delta_mu[p].codes[f], s.delta_mu[p].absmax[f]),
-      "1_2": (s.delta_mu[p].codes[r], s.delta_mu[p].absmax[r]),
-      "2_1": (s.delta_nu[p].codes[f], s.delta_nu[p].absmax[f]),
-      "2_2": (s.delta_nu[p].codes[r], s.delta_nu[p].absmax[r]),
+    "1_base": (s.base_mu[p].codes, s.base_mu[p].absmax),
+    "2_base": (s.base_nu[p].codes, s.base_nu[p].absmax),
+    "1_1": (s.delta_mu[p].codes[f], s.delta_mu[p].absmax[f]),
+    "1_2": (s.delta_mu[p].codes[r], s.delta_mu[p].absmax[r]),
+    "2_1": (s.delta_nu[p].codes[f], s.delta_nu[p].absmax[f]),
+    "2_2": (s.delta_nu[p].codes[r], s.delta_nu[p].absmax[r]),
   }
 
 
@@ -40,8 +40,10 @@ def test_8bit_replay_matches_reference(name, update_in_chunks):
 
   # Parameters: the fp32 tolerance on elements the case does not flag.
   cmp = golden.compare_params(case, result)
-  report = (f"{name}: params {cmp.failed}/{cmp.checked} element-steps outside tolerance, "
-            f"worst step {cmp.worst_step_pass_fraction:.4%}, median {cmp.median_scaled_error:.1e}")
+  report = (
+    f"{name}: params {cmp.failed}/{cmp.checked} element-steps outside tolerance, "
+    f"worst step {cmp.worst_step_pass_fraction:.4%}, median {cmp.median_scaled_error:.1e}"
+  )
   print(report)
   assert cmp.worst_step_pass_fraction >= golden.MIN_PASS_FRACTION, report
   assert cmp.median_scaled_error <= golden.MAX_MEDIAN_SCALED_ERROR, report
@@ -57,7 +59,8 @@ def test_8bit_replay_matches_reference(name, update_in_chunks):
         total += diff.size
         equal += int(np.sum(diff == 0))
         ref_absmax = case.data[f"traj/{p}/absmax{key}"][t]
-        np.testing.assert_allclose(absmax, ref_absmax, rtol=1e-5, atol=0,
-                                   err_msg=f"{name}/{p}/absmax{key} step {t}")
+        np.testing.assert_allclose(
+          absmax, ref_absmax, rtol=1e-5, atol=0, err_msg=f"{name}/{p}/absmax{key} step {t}"
+        )
     print(f"{name}/{p}: {equal}/{total} codes equal ({total - equal} off by one)")
     assert equal / total >= MIN_EQUAL_CODES

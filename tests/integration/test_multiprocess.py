@@ -12,9 +12,8 @@ import socket
 import subprocess
 import sys
 
-from safetensors.numpy import load_file
-
 from cli_runs import STEPS, assert_same_model, run_cli, unlearn_args
+from safetensors.numpy import load_file
 
 
 def _free_port():
@@ -27,12 +26,20 @@ def _launch_two_processes(args):
   port = _free_port()
   procs = []
   for process_id in range(2):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": str(process_id)}
-    procs.append(subprocess.Popen([sys.executable, *args], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    env = {
+      **os.environ,
+      "HF_HUB_OFFLINE": "1",
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": str(process_id),
+    }
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+      )
+    )
   outputs = [p.communicate(timeout=600) for p in procs]
   for process_id, (p, (_, err)) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {process_id} exit {p.returncode}:\n{err[-3000:]}"
@@ -42,12 +49,16 @@ def test_two_processes_resume_and_match_single_device(tmp_path):
   run_cli(unlearn_args(tmp_path / "single", 32), devices=1)
   out = tmp_path / "two"
   mesh = ["mesh.data=2", "mesh.fsdp=4"]
-  cut = [arg.replace(f"training.steps={STEPS}", "training.steps=3")
-         for arg in unlearn_args(out, 32)]
+  cut = [
+    arg.replace(f"training.steps={STEPS}", "training.steps=3") for arg in unlearn_args(out, 32)
+  ]
   _launch_two_processes(cut + mesh)
   assert (out / "checkpoints" / "3").is_dir()
   _launch_two_processes(unlearn_args(out, 32) + mesh)  # resumes from step 3
   steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
   assert len(steps) == STEPS  # one writer, and the resumed run kept steps 1-3
-  assert_same_model(load_file(str(tmp_path / "single" / "model" / "model.safetensors")),
-                    load_file(str(out / "model" / "model.safetensors")), "2 processes")
+  assert_same_model(
+    load_file(str(tmp_path / "single" / "model" / "model.safetensors")),
+    load_file(str(out / "model" / "model.safetensors")),
+    "2 processes",
+  )

@@ -35,8 +35,12 @@ def _execute(nb, name, monkeypatch):
   # Plots render to files in the kernel, never to a window.
   monkeypatch.setenv("MPLBACKEND", "Agg")
   client = nbclient.NotebookClient(
-      nb, timeout=TIMEOUT_SECONDS, startup_timeout=TIMEOUT_SECONDS, kernel_name="python3",
-      resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    nb,
+    timeout=TIMEOUT_SECONDS,
+    startup_timeout=TIMEOUT_SECONDS,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(NOTEBOOKS_DIR)}},
+  )
   try:
     client.execute()
   except nbclient.exceptions.CellExecutionError as e:
@@ -61,6 +65,7 @@ def test_tradeoff_notebook_runs_on_real_tofu(monkeypatch):
   assert "USE_REAL_TOFU = False" in parameters.source
   parameters.source = parameters.source.replace("USE_REAL_TOFU = False", "USE_REAL_TOFU = True")
   nb = _execute(nb, f"{path.name} (USE_REAL_TOFU)", monkeypatch)
-  printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                    for out in cell.outputs)
+  printed = "".join(
+    out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+  )
   assert "40 forget /" in printed, "forget01 has 40 questions"  # the real split was used

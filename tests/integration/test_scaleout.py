@@ -4,8 +4,8 @@ devices, checkpoints restored under another mesh, and the multi-process start-up
 import textwrap
 
 import pytest
-
 from cli_runs import run_cli
+
 from train.runtime import distributed
 
 SCRIPT = textwrap.dedent("""
@@ -60,8 +60,12 @@ def test_fsdp_memory_per_device_and_checkpoint_across_meshes():
 
 def test_single_process_without_environment():
   assert distributed.initialize_from_env({}) is False
-  assert distributed.initialize_from_env({"JAX_COORDINATOR_ADDRESS": "h:1",
-                                          "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is False
+  assert (
+    distributed.initialize_from_env(
+      {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}
+    )
+    is False
+  )
   with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
     distributed.initialize_from_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
   assert distributed.host_rows(8) == slice(0, 8)

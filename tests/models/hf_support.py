@@ -20,36 +20,84 @@ VOCAB = 160
 # Several variants per family: MHA vs GQA/MQA, tied vs untied, rotary fractions,
 # biases, explicit head_dim, activations.
 HF_CONFIGS = {
-    "phi-half-rotary": lambda: transformers.PhiConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128),
-    "phi-quarter-rotary-gqa-tied-qkln": lambda: transformers.PhiConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.25,
-        qk_layernorm=True, tie_word_embeddings=True, max_position_embeddings=128),
-    "phi-full-rotary-gelu": lambda: transformers.PhiConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, partial_rotary_factor=1.0, hidden_act="gelu",
-        max_position_embeddings=128),
-    "llama-mha-untied": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-        max_position_embeddings=128),
-    "llama-gqa-tied-bias-theta": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        attention_bias=True, mlp_bias=True, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        max_position_embeddings=128),
-    "llama-mqa-head-dim": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=128),
-    "gpt2-default": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
-    "gpt2-inner-gelu-layerscale": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_inner=48, n_positions=128,
-        activation_function="gelu", scale_attn_by_inverse_layer_idx=True),
+  "phi-half-rotary": lambda: transformers.PhiConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=128,
+  ),
+  "phi-quarter-rotary-gqa-tied-qkln": lambda: transformers.PhiConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    partial_rotary_factor=0.25,
+    qk_layernorm=True,
+    tie_word_embeddings=True,
+    max_position_embeddings=128,
+  ),
+  "phi-full-rotary-gelu": lambda: transformers.PhiConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    partial_rotary_factor=1.0,
+    hidden_act="gelu",
+    max_position_embeddings=128,
+  ),
+  "llama-mha-untied": lambda: transformers.LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+    max_position_embeddings=128,
+  ),
+  "llama-gqa-tied-bias-theta": lambda: transformers.LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    attention_bias=True,
+    mlp_bias=True,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    max_position_embeddings=128,
+  ),
+  "llama-mqa-head-dim": lambda: transformers.LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=128,
+  ),
+  "gpt2-default": lambda: transformers.GPT2Config(
+    vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128
+  ),
+  "gpt2-inner-gelu-layerscale": lambda: transformers.GPT2Config(
+    vocab_size=VOCAB,
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    n_inner=48,
+    n_positions=128,
+    activation_function="gelu",
+    scale_attn_by_inverse_layer_idx=True,
+  ),
 }
 
 ONE_PER_FAMILY = ["phi-quarter-rotary-gqa-tied-qkln", "llama-gqa-tied-bias-theta", "gpt2-default"]
@@ -84,7 +132,7 @@ def padded_batch(batch: int, seq: int, side: str, seed: int = 0):
   for row in range(1, batch):
     pad = min(2 * row, seq - 1)
     if side == "right":
-      mask[row, seq - pad:] = 0
+      mask[row, seq - pad :] = 0
     else:
       mask[row, :pad] = 0
   ids[mask == 0] = 0
@@ -93,4 +141,6 @@ def padded_batch(batch: int, seq: int, side: str, seed: int = 0):
 
 def torch_logits(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
   with torch.no_grad():
-    return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    return model(
+      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+    ).logits.numpy()

@@ -10,11 +10,18 @@ import safetensors.torch
 import torch
 import transformers
 from flax import nnx
+from hf_support import (
+  HF_CONFIGS,
+  ONE_PER_FAMILY,
+  build_hf_model,
+  padded_batch,
+  save_hf_model,
+  torch_logits,
+)
 from jax.sharding import PartitionSpec
 
 import models
 from models import sharding
-from hf_support import HF_CONFIGS, ONE_PER_FAMILY, build_hf_model, padded_batch, save_hf_model, torch_logits
 
 
 def _file_tensors(directory) -> dict[str, np.ndarray]:
@@ -26,8 +33,11 @@ def _file_tensors(directory) -> dict[str, np.ndarray]:
 
 
 def _params(model) -> dict[str, np.ndarray]:
-  return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.iter_graph(model)
-          if isinstance(v, nnx.Param)}
+  return {
+    ".".join(map(str, p)): np.asarray(v[...])
+    for p, v in nnx.iter_graph(model)
+    if isinstance(v, nnx.Param)
+  }
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -53,7 +63,9 @@ def test_save_load_round_trip_is_bit_exact(name, tmp_path):
   # transformers reads our folder back into an identical model.
   hf_again = transformers.AutoModelForCausalLM.from_pretrained(str(ours_dir)).eval()
   ids, mask = padded_batch(2, 6, "right")
-  np.testing.assert_array_equal(torch_logits(hf_again, ids, mask), torch_logits(hf_model, ids, mask))
+  np.testing.assert_array_equal(
+    torch_logits(hf_again, ids, mask), torch_logits(hf_model, ids, mask)
+  )
 
 
 def test_loads_sharded_checkpoint_and_saves_sharded(tmp_path):
@@ -72,12 +84,15 @@ def test_loads_sharded_checkpoint_and_saves_sharded(tmp_path):
   index = json.loads((ours_dir / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
   hf_again = transformers.AutoModelForCausalLM.from_pretrained(str(ours_dir)).eval()
-  np.testing.assert_array_equal(torch_logits(hf_again, ids, mask), torch_logits(hf_model, ids, mask))
+  np.testing.assert_array_equal(
+    torch_logits(hf_again, ids, mask), torch_logits(hf_model, ids, mask)
+  )
 
 
 def test_unsupported_model_type_is_named(tmp_path):
-  transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
-                          num_attention_heads=2, intermediate_size=32).save_pretrained(str(tmp_path))
+  transformers.BertConfig(
+    vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+  ).save_pretrained(str(tmp_path))
   with pytest.raises(ValueError, match=r"'bert'.*phi, llama, gpt2"):
     models.load_pretrained(tmp_path)
 
@@ -103,6 +118,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
 
   def truncate(t):
     t[name] = t[name][:-1]
+
   _rewrite_weights(tmp_path, truncate)
   with pytest.raises(ValueError, match=rf"{name}.*\(95, 64\).*\(96, 64\)"):
     models.load_pretrained(tmp_path)
@@ -115,6 +131,7 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path):
     del t["model.layers.0.self_attn.dense.bias"]
     t["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
     t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(3, np.float32)  # ignored buffer
+
   _rewrite_weights(tmp_path, corrupt)
   with pytest.raises(ValueError) as error:
     models.load_pretrained(tmp_path)
@@ -130,6 +147,7 @@ def test_gpt2_attention_mask_buffers_are_ignored(tmp_path):
   def add_buffers(t):  # older GPT-2 checkpoints store these causal-mask buffers
     t["transformer.h.0.attn.bias"] = np.ones((1, 1, 4, 4), np.float32)
     t["transformer.h.0.attn.masked_bias"] = np.zeros((), np.float32)
+
   _rewrite_weights(tmp_path, add_buffers)
   model, _ = models.load_pretrained(tmp_path)
   ids, mask = padded_batch(1, 5, "right")
@@ -145,13 +163,15 @@ def test_rope_scaling_is_not_implemented(tmp_path):
 
 
 def test_tokenizer_is_saved_and_loaded_with_the_model(tmp_path):
-  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+  from tokenizers import Tokenizer, pre_tokenizers
+  from tokenizers import models as tok_models
 
   vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, "hello": 3, "world": 4}
   backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
   backend.pre_tokenizer = pre_tokenizers.Whitespace()
   tokenizer = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+  )
   save_hf_model("gpt2-default", tmp_path / "hf")
   model, config = models.load_pretrained(tmp_path / "hf")
   models.save_pretrained(model, config, tmp_path / "ours", tokenizer=tokenizer)
@@ -164,8 +184,15 @@ def test_tokenizer_is_saved_and_loaded_with_the_model(tmp_path):
 def test_every_parameter_has_logical_axis_names(name):
   config = models.ModelConfig.from_hf(HF_CONFIGS[name]())
   model = models.CausalLM(config, rngs=nnx.Rngs(0))
-  known = {sharding.VOCAB, sharding.EMBED, sharding.HEADS, sharding.KV_HEADS,
-           sharding.MLP, sharding.POSITION, sharding.HEAD_DIM}
+  known = {
+    sharding.VOCAB,
+    sharding.EMBED,
+    sharding.HEADS,
+    sharding.KV_HEADS,
+    sharding.MLP,
+    sharding.POSITION,
+    sharding.HEAD_DIM,
+  }
   params = [(p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
   assert params
   for path, variable in params:

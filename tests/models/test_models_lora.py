@@ -7,9 +7,9 @@ import optax
 import pytest
 import transformers
 from flax import nnx
+from hf_support import ONE_PER_FAMILY, padded_batch, save_hf_model, torch_logits
 
 import models
-from hf_support import ONE_PER_FAMILY, padded_batch, save_hf_model, torch_logits
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -79,8 +79,9 @@ def test_optax_partition_trains_only_adapters(tmp_path):
   assert 0 < sum(flat_mask) < len(flat_mask)
   assert sum(flat_mask) == _count_lora(model)
 
-  tx = optax.multi_transform({"lora": optax.adam(1e-2), "frozen": optax.set_to_zero()},
-                             models.lora_labels)
+  tx = optax.multi_transform(
+    {"lora": optax.adam(1e-2), "frozen": optax.set_to_zero()}, models.lora_labels
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   def loss_fn(m):
@@ -103,16 +104,23 @@ def test_optax_partition_trains_only_adapters(tmp_path):
     if is_lora:
       continue
     np.testing.assert_array_equal(old, new)
-  lora_changed = [not np.array_equal(o, n) for m_, o, n in
-                  zip(flat_mask, jax.tree.leaves(before), jax.tree.leaves(after)) if m_]
+  lora_changed = [
+    not np.array_equal(o, n)
+    for m_, o, n in zip(flat_mask, jax.tree.leaves(before), jax.tree.leaves(after))
+    if m_
+  ]
   assert any(lora_changed)
 
 
 def test_adapter_dropout_only_in_train_mode(tmp_path):
   save_hf_model("phi-half-rotary", tmp_path)
   model, _ = models.load_pretrained(tmp_path)
-  models.apply_lora(model, models.LoRAConfig(rank=4, dropout=0.5), rngs=nnx.Rngs(0),
-                    b_init=nnx.initializers.normal(0.2))
+  models.apply_lora(
+    model,
+    models.LoRAConfig(rank=4, dropout=0.5),
+    rngs=nnx.Rngs(0),
+    b_init=nnx.initializers.normal(0.2),
+  )
   ids, mask = padded_batch(1, 8, "right")
   model.eval()
   first, second = _logits(model, ids, mask), _logits(model, ids, mask)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_support import HF_CONFIGS, ONE_PER_FAMILY, VOCAB, padded_batch, save_hf_model, torch_logits
 
 import models
-from hf_support import HF_CONFIGS, ONE_PER_FAMILY, VOCAB, padded_batch, save_hf_model, torch_logits
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -47,9 +47,14 @@ def test_bfloat16_forward_close_to_float32(name, tmp_path):
 def _hf_generate(hf_model, ids, mask, eos, pad, max_new_tokens):
   with torch.no_grad():
     out = hf_model.generate(
-        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-  return out[:, ids.shape[1]:].numpy()
+      input_ids=torch.from_numpy(ids),
+      attention_mask=torch.from_numpy(mask),
+      max_new_tokens=max_new_tokens,
+      do_sample=False,
+      eos_token_id=eos,
+      pad_token_id=pad,
+    )
+  return out[:, ids.shape[1] :].numpy()
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -61,26 +66,32 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
 
   # First without an EOS (ids >= 3 and VOCAB-1 rarely win), then with a token
   # row 0 really produces, so stopping and post-EOS padding are exercised.
-  no_eos = np.asarray(models.generate(model, ids, mask, max_new_tokens=new, eos_token_id=VOCAB + 1, pad_token_id=pad))
+  no_eos = np.asarray(
+    models.generate(model, ids, mask, max_new_tokens=new, eos_token_id=VOCAB + 1, pad_token_id=pad)
+  )
   expected = _hf_generate(hf_model, ids, mask, VOCAB + 1, pad, new)
   np.testing.assert_array_equal(no_eos, expected)
 
   eos = int(no_eos[0, 5])
-  got = np.asarray(models.generate(model, ids, mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=pad))
+  got = np.asarray(
+    models.generate(model, ids, mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=pad)
+  )
   expected = _hf_generate(hf_model, ids, mask, eos, pad, new)
   # HF stops early once every row is done; our buffer is padded to `new`.
-  np.testing.assert_array_equal(got[:, :expected.shape[1]], expected)
-  assert (got[:, expected.shape[1]:] == pad).all()
+  np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
+  assert (got[:, expected.shape[1] :] == pad).all()
   first_eos = int(np.argmax(got[0] == eos))
-  assert first_eos <= 5 and (got[0, first_eos + 1:] == pad).all()
+  assert first_eos <= 5 and (got[0, first_eos + 1 :] == pad).all()
 
 
 def _torch_loss_and_grads(hf_model, ids, mask):
   hf_model.zero_grad(set_to_none=True)
   logits = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
   token_loss = torch.nn.functional.cross_entropy(
-      logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(ids[:, 1:]).reshape(-1),
-      reduction="none")
+    logits[:, :-1].reshape(-1, logits.shape[-1]),
+    torch.from_numpy(ids[:, 1:]).reshape(-1),
+    reduction="none",
+  )
   weights = torch.from_numpy(mask[:, 1:].reshape(-1).astype(np.float32))
   loss = (token_loss * weights).sum() / weights.sum()
   loss.backward()

@@ -17,4 +17,5 @@ def data_dir(tmp_path_factory):
 def trained_tokenizer(data_dir):
   """A small BPE tokenizer trained offline on ``data_dir`` with the Phi template."""
   return tokenizer_lib.train_tokenizer(
-      tokenizer_lib.tofu_corpus_texts(data_dir, "phi"), vocab_size=1024)
+    tokenizer_lib.tofu_corpus_texts(data_dir, "phi"), vocab_size=1024
+  )

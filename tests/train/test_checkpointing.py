@@ -16,11 +16,11 @@ def test_round_trip_is_bit_exact(tmp_path, state_bits):
   tx = dualoptax.dualoptim_plus(1e-3, state_bits=state_bits, min_8bit_size=1024)
   opt_state = tx.init(params)
   for t in range(3):
-    updates, opt_state = tx.update(jax.tree.map(lambda p: jnp.sin(p + t), params), opt_state,
-                                   params)
+    updates, opt_state = tx.update(
+      jax.tree.map(lambda p: jnp.sin(p + t), params), opt_state, params
+    )
     params = optax.apply_updates(params, updates)
-  state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(
-      jax.random.key(3))}
+  state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(jax.random.key(3))}
   checkpointer = RunCheckpointer(tmp_path / "ckpt", max_to_keep=2)
   checkpointer.save(3, state, {"sampler": {"step": 3, "epochs": [1, 0]}, "note": "x"})
   step, restored, meta = checkpointer.restore(jax.tree.map(jnp.zeros_like, state))

@@ -12,8 +12,15 @@ def test_defaults_are_a_valid_config():
 def test_yaml_then_overrides(tmp_path):
   path = tmp_path / "run.yaml"
   path.write_text("optimizer:\n  name: dualoptim\n  learning_rate: 1e-5\nloss:\n  name: NPO+GD\n")
-  config = load_config(path, ["optimizer.learning_rate=3e-4", "training.steps=7",
-                              "data.task_id=2", "optimizer.clip_norm=null"])
+  config = load_config(
+    path,
+    [
+      "optimizer.learning_rate=3e-4",
+      "training.steps=7",
+      "data.task_id=2",
+      "optimizer.clip_norm=null",
+    ],
+  )
   assert config.optimizer.name == "dualoptim"
   assert config.optimizer.learning_rate == 3e-4
   assert config.loss.name == "NPO+GD"
@@ -31,7 +38,9 @@ def test_round_trip(tmp_path):
   assert load_config(tmp_path / "c.yaml") == config
 
 
-@pytest.mark.parametrize("override,names", [
+@pytest.mark.parametrize(
+  "override,names",
+  [
     ("optimizer.nme=adam", "optimizer.nme"),
     ("optimiser.name=adam", "optimiser"),
     ("optimizer.name=sgd", "optimizer.name"),
@@ -45,7 +54,8 @@ def test_round_trip(tmp_path):
     ("loss.beta=-1.0", "loss"),
     ("mesh.fsdp=0", "mesh.fsdp"),
     ("optimizer", "optimizer"),
-])
+  ],
+)
 def test_bad_values_name_the_key(override, names):
   with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
     load_config(overrides=[override])
@@ -58,6 +68,7 @@ def test_missing_file_is_named(tmp_path):
 
 def test_apply_overrides_keeps_the_rest():
   from train.config import apply_overrides
+
   base = load_config(overrides=["training.steps=9"])
   config = apply_overrides(base, ["optimizer.name=adam"])
   assert config.training.steps == 9 and config.optimizer.name == "adam"
@@ -67,6 +78,7 @@ def test_apply_overrides_keeps_the_rest():
 
 def test_cli_reports_bad_settings_and_accepts_overrides_without_a_command(capsys):
   from train.run import main
+
   assert main(["unlearn", "optimizer.name=sgd"]) == 2
   assert "optimizer.name" in capsys.readouterr().err
   assert main(["training.steps=0"]) == 2  # the default experiment, with an override

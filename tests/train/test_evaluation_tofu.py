@@ -30,8 +30,14 @@ def tokenizer():
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=512, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    texts,
+    trainers.BpeTrainer(
+      vocab_size=512,
+      special_tokens=["<pad>", "<eos>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
   return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
@@ -40,8 +46,10 @@ def model(tokenizer):
   """A tiny random causal LM: mean of the embeddings so far, tanh, linear head."""
   vocab, width = len(tokenizer), 32
   k1, k2 = jax.random.split(jax.random.key(0))
-  params = {"embed": jax.random.normal(k1, (vocab, width)),
-            "head": jax.random.normal(k2, (width, vocab)) / math.sqrt(width)}
+  params = {
+    "embed": jax.random.normal(k1, (vocab, width)),
+    "head": jax.random.normal(k2, (width, vocab)) / math.sqrt(width),
+  }
 
   def apply(params, input_ids, attention_mask):
     e = params["embed"][input_ids] * attention_mask[..., None]
@@ -66,7 +74,9 @@ def test_every_metric_is_produced_finite_in_range_for_every_row(full_run):
     r = result.sets[spec.name]
     rows = tofu.count_rows(spec.path)
     per_item = [r.nll_answer, r.probability, r.truth_ratio, r.rouge_l_recall]
-    assert all(len(v) == rows for v in per_item) and len(r.generations) == len(r.nll_perturbed) == rows
+    assert (
+      all(len(v) == rows for v in per_item) and len(r.generations) == len(r.nll_perturbed) == rows
+    )
     for values in per_item:
       assert np.all(np.isfinite(values))
     assert np.all(r.nll_answer > 0) and np.all(r.truth_ratio > 0)
@@ -99,9 +109,14 @@ def test_per_item_file_has_every_value_and_gives_forget_quality_later(full_run, 
 
   # A quick run (standard forget task 1, max_items) against the saved full run as the
   # "retain model": forget quality is a KS p-value in [0, 1].
-  quick = ev.evaluate(model, tokenizer, ev.tofu_eval_sets(DATA, task_id=1), template="phi",
-                      config=ev.EvalConfig(batch_size=16, max_new_tokens=4, max_items=6, show_progress=False),
-                      retain_reference=paths["items"])
+  quick = ev.evaluate(
+    model,
+    tokenizer,
+    ev.tofu_eval_sets(DATA, task_id=1),
+    template="phi",
+    config=ev.EvalConfig(batch_size=16, max_new_tokens=4, max_items=6, show_progress=False),
+    retain_reference=paths["items"],
+  )
   assert all(len(r.items) == 6 for r in quick.sets.values())
   assert 0 <= quick.summary["forget_quality"] <= 1
   assert quick.summary["forget_quality_num_reference_items"] == 400
@@ -109,7 +124,12 @@ def test_per_item_file_has_every_value_and_gives_forget_quality_later(full_run, 
 
 def test_standard_forget_task_counts(model, tokenizer):
   spec = ev.tofu_eval_sets(DATA, forget_split="forget01", task_id=1)[0]
-  result = ev.evaluate_set(model, tokenizer, spec, template="phi",
-                           config=ev.EvalConfig(batch_size=64, generate=False, show_progress=False))
+  result = ev.evaluate_set(
+    model,
+    tokenizer,
+    spec,
+    template="phi",
+    config=ev.EvalConfig(batch_size=64, generate=False, show_progress=False),
+  )
   assert len(result.items) == tofu.count_rows(spec.path, task_id=1) == 40
   assert {item.task_id for item in result.items} == {1}

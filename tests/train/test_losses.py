@@ -6,7 +6,6 @@ row), so a wrong shift, mask, reduction or sign shows up as a mismatch.
 """
 
 import doctest
-import functools
 import math
 
 import jax
@@ -20,18 +19,14 @@ B, T, V = 3, 6, 7
 IGN = L.IGNORE_INDEX
 # Row 0: 2 prompt tokens, 3 answer tokens, 1 pad. Row 1: answer from position 1 on.
 # Row 2: fully masked (e.g. a dummy row padding the batch to a fixed size).
-LABELS = np.array([
-    [IGN, IGN, 3, 1, 5, IGN],
-    [IGN, 2, 4, 0, 6, 1],
-    [IGN, IGN, IGN, IGN, IGN, IGN],
-], np.int32)
+LABELS = np.array(
+  [[IGN, IGN, 3, 1, 5, IGN], [IGN, 2, 4, 0, 6, 1], [IGN, IGN, IGN, IGN, IGN, IGN]], np.int32
+)
 # IDK answers to the same questions: different lengths; row 1 fully masked this time, so
 # the only row valid in BOTH batches is row 0.
-IDK_LABELS = np.array([
-    [IGN, IGN, IGN, 6, 2, IGN],
-    [IGN, IGN, IGN, IGN, IGN, IGN],
-    [IGN, 1, 1, 3, IGN, IGN],
-], np.int32)
+IDK_LABELS = np.array(
+  [[IGN, IGN, IGN, 6, 2, IGN], [IGN, IGN, IGN, IGN, IGN, IGN], [IGN, 1, 1, 3, IGN, IGN]], np.int32
+)
 ATTENTION = np.array([[1, 1, 1, 1, 1, 0], [1] * 6, [1, 1, 1, 0, 0, 0]], np.int32)
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -57,8 +52,9 @@ def np_token_nlls(logits, labels):
   lp = np_log_softmax(logits)
   rows = []
   for b in range(labels.shape[0]):
-    rows.append([-lp[b, t, labels[b, t + 1]] for t in range(labels.shape[1] - 1)
-                 if labels[b, t + 1] != IGN])
+    rows.append(
+      [-lp[b, t, labels[b, t + 1]] for t in range(labels.shape[1] - 1) if labels[b, t + 1] != IGN]
+    )
   return rows
 
 
@@ -67,8 +63,12 @@ def np_seq_nll(logits, labels):
 
 
 def np_counts(labels):
-  return np.array([len([1 for t in range(1, labels.shape[1]) if labels[b, t] != IGN])
-                   for b in range(labels.shape[0])])
+  return np.array(
+    [
+      len([1 for t in range(1, labels.shape[1]) if labels[b, t] != IGN])
+      for b in range(labels.shape[0])
+    ]
+  )
 
 
 def np_mean_token_nll(logits, labels):
@@ -94,8 +94,9 @@ def test_sequence_nll_and_counts_match_numpy():
   np.testing.assert_allclose(L.sequence_nll(logits, LABELS), np_seq_nll(logits, LABELS), **TOL)
   np.testing.assert_array_equal(L.token_counts(LABELS), [3, 5, 0])
   np.testing.assert_array_equal(L.token_counts(LABELS), np_counts(LABELS))
-  np.testing.assert_allclose(L.mean_token_nll(logits, LABELS),
-                             np_mean_token_nll(logits, LABELS), **TOL)
+  np.testing.assert_allclose(
+    L.mean_token_nll(logits, LABELS), np_mean_token_nll(logits, LABELS), **TOL
+  )
   assert float(L.sequence_nll(logits, LABELS)[2]) == 0.0
 
 
@@ -114,8 +115,8 @@ def test_labels_from_target_mask():
   ids = np.arange(12, dtype=np.int32).reshape(2, 6)
   mask = np.array([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
   np.testing.assert_array_equal(
-      L.labels_from_target_mask(ids, mask),
-      [[IGN, IGN, 2, 3, IGN, IGN], [IGN, 7, 8, 9, 10, 11]])
+    L.labels_from_target_mask(ids, mask), [[IGN, IGN, 2, 3, IGN, IGN], [IGN, 7, 8, 9, 10, 11]]
+  )
 
 
 def test_shape_errors_name_the_shapes():
@@ -142,8 +143,9 @@ def test_ga_gd_idk_are_token_mean_nll():
   expected = np_mean_token_nll(logits, LABELS)
   np.testing.assert_allclose(L.gd_loss(logits, LABELS), expected, **TOL)
   np.testing.assert_allclose(L.ga_loss(logits, LABELS), -expected, **TOL)
-  np.testing.assert_allclose(L.idk_loss(logits, IDK_LABELS),
-                             np_mean_token_nll(logits, IDK_LABELS), **TOL)
+  np.testing.assert_allclose(
+    L.idk_loss(logits, IDK_LABELS), np_mean_token_nll(logits, IDK_LABELS), **TOL
+  )
 
 
 def test_ga_gradient_is_minus_gd_gradient():
@@ -154,8 +156,8 @@ def test_ga_gradient_is_minus_gd_gradient():
   assert np.abs(g_gd).max() > 0
   # No gradient at all on positions without a target (prompt, padding, the empty row).
   np.testing.assert_array_equal(g_gd[2], 0.0)
-  np.testing.assert_array_equal(g_gd[0, :1], 0.0)   # predicts labels[0,1] = ignored
-  np.testing.assert_array_equal(g_gd[:, -1], 0.0)   # last position predicts nothing
+  np.testing.assert_array_equal(g_gd[0, :1], 0.0)  # predicts labels[0,1] = ignored
+  np.testing.assert_array_equal(g_gd[:, -1], 0.0)  # last position predicts nothing
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0])
@@ -175,8 +177,9 @@ def test_npo_at_initialization():
   """
   beta = 0.1
   logits = jnp.asarray(_logits(7))
-  np.testing.assert_allclose(L.npo_loss(logits, logits, LABELS, beta), 2 / beta * math.log(2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    L.npo_loss(logits, logits, LABELS, beta), 2 / beta * math.log(2), rtol=1e-6
+  )
   g_npo = jax.grad(lambda x: L.npo_loss(x, logits, LABELS, beta))(logits)
   g_ga = jax.grad(lambda x: -jnp.sum(L.sequence_nll(x, LABELS)) / 2.0)(logits)  # 2 valid rows
   np.testing.assert_allclose(g_npo, g_ga, atol=1e-6)
@@ -208,7 +211,7 @@ def test_simnpo_gamma_equals_open_unlearning_delta_times_beta():
 
 def test_dpo_matches_numpy():
   beta = 0.5
-  lp, lr, rp, rr = (_logits(s) for s in (12, 13, 14, 15))   # pref/rej, current/ref
+  lp, lr, rp, rr = (_logits(s) for s in (12, 13, 14, 15))  # pref/rej, current/ref
   logp_w = -np_seq_nll(lp, IDK_LABELS)
   logp_l = -np_seq_nll(lr, LABELS)
   ref_w = -np_seq_nll(rp, IDK_LABELS)
@@ -224,14 +227,16 @@ def test_dpo_matches_numpy():
 def test_dpo_at_initialization_and_direction():
   beta = 0.1
   lp, lr = jnp.asarray(_logits(16)), jnp.asarray(_logits(17))
-  np.testing.assert_allclose(L.dpo_loss(lp, lr, lp, lr, IDK_LABELS, LABELS, beta),
-                             2 / beta * math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(
+    L.dpo_loss(lp, lr, lp, lr, IDK_LABELS, LABELS, beta), 2 / beta * math.log(2), rtol=1e-6
+  )
   # Descending the loss must raise the IDK answer's likelihood and lower the forget one's.
-  g_w, g_l = jax.grad(lambda a, b: L.dpo_loss(a, b, lp, lr, IDK_LABELS, LABELS, beta),
-                      argnums=(0, 1))(lp, lr)
+  g_w, g_l = jax.grad(
+    lambda a, b: L.dpo_loss(a, b, lp, lr, IDK_LABELS, LABELS, beta), argnums=(0, 1)
+  )(lp, lr)
   step = 1e-1
-  assert (L.sequence_nll(lp - step * g_w, IDK_LABELS)[0] < L.sequence_nll(lp, IDK_LABELS)[0])
-  assert (L.sequence_nll(lr - step * g_l, LABELS)[0] > L.sequence_nll(lr, LABELS)[0])
+  assert L.sequence_nll(lp - step * g_w, IDK_LABELS)[0] < L.sequence_nll(lp, IDK_LABELS)[0]
+  assert L.sequence_nll(lr - step * g_l, LABELS)[0] > L.sequence_nll(lr, LABELS)[0]
 
 
 def test_me_matches_numpy():
@@ -281,7 +286,7 @@ def test_kl_answer_tokens_matches_numpy():
 
 def test_kl_all_tokens_is_reference_batchmean():
   logits, ref = _logits(22), _logits(23)
-  expected = _np_kl(logits, ref).sum() / (B * T)     # every position, padding included
+  expected = _np_kl(logits, ref).sum() / (B * T)  # every position, padding included
   np.testing.assert_allclose(L.kl_loss(logits, ref, LABELS, tokens="all"), expected, **TOL)
   with pytest.raises(ValueError, match="answer, all"):
     L.kl_loss(logits, ref, LABELS, tokens="prompt")
@@ -299,7 +304,7 @@ def test_kl_is_ref_to_current_direction():
   logits, ref = _logits(25), _logits(26)
   forward = float(L.kl_loss(logits, ref, LABELS))
   backward = float(L.kl_loss(ref, logits, LABELS))
-  assert abs(forward - backward) > 1e-3     # so the check below can tell them apart
+  assert abs(forward - backward) > 1e-3  # so the check below can tell them apart
   kl = _np_kl(logits, ref)
   terms = [kl[b, t] for b in range(B) for t in range(T - 1) if LABELS[b, t + 1] != IGN]
   assert math.isclose(forward, sum(terms) / len(terms), rel_tol=1e-5)
@@ -311,8 +316,9 @@ def test_ap_matches_numpy():
   d = np_seq_nll(idk_logits, IDK_LABELS) - np_seq_nll(logits, LABELS)
   per_row = -(1.0 / beta) * np_log_sigmoid(beta * d)
   valid = (np_counts(IDK_LABELS) > 0) & (np_counts(LABELS) > 0)
-  np.testing.assert_allclose(L.ap_loss(logits, idk_logits, LABELS, IDK_LABELS, beta),
-                             np_valid_mean(per_row, valid), **TOL)
+  np.testing.assert_allclose(
+    L.ap_loss(logits, idk_logits, LABELS, IDK_LABELS, beta), np_valid_mean(per_row, valid), **TOL
+  )
   # Equal likelihoods: (1/beta) log 2.
   same = np.array([[IGN, IGN, 3, 1, 5, IGN]] * 2, np.int32)
   x = _logits(29, (2, T, V))
@@ -327,15 +333,15 @@ def test_fully_masked_batch_gives_zero_loss_and_gradient(name):
   labels = np.full((2, 5), IGN, np.int32)
   x, r = jnp.asarray(_logits(30, (2, 5, V))), jnp.asarray(_logits(31, (2, 5, V)))
   fns = {
-      "ga": lambda a: L.ga_loss(a, labels),
-      "gd": lambda a: L.gd_loss(a, labels),
-      "idk": lambda a: L.idk_loss(a, labels),
-      "me": lambda a: L.me_loss(a, labels),
-      "npo": lambda a: L.npo_loss(a, r, labels, 0.1),
-      "simnpo": lambda a: L.simnpo_loss(a, labels, 2.5, 0.5),
-      "kl": lambda a: L.kl_loss(a, r, labels),
-      "dpo": lambda a: L.dpo_loss(a, a, r, r, labels, labels, 0.1),
-      "ap": lambda a: L.ap_loss(a, r, labels, labels, 0.1),
+    "ga": lambda a: L.ga_loss(a, labels),
+    "gd": lambda a: L.gd_loss(a, labels),
+    "idk": lambda a: L.idk_loss(a, labels),
+    "me": lambda a: L.me_loss(a, labels),
+    "npo": lambda a: L.npo_loss(a, r, labels, 0.1),
+    "simnpo": lambda a: L.simnpo_loss(a, labels, 2.5, 0.5),
+    "kl": lambda a: L.kl_loss(a, r, labels),
+    "dpo": lambda a: L.dpo_loss(a, a, r, r, labels, labels, 0.1),
+    "ap": lambda a: L.ap_loss(a, r, labels, labels, 0.1),
   }
   value, grad = jax.value_and_grad(fns[name])(x)
   assert float(value) == 0.0
@@ -345,9 +351,13 @@ def test_fully_masked_batch_gives_zero_loss_and_gradient(name):
 def test_extreme_logits_stay_finite():
   logits = jnp.asarray(_logits(32, scale=1e4))
   ref = jnp.asarray(_logits(33, scale=1e4))
-  for value in (L.npo_loss(logits, ref, LABELS, 0.1), L.kl_loss(logits, ref, LABELS),
-                L.me_loss(logits, LABELS), L.simnpo_loss(logits, LABELS, 2.5),
-                L.ap_loss(logits, ref, LABELS, LABELS, 0.1)):
+  for value in (
+    L.npo_loss(logits, ref, LABELS, 0.1),
+    L.kl_loss(logits, ref, LABELS),
+    L.me_loss(logits, LABELS),
+    L.simnpo_loss(logits, LABELS, 2.5),
+    L.ap_loss(logits, ref, LABELS, LABELS, 0.1),
+  ):
     assert np.isfinite(float(value))
   g = jax.grad(lambda a: L.npo_loss(a, ref, LABELS, 0.1) + L.kl_loss(a, ref, LABELS))(logits)
   assert np.all(np.isfinite(g))
@@ -371,36 +381,44 @@ def test_spec_parsing_details():
   assert L.parse_loss_spec("GA") == ("GA", None)
   config = L.LossConfig.from_spec("ME+GD", forget_coeff=0.1, beta=0.5)
   assert (config.forget_coeff, config.retain_coeff, config.beta) == (0.1, 1.0, 0.5)
-  hash(config)   # usable as a static jit argument
+  hash(config)  # usable as a static jit argument
   assert L.LossConfig(forget="npo", retain="kl") == L.LossConfig.from_spec("NPO+KL")
 
 
-@pytest.mark.parametrize("spec,pattern", [
+@pytest.mark.parametrize(
+  "spec,pattern",
+  [
     ("FOO+GD", r"unknown forget loss 'FOO'.*GA, NPO, SimNPO, DPO, ME, IDK"),
     ("NPO+BAR", r"unknown retain loss 'BAR'.*GD, KL, AP"),
     ("GD+NPO", r"unknown forget loss 'GD'"),
     ("NPO+GD+KL", r"3 parts"),
     ("", r"forget losses: GA, NPO"),
     ("NPO+", r"unknown retain loss ''"),
-])
+  ],
+)
 def test_bad_specs_list_valid_names(spec, pattern):
   with pytest.raises(ValueError, match=pattern):
     L.parse_loss_spec(spec)
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
+@pytest.mark.parametrize(
+  "kwargs,pattern",
+  [
     (dict(beta=0.0), "beta must be > 0"),
     (dict(beta=float("nan")), "beta must be a finite number"),
     (dict(forget_coeff="1"), "forget_coeff must be a finite number"),
     (dict(kl_tokens="prompt"), "unknown kl_tokens 'prompt'; valid: answer, all"),
     (dict(retain="XX"), "unknown retain loss 'XX'"),
-])
+  ],
+)
 def test_bad_config_values_are_named(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     L.LossConfig(**kwargs)
 
 
-@pytest.mark.parametrize("spec,ref,idk_forget,idk_retain", [
+@pytest.mark.parametrize(
+  "spec,ref,idk_forget,idk_retain",
+  [
     ("GA+GD", False, False, False),
     ("NPO+GD", True, False, False),
     ("SimNPO+GD", False, False, False),
@@ -409,7 +427,8 @@ def test_bad_config_values_are_named(kwargs, pattern):
     ("IDK+AP", False, True, True),
     ("GA+KL", True, False, False),
     ("ME+AP", False, False, True),
-])
+  ],
+)
 def test_what_the_program_must_load(spec, ref, idk_forget, idk_retain):
   config = L.LossConfig.from_spec(spec)
   assert L.needs_reference_model(config) is ref
@@ -426,7 +445,7 @@ D = 4
 
 def tiny_logits_fn(params, input_ids, attention_mask):
   """A bag-of-embeddings causal 'model': enough to have real parameters to differentiate."""
-  h = params["emb"][input_ids]                                   # [B, T, D]
+  h = params["emb"][input_ids]  # [B, T, D]
   m = attention_mask[..., None].astype(h.dtype)
   h = jnp.cumsum(h * m, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1.0)
   return h @ params["out"]
@@ -434,16 +453,19 @@ def tiny_logits_fn(params, input_ids, attention_mask):
 
 def _params(seed):
   rng = np.random.default_rng(seed)
-  return {"emb": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
-          "out": jnp.asarray(rng.standard_normal((D, V)), jnp.float32)}
+  return {
+    "emb": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
+    "out": jnp.asarray(rng.standard_normal((D, V)), jnp.float32),
+  }
 
 
 def _batch(labels, seed):
   ids = np.random.default_rng(seed).integers(0, V, labels.shape).astype(np.int32)
   ids = np.where(labels == IGN, ids, labels).astype(np.int32)
   mask = (np.arange(labels.shape[1]) < labels.shape[1] - 1).astype(np.int32)
-  return L.LMBatch(jnp.asarray(ids), jnp.asarray(np.broadcast_to(mask, labels.shape)),
-                   jnp.asarray(labels))
+  return L.LMBatch(
+    jnp.asarray(ids), jnp.asarray(np.broadcast_to(mask, labels.shape)), jnp.asarray(labels)
+  )
 
 
 FORGET = _batch(LABELS, 40)
@@ -455,24 +477,31 @@ RETAIN_IDK = _batch(np.roll(IDK_LABELS, 1, axis=0), 43)
 def _direct_forget(name, config, params, ref):
   lg = lambda p, b: tiny_logits_fn(p, b.input_ids, b.attention_mask)
   return {
-      "GA": lambda: L.ga_loss(lg(params, FORGET), FORGET),
-      "NPO": lambda: L.npo_loss(lg(params, FORGET), lg(ref, FORGET), FORGET, config.beta),
-      "SimNPO": lambda: L.simnpo_loss(lg(params, FORGET), FORGET, config.beta,
-                                      config.simnpo_gamma),
-      "DPO": lambda: L.dpo_loss(lg(params, FORGET_IDK), lg(params, FORGET), lg(ref, FORGET_IDK),
-                                lg(ref, FORGET), FORGET_IDK, FORGET, config.beta),
-      "ME": lambda: L.me_loss(lg(params, FORGET), FORGET),
-      "IDK": lambda: L.idk_loss(lg(params, FORGET_IDK), FORGET_IDK),
+    "GA": lambda: L.ga_loss(lg(params, FORGET), FORGET),
+    "NPO": lambda: L.npo_loss(lg(params, FORGET), lg(ref, FORGET), FORGET, config.beta),
+    "SimNPO": lambda: L.simnpo_loss(lg(params, FORGET), FORGET, config.beta, config.simnpo_gamma),
+    "DPO": lambda: L.dpo_loss(
+      lg(params, FORGET_IDK),
+      lg(params, FORGET),
+      lg(ref, FORGET_IDK),
+      lg(ref, FORGET),
+      FORGET_IDK,
+      FORGET,
+      config.beta,
+    ),
+    "ME": lambda: L.me_loss(lg(params, FORGET), FORGET),
+    "IDK": lambda: L.idk_loss(lg(params, FORGET_IDK), FORGET_IDK),
   }[name]()
 
 
 def _direct_retain(name, config, params, ref):
   lg = lambda p, b: tiny_logits_fn(p, b.input_ids, b.attention_mask)
   return {
-      "GD": lambda: L.gd_loss(lg(params, RETAIN), RETAIN),
-      "KL": lambda: L.kl_loss(lg(params, RETAIN), lg(ref, RETAIN), RETAIN, config.kl_tokens),
-      "AP": lambda: L.ap_loss(lg(params, RETAIN), lg(params, RETAIN_IDK), RETAIN, RETAIN_IDK,
-                              config.beta),
+    "GD": lambda: L.gd_loss(lg(params, RETAIN), RETAIN),
+    "KL": lambda: L.kl_loss(lg(params, RETAIN), lg(ref, RETAIN), RETAIN, config.kl_tokens),
+    "AP": lambda: L.ap_loss(
+      lg(params, RETAIN), lg(params, RETAIN_IDK), RETAIN, RETAIN_IDK, config.beta
+    ),
   }[name]()
 
 
@@ -487,31 +516,40 @@ def test_forget_loss_matches_direct_and_jits(name):
   np.testing.assert_allclose(metrics["forget/loss"], loss, **TOL)
   jitted = jax.jit(L.forget_loss, static_argnums=(0, 1))
   # Batches as plain dicts work as well as LMBatch.
-  as_dict = lambda b: {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
-                       "labels": b.labels}
-  loss_j, metrics_j = jitted(config, tiny_logits_fn, params, ref, as_dict(FORGET),
-                             as_dict(FORGET_IDK))
+  as_dict = lambda b: {
+    "input_ids": b.input_ids,
+    "attention_mask": b.attention_mask,
+    "labels": b.labels,
+  }
+  loss_j, metrics_j = jitted(
+    config, tiny_logits_fn, params, ref, as_dict(FORGET), as_dict(FORGET_IDK)
+  )
   np.testing.assert_allclose(loss_j, loss, **TOL)
   assert set(metrics_j) == set(metrics)
-  grads = jax.grad(lambda p: L.forget_loss(config, tiny_logits_fn, p, ref, FORGET,
-                                           FORGET_IDK)[0])(params)
+  grads = jax.grad(lambda p: L.forget_loss(config, tiny_logits_fn, p, ref, FORGET, FORGET_IDK)[0])(
+    params
+  )
   assert all(np.all(np.isfinite(g)) and np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("name,kl_tokens", [("GD", "answer"), ("KL", "answer"), ("KL", "all"),
-                                            ("AP", "answer")])
+@pytest.mark.parametrize(
+  "name,kl_tokens", [("GD", "answer"), ("KL", "answer"), ("KL", "all"), ("AP", "answer")]
+)
 def test_retain_loss_matches_direct_and_jits(name, kl_tokens):
-  config = L.LossConfig(forget="GA", retain=name, retain_coeff=2.0, beta=0.5,
-                        kl_tokens=kl_tokens)
+  config = L.LossConfig(forget="GA", retain=name, retain_coeff=2.0, beta=0.5, kl_tokens=kl_tokens)
   params, ref = _params(2), _params(3)
   loss, metrics = L.retain_loss(config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK)
   direct = _direct_retain(name, config, params, ref)
   np.testing.assert_allclose(loss, 2.0 * direct, **TOL)
   np.testing.assert_allclose(metrics[f"retain/{name}"], direct, **TOL)
-  np.testing.assert_allclose(metrics["retain/nll"], L.gd_loss(
-      tiny_logits_fn(params, RETAIN.input_ids, RETAIN.attention_mask), RETAIN), **TOL)
+  np.testing.assert_allclose(
+    metrics["retain/nll"],
+    L.gd_loss(tiny_logits_fn(params, RETAIN.input_ids, RETAIN.attention_mask), RETAIN),
+    **TOL,
+  )
   loss_j, _ = jax.jit(L.retain_loss, static_argnums=(0, 1))(
-      config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK)
+    config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK
+  )
   np.testing.assert_allclose(loss_j, loss, **TOL)
 
 
@@ -536,8 +574,9 @@ def test_reference_model_is_frozen_and_npo_starts_at_2_log2_over_beta():
 def test_combined_loss_is_sum_of_both():
   config = L.LossConfig.from_spec("DPO+AP", forget_coeff=0.3, retain_coeff=1.5)
   params, ref = _params(5), _params(6)
-  loss, metrics = L.combined_loss(config, tiny_logits_fn, params, ref, FORGET, RETAIN,
-                                  FORGET_IDK, RETAIN_IDK)
+  loss, metrics = L.combined_loss(
+    config, tiny_logits_fn, params, ref, FORGET, RETAIN, FORGET_IDK, RETAIN_IDK
+  )
   f, _ = L.forget_loss(config, tiny_logits_fn, params, ref, FORGET, FORGET_IDK)
   r, _ = L.retain_loss(config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK)
   np.testing.assert_allclose(loss, f + r, **TOL)
@@ -560,8 +599,9 @@ def test_missing_inputs_are_named():
   with pytest.raises(ValueError, match="'GA' has no retain loss"):
     L.retain_loss(L.LossConfig.from_spec("GA"), tiny_logits_fn, params, None, RETAIN)
   # IDK needs no forget batch at all.
-  loss, _ = L.forget_loss(L.LossConfig.from_spec("IDK+AP"), tiny_logits_fn, params, None, None,
-                          FORGET_IDK)
+  loss, _ = L.forget_loss(
+    L.LossConfig.from_spec("IDK+AP"), tiny_logits_fn, params, None, None, FORGET_IDK
+  )
   assert np.isfinite(float(loss))
 
 
@@ -589,34 +629,48 @@ def test_matches_reference_style_torch_formulas():
   tl = lambda a: torch.tensor(np.asarray(a, np.int64))
 
   def batch_nll(logits, lab):
-    return F.cross_entropy(tt(logits)[:, :-1].transpose(-1, -2), tl(lab)[:, 1:],
-                           ignore_index=-100, reduction="none").sum(-1)
+    return F.cross_entropy(
+      tt(logits)[:, :-1].transpose(-1, -2), tl(lab)[:, 1:], ignore_index=-100, reduction="none"
+    ).sum(-1)
 
   def hf_loss(logits, lab):
-    return F.cross_entropy(tt(logits)[:, :-1].reshape(-1, V), tl(lab)[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+      tt(logits)[:, :-1].reshape(-1, V), tl(lab)[:, 1:].reshape(-1), ignore_index=-100
+    )
 
   beta = 0.1
   npo = -F.logsigmoid(beta * (batch_nll(x, labels) - batch_nll(r, labels))).mean() * 2 / beta
-  dpo = -F.logsigmoid(beta * ((-batch_nll(xi, idk_labels) + batch_nll(x, labels))
-                              - (-batch_nll(ri, idk_labels) + batch_nll(r, labels)))
-                      ).mean() * 2 / beta
+  dpo = (
+    -F.logsigmoid(
+      beta
+      * (
+        (-batch_nll(xi, idk_labels) + batch_nll(x, labels))
+        - (-batch_nll(ri, idk_labels) + batch_nll(r, labels))
+      )
+    ).mean()
+    * 2
+    / beta
+  )
   ap = -F.logsigmoid(beta * (batch_nll(xi, idk_labels) - batch_nll(x, labels))).mean() / beta
-  kl_all = F.kl_div(F.log_softmax(tt(x), -1).view(-1, V), F.log_softmax(tt(r), -1).view(-1, V),
-                    reduction="batchmean", log_target=True)
+  kl_all = F.kl_div(
+    F.log_softmax(tt(x), -1).view(-1, V),
+    F.log_softmax(tt(r), -1).view(-1, V),
+    reduction="batchmean",
+    log_target=True,
+  )
   soft = F.softmax(tt(x)[:, :-1], -1).reshape(-1, V)
   me_tok = F.kl_div(soft.log(), torch.full_like(soft, 1 / V), reduction="none").sum(-1)
   mask = (tl(labels)[:, 1:] != -100).reshape(-1).double()
   me = (me_tok * mask).sum() / mask.sum()
 
   pairs = [
-      (L.npo_loss(x, r, labels, beta), npo),
-      (L.dpo_loss(xi, x, ri, r, idk_labels, labels, beta), dpo),
-      (L.ap_loss(x, xi, labels, idk_labels, beta), ap),
-      (L.kl_loss(x, r, labels, tokens="all"), kl_all),
-      (L.me_loss(x, labels), me),
-      (L.ga_loss(x, labels), -hf_loss(x, labels)),
-      (L.gd_loss(x, labels), hf_loss(x, labels)),
+    (L.npo_loss(x, r, labels, beta), npo),
+    (L.dpo_loss(xi, x, ri, r, idk_labels, labels, beta), dpo),
+    (L.ap_loss(x, xi, labels, idk_labels, beta), ap),
+    (L.kl_loss(x, r, labels, tokens="all"), kl_all),
+    (L.me_loss(x, labels), me),
+    (L.ga_loss(x, labels), -hf_loss(x, labels)),
+    (L.gd_loss(x, labels), hf_loss(x, labels)),
   ]
   for ours, theirs in pairs:
     np.testing.assert_allclose(float(ours), float(theirs), rtol=2e-5, atol=2e-5)

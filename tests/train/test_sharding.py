@@ -9,9 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 import dualoptax
 import models
-from train.runtime import sharding
 from train.config import MeshConfig, ModelConfig
 from train.program.modeling import FunctionalModel, tiny_hf_config
+from train.runtime import sharding
 
 
 def test_moments_follow_their_parameter_and_scalars_are_replicated():

@@ -20,8 +20,10 @@ def _logits_fn(params, ids, mask):
 
 def _params():
   rng = np.random.default_rng(0)
-  return {"embed": jnp.asarray(rng.normal(size=(V, 5)), jnp.float32),
-          "out": jnp.asarray(rng.normal(size=(5, V)), jnp.float32)}
+  return {
+    "embed": jnp.asarray(rng.normal(size=(V, 5)), jnp.float32),
+    "out": jnp.asarray(rng.normal(size=(5, V)), jnp.float32),
+  }
 
 
 def _inputs(seed, micro=1, batch=B):
@@ -41,10 +43,15 @@ def test_accumulated_gradient_equals_the_mean_over_micro_batches():
   whole = _inputs(1, micro=2)
   step = _step()
   accumulated = step.alternating(params, step.tx.init(params), None, whole, jnp.int32(1))[0]
-  halves = [jax.tree.map(lambda x, i=i: x[i:i + 1], whole) for i in range(2)]
-  grads = [jax.grad(lambda p, h=h: losses.gd_loss(
-      _logits_fn(p, h.answers.input_ids[0], None), jax.tree.map(lambda x: x[0], h.answers)))(
-          params) for h in halves]
+  halves = [jax.tree.map(lambda x, i=i: x[i : i + 1], whole) for i in range(2)]
+  grads = [
+    jax.grad(
+      lambda p, h=h: losses.gd_loss(
+        _logits_fn(p, h.answers.input_ids[0], None), jax.tree.map(lambda x: x[0], h.answers)
+      )
+    )(params)
+    for h in halves
+  ]
   expected = jax.tree.map(lambda p, a, b: p - 0.1 * (a + b) / 2, params, *grads)
   for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -72,10 +79,12 @@ def test_one_compilation_serves_both_objectives():
 def _reference_gradients(params, forget, retain):
   """The GA forget and GD retain gradients of the first micro-batches, directly."""
   one = lambda b: jax.tree.map(lambda x: x[0], b.answers)
-  g_f = jax.grad(lambda p: losses.ga_loss(_logits_fn(p, one(forget).input_ids, None),
-                                          one(forget)))(params)
-  g_r = jax.grad(lambda p: losses.gd_loss(_logits_fn(p, one(retain).input_ids, None),
-                                          one(retain)))(params)
+  g_f = jax.grad(lambda p: losses.ga_loss(_logits_fn(p, one(forget).input_ids, None), one(forget)))(
+    params
+  )
+  g_r = jax.grad(lambda p: losses.gd_loss(_logits_fn(p, one(retain).input_ids, None), one(retain)))(
+    params
+  )
   return g_f, g_r
 
 
@@ -91,16 +100,16 @@ def test_gradient_conflict_is_the_cosine_of_the_two_gradients():
   a, b = _flat(g_f), _flat(g_r)
   np.testing.assert_allclose(total, a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=1e-5)
   x, y = np.ravel(g_f["out"]), np.ravel(g_r["out"])
-  np.testing.assert_allclose(per_leaf["out"], x @ y / np.linalg.norm(x) / np.linalg.norm(y),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    per_leaf["out"], x @ y / np.linalg.norm(x) / np.linalg.norm(y), atol=1e-5
+  )
 
 
 def test_preconditioned_conflict_scales_both_gradients_elementwise():
   params = _params()
   forget, retain = _inputs(3), _inputs(4)
   scale = jax.tree.map(lambda p: jnp.linspace(0.1, 3.0, p.size).reshape(p.shape), params)
-  total, _, scaled = _step().gradient_conflict(params, None, forget, retain,
-                                               lambda g_f, g_r: scale)
+  total, _, scaled = _step().gradient_conflict(params, None, forget, retain, lambda g_f, g_r: scale)
   plain, _ = _step().gradient_conflict(params, None, forget, retain)
   np.testing.assert_allclose(total, plain, rtol=1e-6)
   g_f, g_r = _reference_gradients(params, forget, retain)
@@ -113,6 +122,7 @@ def test_step_compiler_options_are_accepted_by_this_backend():
   """The XLA:CPU options the unlearning step compiles with are valid for this jaxlib (an
   option renamed by an upgrade would otherwise fail only inside a run)."""
   from train.runtime import compiler
+
   options = compiler.step_compiler_options()
   if jax.default_backend() == "cpu":
     assert options == compiler.XLA_CPU_STEP_OPTIONS

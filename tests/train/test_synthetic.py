@@ -13,8 +13,14 @@ from train.data.prompting import encode_answer, get_prompt_template
 REAL_TOFU = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tofu"
 
 DEFAULT_FILES = {
-    "forget10.json", "forget10_perturbed.json", "retain90.json", "retain_perturbed.json",
-    "real_authors_perturbed.json", "world_facts_perturbed.json", "idontknow.jsonl"}
+  "forget10.json",
+  "forget10_perturbed.json",
+  "retain90.json",
+  "retain_perturbed.json",
+  "real_authors_perturbed.json",
+  "world_facts_perturbed.json",
+  "idontknow.jsonl",
+}
 
 
 def read_rows(path):
@@ -34,12 +40,20 @@ def test_same_seed_writes_identical_bytes_and_another_seed_differs(tmp_path, dat
 
 
 def test_default_files_load_through_tofu_with_the_evaluation_keys(data_dir):
-  forget = tofu.load_tofu(os.path.join(data_dir, "forget10_perturbed.json"), required_keys=tofu.PARAPHRASE_KEYS)
+  forget = tofu.load_tofu(
+    os.path.join(data_dir, "forget10_perturbed.json"), required_keys=tofu.PARAPHRASE_KEYS
+  )
   assert len(forget) == 3 * 2 * 10  # 3 tasks x 2 authors (10 % of 20) x 10 facts
   assert [sum(i.task_id == t for i in forget) for t in (1, 2, 3)] == [20, 20, 20]
   assert len(tofu.load_tofu(os.path.join(data_dir, "retain90.json"))) == 18 * 10
-  assert len(tofu.load_tofu(os.path.join(data_dir, "retain_perturbed.json"),
-                            required_keys=tofu.PARAPHRASE_KEYS)) == 4 * 10
+  assert (
+    len(
+      tofu.load_tofu(
+        os.path.join(data_dir, "retain_perturbed.json"), required_keys=tofu.PARAPHRASE_KEYS
+      )
+    )
+    == 4 * 10
+  )
   for name in ("real_authors_perturbed.json", "world_facts_perturbed.json"):
     for item in tofu.load_tofu(os.path.join(data_dir, name), required_keys=tofu.OPTION_KEYS):
       assert len(item.perturbed_answers) == 3 and item.answer not in item.perturbed_answers
@@ -62,7 +76,9 @@ def test_question_files_match_their_perturbed_files(data_dir):
   perturbed = read_rows(os.path.join(data_dir, "forget10_perturbed.json"))
   assert plain == [{k: row[k] for k in ("task_id", "question", "answer")} for row in perturbed]
   retain = {row["question"] for row in read_rows(os.path.join(data_dir, "retain90.json"))}
-  assert {row["question"] for row in read_rows(os.path.join(data_dir, "retain_perturbed.json"))} <= retain
+  assert {
+    row["question"] for row in read_rows(os.path.join(data_dir, "retain_perturbed.json"))
+  } <= retain
 
 
 def test_task_1_is_disjoint_from_retain_and_later_tasks_lie_inside_it_as_in_tofu(data_dir):
@@ -76,15 +92,21 @@ def test_task_1_is_disjoint_from_retain_and_later_tasks_lie_inside_it_as_in_tofu
 
 @pytest.mark.skipif(not REAL_TOFU.is_dir(), reason=f"real TOFU copy not found at {REAL_TOFU}")
 def test_rows_have_the_same_keys_as_the_real_tofu_files(data_dir):
-  pairs = {"forget10.json": "forget10.json", "forget10_perturbed.json": "forget10_perturbed.json",
-           "retain90.json": "retain90.json", "retain_perturbed.json": "retain_perturbed.json",
-           "real_authors_perturbed.json": "real_authors_perturbed.json",
-           "world_facts_perturbed.json": "world_facts_perturbed.json"}
+  pairs = {
+    "forget10.json": "forget10.json",
+    "forget10_perturbed.json": "forget10_perturbed.json",
+    "retain90.json": "retain90.json",
+    "retain_perturbed.json": "retain_perturbed.json",
+    "real_authors_perturbed.json": "real_authors_perturbed.json",
+    "world_facts_perturbed.json": "world_facts_perturbed.json",
+  }
   for ours, theirs in pairs.items():
     with open(REAL_TOFU / theirs, encoding="utf-8") as f:
       real_row = json.loads(f.readline())
     assert set(read_rows(os.path.join(data_dir, ours))[0]) == set(real_row), ours
-    assert type(read_rows(os.path.join(data_dir, ours))[0].get("task_id")) is type(real_row.get("task_id")), ours
+    assert type(read_rows(os.path.join(data_dir, ours))[0].get("task_id")) is type(
+      real_row.get("task_id")
+    ), ours
 
 
 def test_default_has_one_forget_task(tmp_path):
@@ -95,20 +117,30 @@ def test_default_has_one_forget_task(tmp_path):
 
 
 def test_sizes_are_configurable(tmp_path):
-  folder = synthetic.write_synthetic_tofu(tmp_path, seed=3, num_authors=10, facts_per_author=12,
-                                          forget_percent=20, num_tasks=2, retain_eval_authors=100)
+  folder = synthetic.write_synthetic_tofu(
+    tmp_path,
+    seed=3,
+    num_authors=10,
+    facts_per_author=12,
+    forget_percent=20,
+    num_tasks=2,
+    retain_eval_authors=100,
+  )
   assert {"forget20.json", "retain80.json"} <= set(os.listdir(folder))
   assert len(tofu.load_tofu(os.path.join(folder, "forget20.json"), task_id=2)) == 2 * 12
   assert len(tofu.load_tofu(os.path.join(folder, "retain80.json"))) == 8 * 12
   assert len(tofu.load_tofu(os.path.join(folder, "retain_perturbed.json"))) == 8 * 12  # capped
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"facts_per_author": 13}, r"facts_per_author must be in \[1, 12\], got 13"),
     ({"forget_percent": 0}, r"forget_percent must be in \[1, 99\], got 0"),
     ({"num_authors": 1}, r"num_authors must be in \[2, 450\], got 1"),
     ({"num_tasks": 10}, r"num_tasks=10 tasks of 2 forget author\(s\) leave no retain-only author"),
-])
+  ],
+)
 def test_bad_sizes_are_named(kwargs, message):
   with pytest.raises(ValueError, match=message):
     synthetic.SyntheticConfig(**kwargs)
@@ -118,12 +150,16 @@ def test_tokenizer_has_special_tokens_and_trains_deterministically(data_dir, tra
   tok = trained_tokenizer
   assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
   assert len(tok) == 1024
-  again = tokenizer_lib.train_tokenizer(tokenizer_lib.tofu_corpus_texts(data_dir, "phi"), vocab_size=1024)
+  again = tokenizer_lib.train_tokenizer(
+    tokenizer_lib.tofu_corpus_texts(data_dir, "phi"), vocab_size=1024
+  )
   assert again.get_vocab() == tok.get_vocab()
   ids = tok("Where was Ada born?")["input_ids"]
   assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
   assert tok.decode(ids, skip_special_tokens=True) == "Where was Ada born?"
-  assert tok.decode(tok("naïve – 東京")["input_ids"], skip_special_tokens=True) == "naïve – 東京"  # byte-level
+  assert (
+    tok.decode(tok("naïve – 東京")["input_ids"], skip_special_tokens=True) == "naïve – 東京"
+  )  # byte-level
 
 
 def test_tokenizer_save_load_round_trip(tmp_path, trained_tokenizer):
@@ -146,11 +182,20 @@ def test_tokenizer_rejects_bad_arguments():
 def test_every_scored_sequence_fits_in_64_tokens(data_dir, trained_tokenizer):
   template = get_prompt_template("phi")
   longest = 0
-  for name in ("forget10_perturbed.json", "retain_perturbed.json", "real_authors_perturbed.json",
-               "world_facts_perturbed.json"):
+  for name in (
+    "forget10_perturbed.json",
+    "retain_perturbed.json",
+    "real_authors_perturbed.json",
+    "world_facts_perturbed.json",
+  ):
     for item in tofu.load_tofu(os.path.join(data_dir, name)):
       prompt = template.prompt(item.question)
-      for answer in (item.answer, item.paraphrased_answer, item.original_answer, *item.perturbed_answers):
+      for answer in (
+        item.answer,
+        item.paraphrased_answer,
+        item.original_answer,
+        *item.perturbed_answers,
+      ):
         if answer is not None:
           encoded = encode_answer(trained_tokenizer, prompt, answer)
           longest = max(longest, len(encoded.input_ids))

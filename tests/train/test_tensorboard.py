@@ -15,5 +15,8 @@ def test_scalars_round_trip(tmp_path):
   writer.scalars(2, {"loss": 1.25})
   writer.close()
   assert writer.path.name.startswith("events.out.tfevents.")
-  assert list(read_scalars(writer.path)) == [(1, "loss", 2.5), (1, "retain/nll", 0.125),
-                                             (2, "loss", 1.25)]
+  assert list(read_scalars(writer.path)) == [
+    (1, "loss", 2.5),
+    (1, "retain/nll", 0.125),
+    (2, "loss", 1.25),
+  ]

@@ -41,7 +41,9 @@ class TokenizationConfig:
   def __post_init__(self):
     get_prompt_template(self.template)  # fails early on an unknown preset name
     if self.max_length is not None and self.max_length < 2:
-      raise ValueError(f"max_length must be >= 2 (a prompt and an answer token) or None, got {self.max_length}")
+      raise ValueError(
+        f"max_length must be >= 2 (a prompt and an answer token) or None, got {self.max_length}"
+      )
     if self.pad_to_multiple_of < 1:
       raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
     if self.pad_to_max_length and self.max_length is None:
@@ -89,7 +91,11 @@ class TokenizedQA:
 
   def arrays(self) -> dict[str, np.ndarray]:
     """``input_ids``, ``attention_mask`` and ``labels``, e.g. as a jitted step's input."""
-    return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
+    return {
+      "input_ids": self.input_ids,
+      "attention_mask": self.attention_mask,
+      "labels": self.labels,
+    }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -109,7 +115,9 @@ class QABatch:
   epoch: int = 0
 
 
-def collate(encoded: Sequence[EncodedAnswer], item_indices: Sequence[int], length: int, pad_id: int) -> TokenizedQA:
+def collate(
+  encoded: Sequence[EncodedAnswer], item_indices: Sequence[int], length: int, pad_id: int
+) -> TokenizedQA:
   """Right-pads encoded sequences to ``length`` and masks their prompt and padding labels.
 
   Raises:
@@ -126,7 +134,7 @@ def collate(encoded: Sequence[EncodedAnswer], item_indices: Sequence[int], lengt
       raise ValueError(f"row {row} has {n} tokens, more than the batch length {length}")
     input_ids[row, :n] = sequence.input_ids
     attention_mask[row, :n] = 1
-    labels[row, sequence.num_prompt_tokens:n] = sequence.input_ids[sequence.num_prompt_tokens:]
+    labels[row, sequence.num_prompt_tokens : n] = sequence.input_ids[sequence.num_prompt_tokens :]
   return TokenizedQA(input_ids, attention_mask, labels, np.asarray(item_indices, np.int32))
 
 
@@ -137,12 +145,12 @@ class QADataset:
   """
 
   def __init__(
-      self,
-      items: Sequence[tofu.TofuItem],
-      tokenizer: PreTrainedTokenizerBase,
-      config: TokenizationConfig = TokenizationConfig(),
-      *,
-      idk_answers: Sequence[str] = (),
+    self,
+    items: Sequence[tofu.TofuItem],
+    tokenizer: PreTrainedTokenizerBase,
+    config: TokenizationConfig = TokenizationConfig(),
+    *,
+    idk_answers: Sequence[str] = (),
   ):
     """Tokenizes ``items``.
 
@@ -163,25 +171,37 @@ class QADataset:
     self.idk_answers = tuple(idk_answers)
     self.template = get_prompt_template(config.template)
     # Padding positions are masked out everywhere, so any id works when there is no pad.
-    self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    self.pad_id = next(
+      (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+    )
     self._prompts = tuple(self.template.prompt(item.question) for item in self.items)
     self._encoded = tuple(self._encode(i, item.answer) for i, item in enumerate(self.items))
     self._encoded_idk: dict[tuple[int, int], EncodedAnswer] = {}
     self.num_truncated = sum(e.truncated for e in self._encoded)
     if self.num_truncated:
-      warnings.warn(f"{self.num_truncated} of {len(self.items)} sequences are longer than "
-                    f"max_length={config.max_length} and lose answer tokens", stacklevel=2)
+      warnings.warn(
+        f"{self.num_truncated} of {len(self.items)} sequences are longer than "
+        f"max_length={config.max_length} and lose answer tokens",
+        stacklevel=2,
+      )
 
   def __len__(self) -> int:
     return len(self.items)
 
   def _encode(self, index: int, answer: str) -> EncodedAnswer:
     try:
-      return encode_answer(self.tokenizer, self._prompts[index], answer, append_eos=self.config.append_eos,
-                           max_length=self.config.max_length)
+      return encode_answer(
+        self.tokenizer,
+        self._prompts[index],
+        answer,
+        append_eos=self.config.append_eos,
+        max_length=self.config.max_length,
+      )
     except ValueError as e:
       item = self.items[index]
-      raise ValueError(f"item {index} (file line {item.line_number}, question {item.question[:60]!r}): {e}") from e
+      raise ValueError(
+        f"item {index} (file line {item.line_number}, question {item.question[:60]!r}): {e}"
+      ) from e
 
   def encoded(self, index: int) -> EncodedAnswer:
     """Item ``index``'s prompt + true answer tokens."""
@@ -198,8 +218,13 @@ class QADataset:
     """The longest prompt + true answer, in tokens."""
     return max(len(e.input_ids) for e in self._encoded)
 
-  def batch(self, indices: Sequence[int], idk_choices: Sequence[int] | None = None, epoch: int = 0,
-            rows: slice | None = None) -> QABatch:
+  def batch(
+    self,
+    indices: Sequence[int],
+    idk_choices: Sequence[int] | None = None,
+    epoch: int = 0,
+    rows: slice | None = None,
+  ) -> QABatch:
     """Collates items ``indices`` (with IDK answer ``idk_choices[j]`` for row ``j`` if given).
 
     Args:
@@ -232,7 +257,7 @@ class QADataset:
       indices, encoded = indices[rows], encoded[rows]
       encoded_idk = None if encoded_idk is None else encoded_idk[rows]
     return QABatch(
-        answers=collate(encoded, indices, length, self.pad_id),
-        idk=None if encoded_idk is None else collate(encoded_idk, indices, length, self.pad_id),
-        epoch=epoch)
-
+      answers=collate(encoded, indices, length, self.pad_id),
+      idk=None if encoded_idk is None else collate(encoded_idk, indices, length, self.pad_id),
+      epoch=epoch,
+    )

@@ -37,19 +37,22 @@ class PromptTemplate:
 
   def prompt(self, question: str) -> str:
     """The prompt the model sees for ``question`` (its answer follows directly)."""
-    return f"{self.system_prompt}{self.question_start}{question}{self.question_end}{self.answer_start}"
+    return (
+      f"{self.system_prompt}{self.question_start}{question}{self.question_end}{self.answer_start}"
+    )
 
 
 PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
-    # The question on its own line, the answer on the next.
-    "plain": PromptTemplate(question_start="", question_end="\n", answer_start=""),
-    # TOFU's Phi-1.5 format: "Question: ...\nAnswer: ...".
-    "phi": PromptTemplate(question_start="Question: ", question_end="\n", answer_start="Answer: "),
-    # TOFU's Llama-2-chat format: "[INST] ... [/INST]..." (the answer follows the tag directly).
-    "llama2-chat": PromptTemplate(question_start="[INST] ", question_end=" [/INST]", answer_start=""),
-    # Phi-3 chat format, as the DualOptim authors' code writes it.
-    "phi3-chat": PromptTemplate(question_start="<|user|>\n", question_end="<|end|>\n<|assistant|>\n",
-                                answer_start=""),
+  # The question on its own line, the answer on the next.
+  "plain": PromptTemplate(question_start="", question_end="\n", answer_start=""),
+  # TOFU's Phi-1.5 format: "Question: ...\nAnswer: ...".
+  "phi": PromptTemplate(question_start="Question: ", question_end="\n", answer_start="Answer: "),
+  # TOFU's Llama-2-chat format: "[INST] ... [/INST]..." (the answer follows the tag directly).
+  "llama2-chat": PromptTemplate(question_start="[INST] ", question_end=" [/INST]", answer_start=""),
+  # Phi-3 chat format, as the DualOptim authors' code writes it.
+  "phi3-chat": PromptTemplate(
+    question_start="<|user|>\n", question_end="<|end|>\n<|assistant|>\n", answer_start=""
+  ),
 }
 """Preset templates by name; see :func:`get_prompt_template`."""
 
@@ -66,7 +69,8 @@ def get_prompt_template(name_or_template: str | PromptTemplate) -> PromptTemplat
     return PROMPT_TEMPLATES[name_or_template]
   except KeyError:
     raise ValueError(
-        f"unknown prompt template {name_or_template!r}; presets: {sorted(PROMPT_TEMPLATES)}") from None
+      f"unknown prompt template {name_or_template!r}; presets: {sorted(PROMPT_TEMPLATES)}"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +98,12 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
 
 
 def encode_answer(
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    answer: str,
-    *,
-    append_eos: bool = True,
-    max_length: int | None = None,
+  tokenizer: PreTrainedTokenizerBase,
+  prompt: str,
+  answer: str,
+  *,
+  append_eos: bool = True,
+  max_length: int | None = None,
 ) -> EncodedAnswer:
   """Tokenizes ``prompt + answer`` and finds the answer tokens (see the module docstring).
 
@@ -125,16 +129,22 @@ def encode_answer(
     num_prompt += 1
   if append_eos:
     if tokenizer.eos_token_id is None:
-      raise ValueError("append_eos=True but the tokenizer has no eos_token; set one or pass append_eos=False")
+      raise ValueError(
+        "append_eos=True but the tokenizer has no eos_token; set one or pass append_eos=False"
+      )
     if not full_ids or full_ids[-1] != tokenizer.eos_token_id or len(full_ids) == num_prompt:
       full_ids.append(tokenizer.eos_token_id)
   if num_prompt == 0:
-    raise ValueError(f"the prompt {prompt!r} gives no token before the answer; the first answer token "
-                     "cannot be scored (use a template with text before the answer or a BOS token)")
+    raise ValueError(
+      f"the prompt {prompt!r} gives no token before the answer; the first answer token "
+      "cannot be scored (use a template with text before the answer or a BOS token)"
+    )
   truncated = False
   if max_length is not None and len(full_ids) > max_length:
     full_ids, truncated = full_ids[:max_length], True
   if len(full_ids) <= num_prompt:
-    raise ValueError(f"no answer token to score for prompt {prompt[:80]!r} and answer {answer[:80]!r} "
-                     f"({num_prompt} prompt tokens, max_length={max_length})")
+    raise ValueError(
+      f"no answer token to score for prompt {prompt[:80]!r} and answer {answer[:80]!r} "
+      f"({num_prompt} prompt tokens, max_length={max_length})"
+    )
   return EncodedAnswer(tuple(full_ids), num_prompt, truncated)

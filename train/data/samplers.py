@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from dualoptax.objectives import FORGET, RETAIN
 from transformers import PreTrainedTokenizerBase
 
+from dualoptax.objectives import FORGET, RETAIN
 from train.data.batches import QABatch, QADataset, TokenizationConfig
 from train.data.splits import TofuSplits
 from train.data.streams import BatchingConfig, BatchStream, StreamPosition
@@ -33,8 +33,13 @@ class SamplerState:
 
   def to_dict(self) -> dict[str, int]:
     """A flat dict of ints (JSON-serializable)."""
-    return {"step": self.step, "forget_epoch": self.forget.epoch, "forget_offset": self.forget.offset,
-            "retain_epoch": self.retain.epoch, "retain_offset": self.retain.offset}
+    return {
+      "step": self.step,
+      "forget_epoch": self.forget.epoch,
+      "forget_offset": self.forget.offset,
+      "retain_epoch": self.retain.epoch,
+      "retain_offset": self.retain.offset,
+    }
 
   @classmethod
   def from_dict(cls, state: Mapping[str, Any]) -> SamplerState:
@@ -52,12 +57,16 @@ class SamplerState:
       if isinstance(state[k], bool) or not isinstance(state[k], (int, np.integer)):
         raise ValueError(f"sampler state {k!r} must be an integer, got {state[k]!r}")
       values[k] = int(state[k])
-    return cls(values["step"], StreamPosition(values["forget_epoch"], values["forget_offset"]),
-               StreamPosition(values["retain_epoch"], values["retain_offset"]))
+    return cls(
+      values["step"],
+      StreamPosition(values["forget_epoch"], values["forget_offset"]),
+      StreamPosition(values["retain_epoch"], values["retain_offset"]),
+    )
 
 
 def scheduled_objective(step: int, forget_steps: int, retain_steps: int) -> int:
-  """:data:`FORGET` if ``step mod (forget_steps + retain_steps) < forget_steps``, else :data:`RETAIN`."""
+  """:data:`FORGET` if ``step mod (forget_steps + retain_steps) < forget_steps``, else
+  :data:`RETAIN`."""
   return FORGET if step % (forget_steps + retain_steps) < forget_steps else RETAIN
 
 
@@ -95,7 +104,8 @@ class _TwoStreamSampler:
 
 
 class AlternatingSampler(_TwoStreamSampler):
-  """Yields ``(objective, batch)``: ``forget_steps`` forget batches, then ``retain_steps`` retain batches.
+  """Yields ``(objective, batch)``: ``forget_steps`` forget batches, then ``retain_steps``
+  retain batches.
 
   Step ``s`` (0-based, counted over both objectives) is a forget step iff
   ``s mod (forget_steps + retain_steps) < forget_steps``: the same schedule as
@@ -114,8 +124,15 @@ class AlternatingSampler(_TwoStreamSampler):
                                    state=SamplerState.from_dict(checkpoint["sampler"]))
   """
 
-  def __init__(self, forget: BatchStream, retain: BatchStream, forget_steps: int = 1, retain_steps: int = 5,
-               *, state: SamplerState | None = None):
+  def __init__(
+    self,
+    forget: BatchStream,
+    retain: BatchStream,
+    forget_steps: int = 1,
+    retain_steps: int = 5,
+    *,
+    state: SamplerState | None = None,
+  ):
     """Creates the sampler.
 
     Args:
@@ -158,7 +175,9 @@ class JointSampler(_TwoStreamSampler):
     state: Resume from here; ``None`` starts at step 0 with the streams where they are.
   """
 
-  def __init__(self, forget: BatchStream, retain: BatchStream, *, state: SamplerState | None = None):
+  def __init__(
+    self, forget: BatchStream, retain: BatchStream, *, state: SamplerState | None = None
+  ):
     super().__init__(forget, retain, state)
 
   def __next__(self) -> tuple[QABatch, QABatch]:
@@ -168,13 +187,13 @@ class JointSampler(_TwoStreamSampler):
 
 
 def make_batch_streams(
-    splits: TofuSplits,
-    tokenizer: PreTrainedTokenizerBase,
-    tokenization: TokenizationConfig,
-    forget_batching: BatchingConfig,
-    retain_batching: BatchingConfig | None = None,
-    *,
-    forget_with_idk: bool = True,
+  splits: TofuSplits,
+  tokenizer: PreTrainedTokenizerBase,
+  tokenization: TokenizationConfig,
+  forget_batching: BatchingConfig,
+  retain_batching: BatchingConfig | None = None,
+  *,
+  forget_with_idk: bool = True,
 ) -> tuple[BatchStream, BatchStream]:
   """The forget and retain streams of a run.
 
@@ -193,5 +212,7 @@ def make_batch_streams(
   """
   forget = QADataset(splits.forget, tokenizer, tokenization, idk_answers=splits.idk_answers)
   retain = QADataset(splits.retain, tokenizer, tokenization)
-  return (BatchStream(forget, forget_batching, stream_id=FORGET, with_idk=forget_with_idk),
-          BatchStream(retain, retain_batching or forget_batching, stream_id=RETAIN))
+  return (
+    BatchStream(forget, forget_batching, stream_id=FORGET, with_idk=forget_with_idk),
+    BatchStream(retain, retain_batching or forget_batching, stream_id=RETAIN),
+  )

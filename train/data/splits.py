@@ -47,11 +47,15 @@ def complement_retain_split(forget_split: str) -> str:
   """
   match = _FORGET_SPLIT_PATTERN.fullmatch(forget_split)
   if match is None or not 1 <= int(match.group(1)) <= 99:
-    raise ValueError(f"forget_split must look like 'forget01' (two digits, 01..99), got {forget_split!r}")
+    raise ValueError(
+      f"forget_split must look like 'forget01' (two digits, 01..99), got {forget_split!r}"
+    )
   return f"retain{100 - int(match.group(1)):02d}"
 
 
-def resolve_retain_split(data_dir: str | os.PathLike[str], forget_split: str, retain_split: str | None = None) -> str:
+def resolve_retain_split(
+  data_dir: str | os.PathLike[str], forget_split: str, retain_split: str | None = None
+) -> str:
   """Which retain split to train on.
 
   TOFU's authors define ``retain{100-XX}`` as the complement of ``forgetXX``, but the
@@ -75,9 +79,15 @@ def resolve_retain_split(data_dir: str | os.PathLike[str], forget_split: str, re
   for candidate in candidates:
     if os.path.isfile(os.path.join(data_dir, f"{candidate}.json")):
       return candidate
-  present = sorted(f for f in os.listdir(data_dir) if f.startswith("retain")) if os.path.isdir(data_dir) else []
-  raise FileNotFoundError(f"no retain split {' or '.join(map(repr, candidates))} in {data_dir!r} "
-                          f"(for forget_split={forget_split!r}); retain files present: {present}")
+  present = (
+    sorted(f for f in os.listdir(data_dir) if f.startswith("retain"))
+    if os.path.isdir(data_dir)
+    else []
+  )
+  raise FileNotFoundError(
+    f"no retain split {' or '.join(map(repr, candidates))} in {data_dir!r} "
+    f"(for forget_split={forget_split!r}); retain files present: {present}"
+  )
 
 
 def find_idk_file(data_dir: str | os.PathLike[str]) -> str | None:
@@ -104,13 +114,13 @@ def load_idk_answers(path: str | os.PathLike[str]) -> tuple[str, ...]:
 
 
 def load_unlearning_data(
-    data_dir: str | os.PathLike[str],
-    forget_split: str = "forget01",
-    task_id: int | None = 1,
-    *,
-    retain_split: str | None = None,
-    idk_path: str | os.PathLike[str] | None = None,
-    exclude_forget_from_retain: bool = True,
+  data_dir: str | os.PathLike[str],
+  forget_split: str = "forget01",
+  task_id: int | None = 1,
+  *,
+  retain_split: str | None = None,
+  idk_path: str | os.PathLike[str] | None = None,
+  exclude_forget_from_retain: bool = True,
 ) -> TofuSplits:
   """Loads the forget and retain items and the IDK answers of a TOFU-format folder.
 
@@ -137,8 +147,14 @@ def load_unlearning_data(
   retain_split = resolve_retain_split(data_dir, forget_split, retain_split)
   forget_path = os.path.join(data_dir, f"{forget_split}.json")
   if not os.path.isfile(forget_path):
-    present = sorted(f for f in os.listdir(data_dir) if f.startswith("forget")) if os.path.isdir(data_dir) else []
-    raise FileNotFoundError(f"no forget split {forget_split!r} ({forget_path}); forget files present: {present}")
+    present = (
+      sorted(f for f in os.listdir(data_dir) if f.startswith("forget"))
+      if os.path.isdir(data_dir)
+      else []
+    )
+    raise FileNotFoundError(
+      f"no forget split {forget_split!r} ({forget_path}); forget files present: {present}"
+    )
   forget = tuple(tofu.load_tofu(forget_path, task_id=task_id))
   retain = tuple(tofu.load_tofu(os.path.join(data_dir, f"{retain_split}.json")))
   num_retain = len(retain)
@@ -146,12 +162,20 @@ def load_unlearning_data(
     forget_questions = {item.question for item in forget}
     retain = tuple(item for item in retain if item.question not in forget_questions)
     if not retain:
-      raise ValueError(f"every question of {retain_split!r} is in {forget_split!r} task_id={task_id}; "
-                       "choose another retain_split")
+      raise ValueError(
+        f"every question of {retain_split!r} is in {forget_split!r} task_id={task_id}; "
+        "choose another retain_split"
+      )
   if idk_path is None:
     idk_path = find_idk_file(data_dir)
   idk_answers = load_idk_answers(idk_path) if idk_path is not None else ()
-  return TofuSplits(forget=forget, retain=retain, idk_answers=idk_answers, data_dir=data_dir,
-                    forget_split=forget_split, retain_split=retain_split, task_id=task_id,
-                    num_retain_removed=num_retain - len(retain))
-
+  return TofuSplits(
+    forget=forget,
+    retain=retain,
+    idk_answers=idk_answers,
+    data_dir=data_dir,
+    forget_split=forget_split,
+    retain_split=retain_split,
+    task_id=task_id,
+    num_retain_removed=num_retain - len(retain),
+  )

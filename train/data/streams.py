@@ -53,14 +53,14 @@ class BatchStream:
   """
 
   def __init__(
-      self,
-      dataset: QADataset,
-      config: BatchingConfig,
-      *,
-      stream_id: int = 0,
-      with_idk: bool = False,
-      position: StreamPosition = StreamPosition(),
-      rows: slice | None = None,
+    self,
+    dataset: QADataset,
+    config: BatchingConfig,
+    *,
+    stream_id: int = 0,
+    with_idk: bool = False,
+    position: StreamPosition = StreamPosition(),
+    rows: slice | None = None,
   ):
     """Creates the stream.
 
@@ -82,18 +82,26 @@ class BatchStream:
     if stream_id < 0:
       raise ValueError(f"stream_id must be >= 0, got {stream_id}")
     if with_idk and not dataset.idk_answers:
-      raise ValueError("with_idk=True but the dataset has no IDK answers (no idontknow.jsonl found?)")
+      raise ValueError(
+        "with_idk=True but the dataset has no IDK answers (no idontknow.jsonl found?)"
+      )
     if config.drop_last and len(dataset) < config.batch_size:
-      raise ValueError(f"the dataset has {len(dataset)} items, fewer than batch_size={config.batch_size}, so "
-                       "drop_last=True leaves no batch; lower batch_size or set drop_last=False")
+      raise ValueError(
+        f"the dataset has {len(dataset)} items, fewer than batch_size={config.batch_size}, so "
+        "drop_last=True leaves no batch; lower batch_size or set drop_last=False"
+      )
     self.dataset = dataset
     self.config = config
     self.stream_id = stream_id
     self.with_idk = with_idk
-    if rows is not None and (rows.step not in (None, 1) or not
-                             0 <= (rows.start or 0) < (rows.stop or 0) <= config.batch_size):
-      raise ValueError(f"rows={rows} is not a contiguous, non-empty range of the "
-                       f"{config.batch_size} rows of a batch")
+    if rows is not None and (
+      rows.step not in (None, 1)
+      or not 0 <= (rows.start or 0) < (rows.stop or 0) <= config.batch_size
+    ):
+      raise ValueError(
+        f"rows={rows} is not a contiguous, non-empty range of the "
+        f"{config.batch_size} rows of a batch"
+      )
     self.rows = rows
     n, b = len(dataset), config.batch_size
     self.batches_per_epoch = n // b if config.drop_last else math.ceil(n / b)
@@ -115,8 +123,10 @@ class BatchStream:
 
   def _check_position(self, position: StreamPosition) -> None:
     if position.epoch < 0 or not 0 <= position.offset < self.batches_per_epoch:
-      raise ValueError(f"bad stream position {position}: need epoch >= 0 and 0 <= offset < "
-                       f"{self.batches_per_epoch} (batches per epoch)")
+      raise ValueError(
+        f"bad stream position {position}: need epoch >= 0 and 0 <= offset < "
+        f"{self.batches_per_epoch} (batches per epoch)"
+      )
 
   def _rng(self, epoch: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([self.config.seed, self.stream_id, epoch, purpose])
@@ -144,7 +154,7 @@ class BatchStream:
     self._check_position(position)
     self._cache_epoch(position.epoch)
     b = self.config.batch_size
-    indices = self._cached_order[position.offset * b:(position.offset + 1) * b]
+    indices = self._cached_order[position.offset * b : (position.offset + 1) * b]
     # IDK choices belong to items (not rows), so an item keeps its IDK answer all epoch.
     idk_choices = self._cached_idk[indices] if self.with_idk else None
     return self.dataset.batch(indices, idk_choices, epoch=position.epoch, rows=self.rows)
@@ -157,7 +167,9 @@ class BatchStream:
     epoch, offset = self._position.epoch, self._position.offset + 1
     # Move to the next epoch as soon as this one is used up, so a saved position always
     # names a batch that exists.
-    self._position = StreamPosition(epoch + 1, 0) if offset == self.batches_per_epoch else StreamPosition(epoch, offset)
+    self._position = (
+      StreamPosition(epoch + 1, 0)
+      if offset == self.batches_per_epoch
+      else StreamPosition(epoch, offset)
+    )
     return batch
-
-

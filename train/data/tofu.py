@@ -2,11 +2,12 @@
 
 TOFU (Maini et al. 2024) stores one JSON object per line. The files this module reads:
 
-| file | keys |
-|---|---|
-| ``forgetXX.json``, ``retainXX.json`` | ``question``, ``answer`` (+ ``task_id`` in forget files) |
-| ``forgetXX_perturbed.json``, ``retain_perturbed.json`` | + ``paraphrased_answer``, ``perturbed_answer`` (list), ``paraphrased_question`` |
-| ``real_authors_perturbed.json``, ``world_facts_perturbed.json`` | ``question``, ``answer``, ``perturbed_answer`` (list), ``original_answer`` |
+* ``forgetXX.json``, ``retainXX.json``: ``question``, ``answer`` (+ ``task_id`` in
+  forget files);
+* ``forgetXX_perturbed.json``, ``retain_perturbed.json``: those and
+  ``paraphrased_answer``, ``perturbed_answer`` (list), ``paraphrased_question``;
+* ``real_authors_perturbed.json``, ``world_facts_perturbed.json``: ``question``,
+  ``answer``, ``perturbed_answer`` (list), ``original_answer``.
 
 Every item keeps its 0-based row ``index`` in the file and its 1-based ``line_number``, so
 results can be traced back to the data even after ``task_id`` selection or a ``max_items``
@@ -88,16 +89,22 @@ def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[st
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise TofuFormatError(path, line_number, f"malformed JSON ({e.msg} at column {e.colno})") from e
+        raise TofuFormatError(
+          path, line_number, f"malformed JSON ({e.msg} at column {e.colno})"
+        ) from e
       if not isinstance(row, dict):
-        raise TofuFormatError(path, line_number, f"expected a JSON object, got {type(row).__name__}")
+        raise TofuFormatError(
+          path, line_number, f"expected a JSON object, got {type(row).__name__}"
+        )
       yield line_number, row
 
 
 def _string(path, line_number: int, row: dict[str, Any], key: str) -> str:
   value = row[key]
   if not isinstance(value, str):
-    raise TofuFormatError(path, line_number, f"{key!r} must be a string, got {type(value).__name__}: {value!r:.80}")
+    raise TofuFormatError(
+      path, line_number, f"{key!r} must be a string, got {type(value).__name__}: {value!r:.80}"
+    )
   return value
 
 
@@ -108,7 +115,9 @@ def _optional_string(path, line_number: int, row: dict[str, Any], key: str) -> s
 def _string_list(path, line_number: int, row: dict[str, Any], key: str) -> tuple[str, ...]:
   value = row[key]
   if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-    raise TofuFormatError(path, line_number, f"{key!r} must be a non-empty list of strings, got {value!r:.80}")
+    raise TofuFormatError(
+      path, line_number, f"{key!r} must be a non-empty list of strings, got {value!r:.80}"
+    )
   return tuple(value)
 
 
@@ -121,15 +130,17 @@ def _task_id(path, line_number: int, row: dict[str, Any]) -> int | None:
       raise ValueError
     return int(value)
   except (TypeError, ValueError):
-    raise TofuFormatError(path, line_number, f"'task_id' must be an integer, got {value!r}") from None
+    raise TofuFormatError(
+      path, line_number, f"'task_id' must be an integer, got {value!r}"
+    ) from None
 
 
 def load_tofu(
-    path: str | os.PathLike[str],
-    *,
-    required_keys: Sequence[str] = QA_KEYS,
-    task_id: int | None = None,
-    max_items: int | None = None,
+  path: str | os.PathLike[str],
+  *,
+  required_keys: Sequence[str] = QA_KEYS,
+  task_id: int | None = None,
+  max_items: int | None = None,
 ) -> list[TofuItem]:
   """Reads and validates a TOFU-format JSON-lines file.
 
@@ -158,24 +169,31 @@ def load_tofu(
     num_rows += 1
     missing = [k for k in required_keys if k not in row]
     if missing:
-      raise TofuFormatError(path, line_number, f"missing key(s) {missing}; the row has {sorted(row)}")
+      raise TofuFormatError(
+        path, line_number, f"missing key(s) {missing}; the row has {sorted(row)}"
+      )
     item = TofuItem(
-        index=index,
-        line_number=line_number,
-        question=_string(path, line_number, row, "question"),
-        answer=_string(path, line_number, row, "answer"),
-        paraphrased_answer=_optional_string(path, line_number, row, "paraphrased_answer"),
-        perturbed_answers=(
-            _string_list(path, line_number, row, "perturbed_answer") if "perturbed_answer" in row else ()),
-        original_answer=_optional_string(path, line_number, row, "original_answer"),
-        paraphrased_question=_optional_string(path, line_number, row, "paraphrased_question"),
-        task_id=_task_id(path, line_number, row),
+      index=index,
+      line_number=line_number,
+      question=_string(path, line_number, row, "question"),
+      answer=_string(path, line_number, row, "answer"),
+      paraphrased_answer=_optional_string(path, line_number, row, "paraphrased_answer"),
+      perturbed_answers=(
+        _string_list(path, line_number, row, "perturbed_answer")
+        if "perturbed_answer" in row
+        else ()
+      ),
+      original_answer=_optional_string(path, line_number, row, "original_answer"),
+      paraphrased_question=_optional_string(path, line_number, row, "paraphrased_question"),
+      task_id=_task_id(path, line_number, row),
     )
     if item.task_id is not None:
       seen_task_ids.add(item.task_id)
     if task_id is not None:
       if item.task_id is None:
-        raise TofuFormatError(path, line_number, f"task_id={task_id} was requested but the row has no 'task_id'")
+        raise TofuFormatError(
+          path, line_number, f"task_id={task_id} was requested but the row has no 'task_id'"
+        )
       if item.task_id != task_id:
         continue
     if max_items is None or len(items) < max_items:
@@ -183,11 +201,16 @@ def load_tofu(
   if num_rows == 0:
     raise TofuFormatError(path, None, "the file has no rows")
   if task_id is not None and not items and max_items != 0:
-    raise TofuFormatError(path, None, f"no row has task_id={task_id}; the file has task ids {sorted(seen_task_ids)}")
+    raise TofuFormatError(
+      path, None, f"no row has task_id={task_id}; the file has task ids {sorted(seen_task_ids)}"
+    )
   return items
 
 
 def count_rows(path: str | os.PathLike[str], task_id: int | None = None) -> int:
   """Number of rows of a JSON-lines file (with the given ``task_id``, if not ``None``)."""
-  return sum(1 for _, row in iter_json_lines(path)
-             if task_id is None or ("task_id" in row and int(row["task_id"]) == task_id))
+  return sum(
+    1
+    for _, row in iter_json_lines(path)
+    if task_id is None or ("task_id" in row and int(row["task_id"]) == task_id)
+  )

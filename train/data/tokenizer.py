@@ -28,8 +28,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from train.data import tofu
-from train.data.splits import IDK_FILE_NAME
 from train.data.prompting import PromptTemplate, get_prompt_template
+from train.data.splits import IDK_FILE_NAME
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
@@ -37,10 +37,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 
 
 def train_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int = 1024,
-    *,
-    min_frequency: int = 2,
+  texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2
 ) -> PreTrainedTokenizerFast:
   """Trains a byte-level BPE tokenizer on ``texts``.
 
@@ -63,7 +60,9 @@ def train_tokenizer(
   """
   min_vocab = len(SPECIAL_TOKENS) + 256
   if vocab_size < min_vocab:
-    raise ValueError(f"vocab_size must be >= {min_vocab} (special tokens + 256 bytes), got {vocab_size}")
+    raise ValueError(
+      f"vocab_size must be >= {min_vocab} (special tokens + 256 bytes), got {vocab_size}"
+    )
   if min_frequency < 1:
     raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
   corpus = list(texts)
@@ -76,20 +75,27 @@ def train_tokenizer(
   bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   bpe.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      min_frequency=min_frequency,
-      special_tokens=list(SPECIAL_TOKENS),
-      # Every byte is in the vocabulary even if the corpus lacks it: nothing is unknown.
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    min_frequency=min_frequency,
+    special_tokens=list(SPECIAL_TOKENS),
+    # Every byte is in the vocabulary even if the corpus lacks it: nothing is unknown.
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   bpe.train_from_iterator(corpus, trainer=trainer)
   bos_id = bpe.token_to_id(BOS_TOKEN)
   bpe.post_processor = processors.TemplateProcessing(
-      single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)])
+    single=f"{BOS_TOKEN} $A",
+    pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+    special_tokens=[(BOS_TOKEN, bos_id)],
+  )
   return PreTrainedTokenizerFast(
-      tokenizer_object=bpe, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-      padding_side="right")
+    tokenizer_object=bpe,
+    bos_token=BOS_TOKEN,
+    eos_token=EOS_TOKEN,
+    pad_token=PAD_TOKEN,
+    padding_side="right",
+  )
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | os.PathLike[str]) -> str:
@@ -113,8 +119,7 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
 
 
 def tofu_corpus_texts(
-    data_dir: str | os.PathLike[str],
-    template: str | PromptTemplate | None = None,
+  data_dir: str | os.PathLike[str], template: str | PromptTemplate | None = None
 ) -> list[str]:
   """Every string of the TOFU-format files in ``data_dir``, to train a tokenizer on.
 
@@ -141,7 +146,13 @@ def tofu_corpus_texts(
     for _, row in tofu.iter_json_lines(path):
       if prompt_template is not None and isinstance(row.get("question"), str):
         texts.append(prompt_template.prompt(row["question"]))
-      for key in ("question", "answer", "paraphrased_answer", "paraphrased_question", "original_answer"):
+      for key in (
+        "question",
+        "answer",
+        "paraphrased_answer",
+        "paraphrased_question",
+        "original_answer",
+      ):
         if isinstance(row.get(key), str):
           texts.append(row[key])
       texts.extend(t for t in row.get("perturbed_answer", ()) if isinstance(t, str))

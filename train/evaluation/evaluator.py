@@ -25,8 +25,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from train.data import tofu
-from train.evaluation import metrics
 from train.data.prompting import PromptTemplate, encode_answer, encode_prompt, get_prompt_template
+from train.evaluation import metrics
 from train.evaluation.scoring import ScoringModel, as_scoring_model, generate_greedy, score_answers
 
 Role = Literal["forget", "retain", "real_authors", "world_facts"]
@@ -39,7 +39,11 @@ UTILITY_METRICS: tuple[str, ...] = ("probability", "rouge_l_recall", "truth_rati
 PAPER_ONLY_FORGET_TERMS: tuple[str, ...] = ("cosine_similarity", "entailment_score")
 """Forget-efficacy terms of the DualOptim+ paper that need hub models (pluggable here)."""
 
-ITEMS_FILE, SUMMARY_FILE, TABLE_FILE = "tofu_eval_items.json", "tofu_eval_summary.json", "tofu_eval_summary.md"
+ITEMS_FILE, SUMMARY_FILE, TABLE_FILE = (
+  "tofu_eval_items.json",
+  "tofu_eval_summary.json",
+  "tofu_eval_summary.md",
+)
 ITEMS_FORMAT, SUMMARY_FORMAT = "dualoptax.tofu_eval_items/1", "dualoptax.tofu_eval_summary/1"
 
 
@@ -64,8 +68,9 @@ class EvalSetSpec:
       raise ValueError(f"role of set {self.name!r} must be one of {ROLES}, got {self.role!r}")
 
 
-def tofu_eval_sets(data_dir: str | os.PathLike[str], *, forget_split: str = "forget01",
-                   task_id: int | None = 1) -> tuple[EvalSetSpec, ...]:
+def tofu_eval_sets(
+  data_dir: str | os.PathLike[str], *, forget_split: str = "forget01", task_id: int | None = 1
+) -> tuple[EvalSetSpec, ...]:
   """The standard four TOFU evaluation sets in a data folder.
 
   Args:
@@ -76,10 +81,10 @@ def tofu_eval_sets(data_dir: str | os.PathLike[str], *, forget_split: str = "for
   """
   d = os.fspath(data_dir)
   return (
-      EvalSetSpec("forget", os.path.join(d, f"{forget_split}_perturbed.json"), "forget", task_id),
-      EvalSetSpec("retain", os.path.join(d, "retain_perturbed.json"), "retain"),
-      EvalSetSpec("real_authors", os.path.join(d, "real_authors_perturbed.json"), "real_authors"),
-      EvalSetSpec("world_facts", os.path.join(d, "world_facts_perturbed.json"), "world_facts"),
+    EvalSetSpec("forget", os.path.join(d, f"{forget_split}_perturbed.json"), "forget", task_id),
+    EvalSetSpec("retain", os.path.join(d, "retain_perturbed.json"), "retain"),
+    EvalSetSpec("real_authors", os.path.join(d, "real_authors_perturbed.json"), "real_authors"),
+    EvalSetSpec("world_facts", os.path.join(d, "world_facts_perturbed.json"), "world_facts"),
   )
 
 
@@ -128,9 +133,9 @@ class GenerationScorer(Protocol):
 
   name: str
 
-  def __call__(self, generations: Sequence[str], answers: Sequence[str],
-               questions: Sequence[str]) -> Sequence[float]:
-    ...
+  def __call__(
+    self, generations: Sequence[str], answers: Sequence[str], questions: Sequence[str]
+  ) -> Sequence[float]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +175,18 @@ class SetResult:
 
   def summary(self) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "role": self.spec.role,
-        "file": self.spec.path,
-        "task_id": self.spec.task_id,
-        "num_items": len(self.items),
-        "probability": float(np.mean(self.probability)),
-        "rouge_l_recall": None if self.rouge_l_recall is None else float(np.mean(self.rouge_l_recall)),
-        "truth_ratio": self.truth_ratio_score,
-        "truth_ratio_definition": "mean min(R, 1/R)" if self.spec.role == "forget" else "mean max(0, 1 - R)",
+      "role": self.spec.role,
+      "file": self.spec.path,
+      "task_id": self.spec.task_id,
+      "num_items": len(self.items),
+      "probability": float(np.mean(self.probability)),
+      "rouge_l_recall": None
+      if self.rouge_l_recall is None
+      else float(np.mean(self.rouge_l_recall)),
+      "truth_ratio": self.truth_ratio_score,
+      "truth_ratio_definition": "mean min(R, 1/R)"
+      if self.spec.role == "forget"
+      else "mean max(0, 1 - R)",
     }
     out.update({name: float(np.mean(v)) for name, v in self.extra.items()})
     return out
@@ -186,18 +195,18 @@ class SetResult:
     rows = []
     for k, item in enumerate(self.items):
       row: dict[str, Any] = {
-          "index": item.index,
-          "line_number": item.line_number,
-          "task_id": item.task_id,
-          "question": item.question,
-          "answer": item.answer,
-          "generation": None if self.generations is None else self.generations[k],
-          "probability": float(self.probability[k]),
-          "truth_ratio": float(self.truth_ratio[k]),
-          "rouge_l_recall": None if self.rouge_l_recall is None else float(self.rouge_l_recall[k]),
-          "nll_answer": float(self.nll_answer[k]),
-          "nll_paraphrased": None if self.nll_paraphrased is None else float(self.nll_paraphrased[k]),
-          "nll_perturbed": [float(x) for x in self.nll_perturbed[k]],
+        "index": item.index,
+        "line_number": item.line_number,
+        "task_id": item.task_id,
+        "question": item.question,
+        "answer": item.answer,
+        "generation": None if self.generations is None else self.generations[k],
+        "probability": float(self.probability[k]),
+        "truth_ratio": float(self.truth_ratio[k]),
+        "rouge_l_recall": None if self.rouge_l_recall is None else float(self.rouge_l_recall[k]),
+        "nll_answer": float(self.nll_answer[k]),
+        "nll_paraphrased": None if self.nll_paraphrased is None else float(self.nll_paraphrased[k]),
+        "nll_perturbed": [float(x) for x in self.nll_perturbed[k]],
       }
       row.update({name: float(v[k]) for name, v in self.extra.items()})
       rows.append(row)
@@ -209,22 +218,30 @@ def _required_keys(role: str) -> tuple[str, ...]:
 
 
 def evaluate_set(
-    model: ScoringModel | Callable[..., Any],
-    tokenizer: PreTrainedTokenizerBase,
-    spec: EvalSetSpec,
-    *,
-    template: str | PromptTemplate = "phi",
-    config: EvalConfig = EvalConfig(),
-    extra_terms: Sequence[GenerationScorer] = (),
+  model: ScoringModel | Callable[..., Any],
+  tokenizer: PreTrainedTokenizerBase,
+  spec: EvalSetSpec,
+  *,
+  template: str | PromptTemplate = "phi",
+  config: EvalConfig = EvalConfig(),
+  extra_terms: Sequence[GenerationScorer] = (),
 ) -> SetResult:
   """Scores and generates on one set (see :func:`evaluate`)."""
   model = as_scoring_model(model)
   template = get_prompt_template(template)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   if pad_id is None:
-    raise ValueError("the tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token")
-  items = tuple(tofu.load_tofu(spec.path, required_keys=_required_keys(spec.role), task_id=spec.task_id,
-                               max_items=config.max_items))
+    raise ValueError(
+      "the tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token"
+    )
+  items = tuple(
+    tofu.load_tofu(
+      spec.path,
+      required_keys=_required_keys(spec.role),
+      task_id=spec.task_id,
+      max_items=config.max_items,
+    )
+  )
   if not items:
     raise ValueError(f"set {spec.name!r} has no item to evaluate (max_items={config.max_items})")
   prompts = [template.prompt(item.question) for item in items]
@@ -237,15 +254,27 @@ def evaluate_set(
     if paraphrase_based:
       texts.append((k, item.paraphrased_answer))
     texts.extend((k, p) for p in item.perturbed_answers)
-  encoded = [encode_answer(tokenizer, prompts[k], text, append_eos=config.append_eos, max_length=config.max_length)
-             for k, text in texts]
+  encoded = [
+    encode_answer(
+      tokenizer, prompts[k], text, append_eos=config.append_eos, max_length=config.max_length
+    )
+    for k, text in texts
+  ]
   num_truncated = sum(e.truncated for e in encoded)
   if num_truncated:
-    warnings.warn(f"set {spec.name!r}: {num_truncated} of {len(encoded)} scored sequences were cut to "
-                  f"max_length={config.max_length} tokens", stacklevel=2)
-  flat_nll = score_answers(model, encoded, pad_token_id=pad_id, batch_size=config.batch_size,
-                           length_multiple=config.length_multiple,
-                           progress_description=f"{spec.name}: scoring" if config.show_progress else None)
+    warnings.warn(
+      f"set {spec.name!r}: {num_truncated} of {len(encoded)} scored sequences were cut to "
+      f"max_length={config.max_length} tokens",
+      stacklevel=2,
+    )
+  flat_nll = score_answers(
+    model,
+    encoded,
+    pad_token_id=pad_id,
+    batch_size=config.batch_size,
+    length_multiple=config.length_multiple,
+    progress_description=f"{spec.name}: scoring" if config.show_progress else None,
+  )
 
   nll_answer, nll_paraphrased, nll_perturbed = [], [], []
   position = 0
@@ -255,44 +284,68 @@ def evaluate_set(
     if paraphrase_based:
       nll_paraphrased.append(flat_nll[position])
       position += 1
-    nll_perturbed.append(flat_nll[position:position + len(item.perturbed_answers)])
+    nll_perturbed.append(flat_nll[position : position + len(item.perturbed_answers)])
     position += len(item.perturbed_answers)
   nll_answer_array = np.array(nll_answer)
   nll_base = np.array(nll_paraphrased) if paraphrase_based else nll_answer_array
-  ratios = np.array([metrics.truth_ratio(nll_base[k:k + 1], p[None])[0] for k, p in enumerate(nll_perturbed)])
+  ratios = np.array(
+    [metrics.truth_ratio(nll_base[k : k + 1], p[None])[0] for k, p in enumerate(nll_perturbed)]
+  )
   if paraphrase_based:
     prob = metrics.probability(nll_answer_array)
   else:
-    prob = np.array([metrics.normalized_probability(nll_answer_array[k:k + 1], p[None])[0]
-                     for k, p in enumerate(nll_perturbed)])
+    prob = np.array(
+      [
+        metrics.normalized_probability(nll_answer_array[k : k + 1], p[None])[0]
+        for k, p in enumerate(nll_perturbed)
+      ]
+    )
 
   generations = rouge = None
   extra: dict[str, np.ndarray] = {}
   if config.generate:
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     new_tokens = generate_greedy(
-        model, prompt_ids, max_new_tokens=config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_id, batch_size=config.batch_size, length_multiple=config.length_multiple,
-        progress_description=f"{spec.name}: generating" if config.show_progress else None)
+      model,
+      prompt_ids,
+      max_new_tokens=config.max_new_tokens,
+      eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=pad_id,
+      batch_size=config.batch_size,
+      length_multiple=config.length_multiple,
+      progress_description=f"{spec.name}: generating" if config.show_progress else None,
+    )
     generations = tuple(tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens)
     answers = [item.answer for item in items]
     rouge = metrics.rouge_l_recall(generations, answers)
     for term in extra_terms:
       values = np.asarray(term(generations, answers, [item.question for item in items]), np.float64)
       if values.shape != (len(items),) or np.any(values < 0) or np.any(values > 1):
-        raise ValueError(f"term {term.name!r} must return {len(items)} values in [0, 1], got shape "
-                         f"{values.shape} with range [{values.min(initial=0)}, {values.max(initial=0)}]")
+        raise ValueError(
+          f"term {term.name!r} must return {len(items)} values in [0, 1], got shape "
+          f"{values.shape} with range [{values.min(initial=0)}, {values.max(initial=0)}]"
+        )
       extra[term.name] = values
   elif extra_terms:
     raise ValueError("forget-efficacy terms need generations; set EvalConfig(generate=True)")
 
-  return SetResult(spec=spec, items=items, nll_answer=nll_answer_array,
-                   nll_paraphrased=np.array(nll_paraphrased) if paraphrase_based else None,
-                   nll_perturbed=tuple(nll_perturbed), probability=prob, truth_ratio=ratios,
-                   generations=generations, rouge_l_recall=rouge, extra=extra)
+  return SetResult(
+    spec=spec,
+    items=items,
+    nll_answer=nll_answer_array,
+    nll_paraphrased=np.array(nll_paraphrased) if paraphrase_based else None,
+    nll_perturbed=tuple(nll_perturbed),
+    probability=prob,
+    truth_ratio=ratios,
+    generations=generations,
+    rouge_l_recall=rouge,
+    extra=extra,
+  )
 
 
-def load_forget_truth_ratios(path: str | os.PathLike[str], set_name: str | None = None) -> np.ndarray:
+def load_forget_truth_ratios(
+  path: str | os.PathLike[str], set_name: str | None = None
+) -> np.ndarray:
   """The per-item forget-set truth ratios R saved by an earlier evaluation.
 
   Reads this evaluator's per-item file (:data:`ITEMS_FILE`; the set named ``set_name``, or
@@ -338,11 +391,18 @@ class EvaluationResult:
   def items_json(self) -> dict[str, Any]:
     """The per-item JSON object (every value for every item of every set)."""
     return {
-        "format": ITEMS_FORMAT,
-        "config": self.summary["config"],
-        "template": self.summary["template"],
-        "sets": {name: {"role": r.spec.role, "file": r.spec.path, "task_id": r.spec.task_id,
-                        "items": r.items_json()} for name, r in self.sets.items()},
+      "format": ITEMS_FORMAT,
+      "config": self.summary["config"],
+      "template": self.summary["template"],
+      "sets": {
+        name: {
+          "role": r.spec.role,
+          "file": r.spec.path,
+          "task_id": r.spec.task_id,
+          "items": r.items_json(),
+        }
+        for name, r in self.sets.items()
+      },
     }
 
   def markdown_table(self) -> str:
@@ -351,8 +411,10 @@ class EvaluationResult:
   def write(self, out_dir: str | os.PathLike[str]) -> dict[str, str]:
     """Writes the per-item JSON, the summary JSON and the Markdown table; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {kind: os.path.join(out_dir, name)
-             for kind, name in (("items", ITEMS_FILE), ("summary", SUMMARY_FILE), ("table", TABLE_FILE))}
+    paths = {
+      kind: os.path.join(out_dir, name)
+      for kind, name in (("items", ITEMS_FILE), ("summary", SUMMARY_FILE), ("table", TABLE_FILE))
+    }
     with open(paths["items"], "w", encoding="utf-8") as f:
       json.dump(self.items_json(), f, indent=1, ensure_ascii=False)
     with open(paths["summary"], "w", encoding="utf-8") as f:
@@ -362,7 +424,9 @@ class EvaluationResult:
     return paths
 
 
-def _only_set_of_role(results: dict[str, SetResult], role: str, notes: list[str]) -> SetResult | None:
+def _only_set_of_role(
+  results: dict[str, SetResult], role: str, notes: list[str]
+) -> SetResult | None:
   matches = [r for r in results.values() if r.spec.role == role]
   if len(matches) != 1:
     notes.append(f"{len(matches)} sets with role {role!r} (need exactly 1)")
@@ -371,16 +435,18 @@ def _only_set_of_role(results: dict[str, SetResult], role: str, notes: list[str]
 
 
 def summarize(
-    results: dict[str, SetResult],
-    *,
-    retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
-    config: EvalConfig | None = None,
-    template: PromptTemplate | None = None,
+  results: dict[str, SetResult],
+  *,
+  retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
+  config: EvalConfig | None = None,
+  template: PromptTemplate | None = None,
 ) -> dict[str, Any]:
   """The summary JSON object: per-set scores and the aggregates (see :func:`evaluate`)."""
   notes: list[str] = []
-  summary: dict[str, Any] = {"format": SUMMARY_FORMAT,
-                             "sets": {name: r.summary() for name, r in results.items()}}
+  summary: dict[str, Any] = {
+    "format": SUMMARY_FORMAT,
+    "sets": {name: r.summary() for name, r in results.items()},
+  }
   forget = _only_set_of_role(results, "forget", notes)
 
   quality = reference_name = None
@@ -396,10 +462,15 @@ def summarize(
     num_reference = int(reference.size)
     quality = metrics.forget_quality(forget.truth_ratio, reference)
     if reference.size != forget.truth_ratio.size:
-      notes.append(f"forget quality compares {forget.truth_ratio.size} items with {reference.size} "
-                   "reference items")
-  summary.update(forget_quality=quality, forget_quality_reference=reference_name,
-                 forget_quality_num_reference_items=num_reference)
+      notes.append(
+        f"forget quality compares {forget.truth_ratio.size} items with {reference.size} "
+        "reference items"
+      )
+  summary.update(
+    forget_quality=quality,
+    forget_quality_reference=reference_name,
+    forget_quality_num_reference_items=num_reference,
+  )
 
   utility_terms: dict[str, float] = {}
   utility = None
@@ -427,11 +498,15 @@ def summarize(
     efficacy_terms.update({f"forget.{name}": scores[name] for name in forget.extra})
     efficacy = metrics.forget_efficacy(efficacy_terms)
   summary.update(
-      forget_efficacy=efficacy, forget_efficacy_terms=efficacy_terms,
-      forget_efficacy_terms_not_used=[t for t in PAPER_ONLY_FORGET_TERMS
-                                      if forget is None or t not in forget.extra])
-  summary["ranking_score"] = (None if efficacy is None or utility is None
-                              else metrics.ranking_score(efficacy, utility))
+    forget_efficacy=efficacy,
+    forget_efficacy_terms=efficacy_terms,
+    forget_efficacy_terms_not_used=[
+      t for t in PAPER_ONLY_FORGET_TERMS if forget is None or t not in forget.extra
+    ],
+  )
+  summary["ranking_score"] = (
+    None if efficacy is None or utility is None else metrics.ranking_score(efficacy, utility)
+  )
   summary["notes"] = notes
   summary["config"] = None if config is None else dataclasses.asdict(config)
   summary["template"] = None if template is None else dataclasses.asdict(template)
@@ -439,14 +514,14 @@ def summarize(
 
 
 def evaluate(
-    model: ScoringModel | Callable[..., Any],
-    tokenizer: PreTrainedTokenizerBase,
-    eval_sets: Sequence[EvalSetSpec],
-    *,
-    template: str | PromptTemplate = "phi",
-    config: EvalConfig = EvalConfig(),
-    retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
-    forget_efficacy_terms: Sequence[GenerationScorer] = (),
+  model: ScoringModel | Callable[..., Any],
+  tokenizer: PreTrainedTokenizerBase,
+  eval_sets: Sequence[EvalSetSpec],
+  *,
+  template: str | PromptTemplate = "phi",
+  config: EvalConfig = EvalConfig(),
+  retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
+  forget_efficacy_terms: Sequence[GenerationScorer] = (),
 ) -> EvaluationResult:
   """Evaluates a model on TOFU-format sets.
 
@@ -479,8 +554,14 @@ def evaluate(
   model = as_scoring_model(model)
   results = {}
   for spec in eval_sets:
-    results[spec.name] = evaluate_set(model, tokenizer, spec, template=template, config=config,
-                                      extra_terms=forget_efficacy_terms if spec.role == "forget" else ())
+    results[spec.name] = evaluate_set(
+      model,
+      tokenizer,
+      spec,
+      template=template,
+      config=config,
+      extra_terms=forget_efficacy_terms if spec.role == "forget" else (),
+    )
   summary = summarize(results, retain_reference=retain_reference, config=config, template=template)
   return EvaluationResult(sets=results, summary=summary)
 
@@ -491,17 +572,26 @@ def _fmt(x: float | None) -> str:
 
 def markdown_table(summary: dict[str, Any]) -> str:
   """A Markdown report of a summary (:attr:`EvaluationResult.summary` or its saved JSON)."""
-  lines = ["| set | items | probability | ROUGE-L recall | truth ratio |", "|---|---:|---:|---:|---:|"]
+  lines = [
+    "| set | items | probability | ROUGE-L recall | truth ratio |",
+    "|---|---:|---:|---:|---:|",
+  ]
   for name, s in summary["sets"].items():
-    lines.append(f"| {name} ({s['truth_ratio_definition']}) | {s['num_items']} | {_fmt(s['probability'])} | "
-                 f"{_fmt(s['rouge_l_recall'])} | {_fmt(s['truth_ratio'])} |")
+    lines.append(
+      f"| {name} ({s['truth_ratio_definition']}) | {s['num_items']} | {_fmt(s['probability'])} | "
+      f"{_fmt(s['rouge_l_recall'])} | {_fmt(s['truth_ratio'])} |"
+    )
   efficacy_terms = ", ".join(summary["forget_efficacy_terms"]) or "none"
-  lines += ["", "| aggregate | value |", "|---|---:|",
-            f"| forget quality (KS p-value vs retain model) | {_fmt(summary['forget_quality'])} |",
-            f"| model utility (harmonic mean of {len(summary['model_utility_terms'])}) | "
-            f"{_fmt(summary['model_utility'])} |",
-            f"| forget efficacy (1 − mean of: {efficacy_terms}) | {_fmt(summary['forget_efficacy'])} |",
-            f"| (forget efficacy + model utility) / 2 | {_fmt(summary['ranking_score'])} |"]
+  lines += [
+    "",
+    "| aggregate | value |",
+    "|---|---:|",
+    f"| forget quality (KS p-value vs retain model) | {_fmt(summary['forget_quality'])} |",
+    f"| model utility (harmonic mean of {len(summary['model_utility_terms'])}) | "
+    f"{_fmt(summary['model_utility'])} |",
+    f"| forget efficacy (1 − mean of: {efficacy_terms}) | {_fmt(summary['forget_efficacy'])} |",
+    f"| (forget efficacy + model utility) / 2 | {_fmt(summary['ranking_score'])} |",
+  ]
   if summary.get("notes"):
     lines += ["", *[f"- {note}" for note in summary["notes"]]]
   return "\n".join(lines) + "\n"

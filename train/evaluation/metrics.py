@@ -84,8 +84,10 @@ def rouge_l_recall(generations: Sequence[str], references: Sequence[str]) -> np.
   if len(generations) != len(references):
     raise ValueError(f"{len(generations)} generations but {len(references)} references")
   scorer = _rouge_l_scorer()
-  return np.array([scorer.score(ref, gen)["rougeL"].recall for gen, ref in zip(generations, references)],
-                  np.float64)
+  return np.array(
+    [scorer.score(ref, gen)["rougeL"].recall for gen, ref in zip(generations, references)],
+    np.float64,
+  )
 
 
 def forget_quality(truth_ratios: np.ndarray, retain_model_truth_ratios: np.ndarray) -> float:
@@ -98,8 +100,10 @@ def forget_quality(truth_ratios: np.ndarray, retain_model_truth_ratios: np.ndarr
   b = np.asarray(retain_model_truth_ratios, np.float64)
   for name, x in (("truth_ratios", a), ("retain_model_truth_ratios", b)):
     if x.size == 0 or not np.all(np.isfinite(x)):
-      raise ValueError(f"{name} must be a non-empty finite array, got {x.size} values "
-                       f"({int(np.sum(~np.isfinite(x)))} non-finite)")
+      raise ValueError(
+        f"{name} must be a non-empty finite array, got {x.size} values "
+        f"({int(np.sum(~np.isfinite(x)))} non-finite)"
+      )
   return float(scipy.stats.ks_2samp(a, b).pvalue)
 
 

@@ -109,15 +109,22 @@ class FunctionModel:
 
   @functools.cached_property
   def _jitted_nll(self):
-    return jax.jit(lambda params, ids, mask, target_mask: masked_mean_nll(
-        self._call(params, ids, mask), ids, target_mask))
+    return jax.jit(
+      lambda params, ids, mask, target_mask: masked_mean_nll(
+        self._call(params, ids, mask), ids, target_mask
+      )
+    )
 
   @functools.cached_property
   def _jitted_generate(self):
     def generate(params, input_ids, attention_mask, max_new_tokens):
       batch, prompt_length = input_ids.shape
-      ids = jnp.concatenate([input_ids, jnp.zeros((batch, max_new_tokens), input_ids.dtype)], axis=1)
-      mask = jnp.concatenate([attention_mask, jnp.zeros((batch, max_new_tokens), attention_mask.dtype)], axis=1)
+      ids = jnp.concatenate(
+        [input_ids, jnp.zeros((batch, max_new_tokens), input_ids.dtype)], axis=1
+      )
+      mask = jnp.concatenate(
+        [attention_mask, jnp.zeros((batch, max_new_tokens), attention_mask.dtype)], axis=1
+      )
 
       def step(i, carry):
         ids, mask = carry
@@ -126,7 +133,8 @@ class FunctionModel:
         next_token = jnp.argmax(last, axis=-1).astype(ids.dtype)
         ids = jax.lax.dynamic_update_index_in_dim(ids, next_token, prompt_length + i, axis=1)
         mask = jax.lax.dynamic_update_index_in_dim(
-            mask, jnp.ones_like(next_token, mask.dtype), prompt_length + i, axis=1)
+          mask, jnp.ones_like(next_token, mask.dtype), prompt_length + i, axis=1
+        )
         return ids, mask
 
       ids, _ = jax.lax.fori_loop(0, max_new_tokens, step, (ids, mask))
@@ -160,17 +168,17 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _batches(order: np.ndarray, batch_size: int):
   for start in range(0, len(order), batch_size):
-    yield order[start:start + batch_size]
+    yield order[start : start + batch_size]
 
 
 def score_answers(
-    model: ScoringModel,
-    encoded: Sequence[EncodedAnswer],
-    *,
-    pad_token_id: int,
-    batch_size: int,
-    length_multiple: int,
-    progress_description: str | None = None,
+  model: ScoringModel,
+  encoded: Sequence[EncodedAnswer],
+  *,
+  pad_token_id: int,
+  batch_size: int,
+  length_multiple: int,
+  progress_description: str | None = None,
 ) -> np.ndarray:
   """Mean answer-token NLL of every encoded sequence, batched.
 
@@ -191,7 +199,9 @@ def score_answers(
   lengths = np.array([len(e.input_ids) for e in encoded])
   order = np.argsort(lengths, kind="stable")
   fused = getattr(model, "answer_nll", None)
-  bar = tqdm(total=len(encoded), desc=progress_description, disable=progress_description is None, leave=False)
+  bar = tqdm(
+    total=len(encoded), desc=progress_description, disable=progress_description is None, leave=False
+  )
   for rows in _batches(order, batch_size):
     length = _round_up(int(lengths[rows].max()), length_multiple)
     ids = np.full((batch_size, length), pad_token_id, np.int32)
@@ -199,30 +209,30 @@ def score_answers(
     target = np.zeros((batch_size, length), np.int32)
     for r, i in enumerate(rows):
       e = encoded[i]
-      ids[r, :len(e.input_ids)] = e.input_ids
-      attention[r, :len(e.input_ids)] = 1
-      target[r, e.num_prompt_tokens:len(e.input_ids)] = 1
-    ids[len(rows):], attention[len(rows):], target[len(rows):] = ids[0], attention[0], target[0]
+      ids[r, : len(e.input_ids)] = e.input_ids
+      attention[r, : len(e.input_ids)] = 1
+      target[r, e.num_prompt_tokens : len(e.input_ids)] = 1
+    ids[len(rows) :], attention[len(rows) :], target[len(rows) :] = ids[0], attention[0], target[0]
     if fused is not None:
       batch_nll = fused(ids, attention, target)
     else:
       batch_nll = _jitted_masked_mean_nll(model.logits(ids, attention), ids, target)
-    nll[rows] = np.asarray(batch_nll, np.float64)[:len(rows)]
+    nll[rows] = np.asarray(batch_nll, np.float64)[: len(rows)]
     bar.update(len(rows))
   bar.close()
   return nll
 
 
 def generate_greedy(
-    model: ScoringModel,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    pad_token_id: int,
-    batch_size: int,
-    length_multiple: int,
-    progress_description: str | None = None,
+  model: ScoringModel,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  eos_token_id: int | None,
+  pad_token_id: int,
+  batch_size: int,
+  length_multiple: int,
+  progress_description: str | None = None,
 ) -> list[list[int]]:
   """Greedy continuations of token-id prompts, cut before the first EOS.
 
@@ -239,22 +249,26 @@ def generate_greedy(
   if lengths.min() == 0:
     raise ValueError(f"prompt {int(lengths.argmin())} has no token")
   order = np.argsort(lengths, kind="stable")
-  bar = tqdm(total=len(prompts), desc=progress_description, disable=progress_description is None, leave=False)
+  bar = tqdm(
+    total=len(prompts), desc=progress_description, disable=progress_description is None, leave=False
+  )
   for rows in _batches(order, batch_size):
     length = _round_up(int(lengths[rows].max()), length_multiple)
     ids = np.full((batch_size, length), pad_token_id, np.int32)
     attention = np.zeros((batch_size, length), np.int32)
     for r, i in enumerate(rows):
-      ids[r, length - lengths[i]:] = prompts[i]
-      attention[r, length - lengths[i]:] = 1
-    ids[len(rows):], attention[len(rows):] = ids[0], attention[0]
+      ids[r, length - lengths[i] :] = prompts[i]
+      attention[r, length - lengths[i] :] = 1
+    ids[len(rows) :], attention[len(rows) :] = ids[0], attention[0]
     new_tokens = np.asarray(model.generate(ids, attention, max_new_tokens))
     if new_tokens.shape[:1] != (batch_size,) or new_tokens.ndim != 2:
-      raise ValueError(f"generate returned shape {new_tokens.shape}; expected ({batch_size}, <= {max_new_tokens})")
+      raise ValueError(
+        f"generate returned shape {new_tokens.shape}; expected ({batch_size}, <= {max_new_tokens})"
+      )
     for r, i in enumerate(rows):
       tokens = new_tokens[r].tolist()
       if eos_token_id is not None and eos_token_id in tokens:
-        tokens = tokens[:tokens.index(eos_token_id)]
+        tokens = tokens[: tokens.index(eos_token_id)]
       outputs[i] = tokens
     bar.update(len(rows))
   bar.close()

@@ -82,22 +82,35 @@ def simnpo_loss(logits: Array, batch: Any, beta: float, gamma: float = 0.0) -> A
   return _row_mean(per_row, (counts > 0).astype(jnp.float32))
 
 
-def _preference_loss(logits_preferred: Array, logits_rejected: Array,
-                     preferred_batch: Any, rejected_batch: Any, beta: float,
-                     scale: float, ref_log_ratio: Array | None = None) -> Array:
+def _preference_loss(
+  logits_preferred: Array,
+  logits_rejected: Array,
+  preferred_batch: Any,
+  rejected_batch: Any,
+  beta: float,
+  scale: float,
+  ref_log_ratio: Array | None = None,
+) -> Array:
   """``-(scale/beta) mean_b log sigmoid(beta (log_ratio_b - ref_log_ratio_b))``."""
   # log pi(preferred) - log pi(rejected) = NLL(rejected) - NLL(preferred).
   log_ratio = sequence_nll(logits_rejected, rejected_batch) - sequence_nll(
-      logits_preferred, preferred_batch)
+    logits_preferred, preferred_batch
+  )
   if ref_log_ratio is not None:
     log_ratio = log_ratio - jax.lax.stop_gradient(ref_log_ratio)
   per_row = -(scale / beta) * jax.nn.log_sigmoid(beta * log_ratio)
   return _row_mean(per_row, _valid_rows(preferred_batch, rejected_batch))
 
 
-def dpo_loss(logits_preferred: Array, logits_rejected: Array, ref_logits_preferred: Array,
-             ref_logits_rejected: Array, preferred_batch: Any, rejected_batch: Any,
-             beta: float) -> Array:
+def dpo_loss(
+  logits_preferred: Array,
+  logits_rejected: Array,
+  ref_logits_preferred: Array,
+  ref_logits_rejected: Array,
+  preferred_batch: Any,
+  rejected_batch: Any,
+  beta: float,
+) -> Array:
   """DPO for unlearning: prefer the IDK answer over the forget answer (Rafailov et al. 2023).
 
   ``L_DPO = -(2/beta) mean_b log sigmoid(beta [(log pi(w_b) - log pi(l_b))
@@ -120,12 +133,21 @@ def dpo_loss(logits_preferred: Array, logits_rejected: Array, ref_logits_preferr
   _check_beta(beta)
   if logits_preferred.shape[0] != logits_rejected.shape[0]:
     raise ValueError(
-        f"preferred and rejected batches must have the same number of rows (paired "
-        f"questions), got {logits_preferred.shape[0]} and {logits_rejected.shape[0]}")
+      f"preferred and rejected batches must have the same number of rows (paired "
+      f"questions), got {logits_preferred.shape[0]} and {logits_rejected.shape[0]}"
+    )
   ref_log_ratio = sequence_nll(ref_logits_rejected, rejected_batch) - sequence_nll(
-      ref_logits_preferred, preferred_batch)
-  return _preference_loss(logits_preferred, logits_rejected, preferred_batch, rejected_batch,
-                          beta, scale=2.0, ref_log_ratio=ref_log_ratio)
+    ref_logits_preferred, preferred_batch
+  )
+  return _preference_loss(
+    logits_preferred,
+    logits_rejected,
+    preferred_batch,
+    rejected_batch,
+    beta,
+    scale=2.0,
+    ref_log_ratio=ref_log_ratio,
+  )
 
 
 def me_loss(logits: Array, batch: Any) -> Array:

@@ -43,8 +43,9 @@ def _require(value: Any, what: str, loss: str) -> None:
     raise ValueError(f"the {loss} loss needs {what}, got None")
 
 
-def _weighted(objective: str, name: str, coeff: float, raw: Array,
-              metrics: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+def _weighted(
+  objective: str, name: str, coeff: float, raw: Array, metrics: dict[str, Array]
+) -> tuple[Array, dict[str, Array]]:
   """``coeff * raw`` and the metrics with it and ``raw`` logged (not differentiated)."""
   loss = coeff * raw
   metrics[f"{objective}/loss"] = jax.lax.stop_gradient(loss)
@@ -52,9 +53,14 @@ def _weighted(objective: str, name: str, coeff: float, raw: Array,
   return loss, metrics
 
 
-def forget_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
-                ref_params: Params | None, forget_batch: Any,
-                idk_batch: Any | None = None) -> tuple[Array, dict[str, Array]]:
+def forget_loss(
+  config: LossConfig,
+  logits_fn: LogitsFn,
+  params: Params,
+  ref_params: Params | None,
+  forget_batch: Any,
+  idk_batch: Any | None = None,
+) -> tuple[Array, dict[str, Array]]:
   """The forget objective ``forget_coeff * L_forget`` for one step.
 
   Args:
@@ -96,9 +102,15 @@ def forget_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
   elif name == "SimNPO":
     raw = simnpo_loss(logits, forget, config.beta, config.simnpo_gamma)
   elif name == "DPO":
-    raw = dpo_loss(_logits(logits_fn, params, idk), logits,
-                   _ref_logits(logits_fn, ref_params, idk),
-                   _ref_logits(logits_fn, ref_params, forget), idk, forget, config.beta)
+    raw = dpo_loss(
+      _logits(logits_fn, params, idk),
+      logits,
+      _ref_logits(logits_fn, ref_params, idk),
+      _ref_logits(logits_fn, ref_params, forget),
+      idk,
+      forget,
+      config.beta,
+    )
   elif name == "ME":
     raw = me_loss(logits, forget)
   elif name == "IDK":
@@ -109,9 +121,14 @@ def forget_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
   return _weighted("forget", name, config.forget_coeff, raw, metrics)
 
 
-def retain_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
-                ref_params: Params | None, retain_batch: Any,
-                idk_batch: Any | None = None) -> tuple[Array, dict[str, Array]]:
+def retain_loss(
+  config: LossConfig,
+  logits_fn: LogitsFn,
+  params: Params,
+  ref_params: Params | None,
+  retain_batch: Any,
+  idk_batch: Any | None = None,
+) -> tuple[Array, dict[str, Array]]:
   """The retain objective ``retain_coeff * L_retain`` for one step.
 
   Args:
@@ -133,8 +150,10 @@ def retain_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
   """
   name = config.retain
   if name is None:
-    raise ValueError(f"loss spec {config.spec!r} has no retain loss; use e.g. "
-                     f"'{config.forget}+GD' (retain losses: {', '.join(RETAIN_LOSSES)})")
+    raise ValueError(
+      f"loss spec {config.spec!r} has no retain loss; use e.g. "
+      f"'{config.forget}+GD' (retain losses: {', '.join(RETAIN_LOSSES)})"
+    )
   _require(retain_batch, "a retain batch", name)
   if name in _REFERENCE_RETAIN:
     _require(ref_params, "ref_params (a frozen reference model)", name)
@@ -143,14 +162,15 @@ def retain_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
   retain = as_batch(retain_batch)
   logits = _logits(logits_fn, params, retain)
   metrics: dict[str, Array] = {
-      "retain/nll": jax.lax.stop_gradient(mean_token_nll(logits, retain)),
-      "retain/tokens": jnp.sum(token_counts(retain)),
+    "retain/nll": jax.lax.stop_gradient(mean_token_nll(logits, retain)),
+    "retain/tokens": jnp.sum(token_counts(retain)),
   }
   if name == "GD":
     raw = gd_loss(logits, retain)
   elif name == "KL":
-    raw = kl_loss(logits, _ref_logits(logits_fn, ref_params, retain), retain,
-                  tokens=config.kl_tokens)
+    raw = kl_loss(
+      logits, _ref_logits(logits_fn, ref_params, retain), retain, tokens=config.kl_tokens
+    )
   elif name == "AP":
     idk = as_batch(idk_batch)
     raw = ap_loss(logits, _logits(logits_fn, params, idk), retain, idk, config.beta)
@@ -159,21 +179,27 @@ def retain_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
   return _weighted("retain", name, config.retain_coeff, raw, metrics)
 
 
-def combined_loss(config: LossConfig, logits_fn: LogitsFn, params: Params,
-                  ref_params: Params | None, forget_batch: Any, retain_batch: Any | None,
-                  forget_idk_batch: Any | None = None,
-                  retain_idk_batch: Any | None = None) -> tuple[Array, dict[str, Array]]:
+def combined_loss(
+  config: LossConfig,
+  logits_fn: LogitsFn,
+  params: Params,
+  ref_params: Params | None,
+  forget_batch: Any,
+  retain_batch: Any | None,
+  forget_idk_batch: Any | None = None,
+  retain_idk_batch: Any | None = None,
+) -> tuple[Array, dict[str, Array]]:
   """Joint (non-alternating) objective ``forget_coeff * L_forget + retain_coeff * L_retain``.
 
   The reference's ``alternate=false`` mode. With ``config.retain`` ``None`` it is the
   forget objective alone and ``retain_batch`` is ignored. Metrics are those of
   :func:`forget_loss` and :func:`retain_loss` plus ``loss``.
   """
-  loss, metrics = forget_loss(config, logits_fn, params, ref_params, forget_batch,
-                              forget_idk_batch)
+  loss, metrics = forget_loss(config, logits_fn, params, ref_params, forget_batch, forget_idk_batch)
   if config.retain is not None:
-    r_loss, r_metrics = retain_loss(config, logits_fn, params, ref_params, retain_batch,
-                                    retain_idk_batch)
+    r_loss, r_metrics = retain_loss(
+      config, logits_fn, params, ref_params, retain_batch, retain_idk_batch
+    )
     loss = loss + r_loss
     metrics.update(r_metrics)
   metrics["loss"] = jax.lax.stop_gradient(loss)

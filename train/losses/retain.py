@@ -25,8 +25,9 @@ def gd_loss(logits: Array, batch: Any) -> Array:
   return mean_token_nll(logits, batch)
 
 
-def kl_loss(logits: Array, ref_logits: Array, batch: Any,
-            tokens: Literal["answer", "all"] = "answer") -> Array:
+def kl_loss(
+  logits: Array, ref_logits: Array, batch: Any, tokens: Literal["answer", "all"] = "answer"
+) -> Array:
   """KL(reference || current) on the retain batch.
 
   ``L_KL = sum_{(b,t) in S} KL(p_ref_bt || p_bt) / |S|``,
@@ -51,7 +52,9 @@ def kl_loss(logits: Array, ref_logits: Array, batch: Any,
   _check_shapes(logits, labels)
   if ref_logits.shape != logits.shape:
     raise ValueError(
-        f"ref_logits shape {tuple(ref_logits.shape)} does not match logits shape {tuple(logits.shape)}")
+      f"ref_logits shape {tuple(ref_logits.shape)} does not match logits shape "
+      f"{tuple(logits.shape)}"
+    )
   if tokens == "answer":
     log_p = shifted_log_probs(logits)
     ref_log_p = jax.lax.stop_gradient(shifted_log_probs(ref_logits))
@@ -59,7 +62,8 @@ def kl_loss(logits: Array, ref_logits: Array, batch: Any,
   else:
     log_p = jax.nn.log_softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
     ref_log_p = jax.lax.stop_gradient(
-        jax.nn.log_softmax(jnp.asarray(ref_logits).astype(jnp.float32), axis=-1))
+      jax.nn.log_softmax(jnp.asarray(ref_logits).astype(jnp.float32), axis=-1)
+    )
     mask = jnp.ones(labels.shape, jnp.float32)
   ref_p = jnp.exp(ref_log_p)
   # Where q_v == 0 the term is 0 (0 log 0 = 0); the where also avoids 0 * inf = NaN when a
@@ -68,8 +72,7 @@ def kl_loss(logits: Array, ref_logits: Array, batch: Any,
   return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def ap_loss(logits: Array, idk_logits: Array, batch: Any, idk_batch: Any,
-            beta: float) -> Array:
+def ap_loss(logits: Array, idk_logits: Array, batch: Any, idk_batch: Any, beta: float) -> Array:
   """Answer preservation (Yuan et al., ICLR 2025): keep true retain answers above IDK.
 
   ``L_AP = -(1/beta) mean_b log sigmoid(beta (NLL_b(idk) - NLL_b(true)))``
@@ -91,6 +94,7 @@ def ap_loss(logits: Array, idk_logits: Array, batch: Any, idk_batch: Any,
   _check_beta(beta)
   if logits.shape[0] != idk_logits.shape[0]:
     raise ValueError(
-        f"retain and retain-IDK batches must have the same number of rows (paired "
-        f"questions), got {logits.shape[0]} and {idk_logits.shape[0]}")
+      f"retain and retain-IDK batches must have the same number of rows (paired "
+      f"questions), got {logits.shape[0]} and {idk_logits.shape[0]}"
+    )
   return _preference_loss(logits, idk_logits, batch, idk_batch, beta, scale=1.0)

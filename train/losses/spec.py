@@ -24,7 +24,9 @@ def _canonical(name: str, valid: tuple[str, ...], kind: str, spec: str | None = 
   key = name.strip().upper() if isinstance(name, str) else None
   if key not in lookup:
     where = f" in loss spec {spec!r}" if spec is not None else ""
-    raise ValueError(f"unknown {kind} loss {name!r}{where}; valid {kind} losses: {', '.join(valid)}")
+    raise ValueError(
+      f"unknown {kind} loss {name!r}{where}; valid {kind} losses: {', '.join(valid)}"
+    )
   return lookup[key]
 
 
@@ -40,11 +42,14 @@ def parse_loss_spec(spec: str) -> tuple[str, str | None]:
   """
   if not isinstance(spec, str) or not spec.strip():
     raise ValueError(
-        f"loss spec must be a string like 'NPO+GD', got {spec!r}; forget losses: "
-        f"{', '.join(FORGET_LOSSES)}; retain losses: {', '.join(RETAIN_LOSSES)}")
+      f"loss spec must be a string like 'NPO+GD', got {spec!r}; forget losses: "
+      f"{', '.join(FORGET_LOSSES)}; retain losses: {', '.join(RETAIN_LOSSES)}"
+    )
   parts = spec.split("+")
   if len(parts) > 2:
-    raise ValueError(f"loss spec {spec!r} has {len(parts)} parts; expected 'FORGET+RETAIN' or 'FORGET'")
+    raise ValueError(
+      f"loss spec {spec!r} has {len(parts)} parts; expected 'FORGET+RETAIN' or 'FORGET'"
+    )
   forget = _canonical(parts[0], FORGET_LOSSES, "forget", spec)
   retain = _canonical(parts[1], RETAIN_LOSSES, "retain", spec) if len(parts) == 2 else None
   return forget, retain
@@ -111,8 +116,9 @@ def needs_reference_model(config: LossConfig) -> bool:
   return config.forget in _REFERENCE_FORGET or config.retain in _REFERENCE_RETAIN
 
 
-def needs_idk_batch(config: LossConfig,
-                    objective: Literal["forget", "retain"] | None = None) -> bool:
+def needs_idk_batch(
+  config: LossConfig, objective: Literal["forget", "retain"] | None = None
+) -> bool:
   """Whether the losses need IDK-answer batches.
 
   Args:

@@ -59,8 +59,9 @@ def as_batch(batch: Any) -> LMBatch:
       value = getattr(batch, name, None)
     if not present:
       raise ValueError(
-          f"batch of type {type(batch).__name__} has no {name!r}; a batch needs "
-          "'input_ids', 'attention_mask' and 'labels'")
+        f"batch of type {type(batch).__name__} has no {name!r}; a batch needs "
+        "'input_ids', 'attention_mask' and 'labels'"
+      )
     fields[name] = value
   return LMBatch(**fields)
 
@@ -76,7 +77,8 @@ def _labels(batch_or_labels: Any) -> Array:
   if hasattr(batch_or_labels, "labels"):
     return batch_or_labels.labels
   raise ValueError(
-      f"expected a batch with 'labels' or a labels array, got {type(batch_or_labels).__name__}")
+    f"expected a batch with 'labels' or a labels array, got {type(batch_or_labels).__name__}"
+  )
 
 
 def labels_from_target_mask(input_ids: Array, target_mask: Array) -> Array:
@@ -87,8 +89,9 @@ def labels_from_target_mask(input_ids: Array, target_mask: Array) -> Array:
   tokens).
   """
   input_ids = jnp.asarray(input_ids)
-  return jnp.where(jnp.asarray(target_mask).astype(bool), input_ids,
-                   jnp.asarray(IGNORE_INDEX, input_ids.dtype))
+  return jnp.where(
+    jnp.asarray(target_mask).astype(bool), input_ids, jnp.asarray(IGNORE_INDEX, input_ids.dtype)
+  )
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -100,14 +103,18 @@ def _check_shapes(logits: Array, labels: Array, what: str = "logits") -> None:
     raise ValueError(f"{what} must be [B, T, V], got shape {tuple(logits.shape)}")
   if tuple(labels.shape) != tuple(logits.shape[:2]):
     raise ValueError(
-        f"labels shape {tuple(labels.shape)} does not match {what} shape "
-        f"{tuple(logits.shape)} (expected labels [B, T] = {tuple(logits.shape[:2])})")
+      f"labels shape {tuple(labels.shape)} does not match {what} shape "
+      f"{tuple(logits.shape)} (expected labels [B, T] = {tuple(logits.shape[:2])})"
+    )
   if logits.shape[1] < 2:
-    raise ValueError(f"sequences need at least 2 positions to score a next token, got T={logits.shape[1]}")
+    raise ValueError(
+      f"sequences need at least 2 positions to score a next token, got T={logits.shape[1]}"
+    )
 
 
 def shifted_log_probs(logits: Array) -> Array:
-  """Float32 log-softmax of ``logits[:, :-1]``: ``[B, T-1, V]``, row ``t`` predicts token ``t+1``."""
+  """Float32 log-softmax of ``logits[:, :-1]``: ``[B, T-1, V]``; row ``t`` predicts token
+  ``t+1``."""
   return jax.nn.log_softmax(jnp.asarray(logits)[:, :-1].astype(jnp.float32), axis=-1)
 
 

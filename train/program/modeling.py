@@ -13,32 +13,49 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 import transformers
+from flax import nnx
 
 import models
-from train.runtime import distributed
 from train.config import ModelConfig as ModelSection
+from train.runtime import distributed
 
 
-def tiny_hf_config(section: ModelSection, vocab_size: int, bos: int, eos: int, pad: int,
-                   max_positions: int = 512) -> transformers.PretrainedConfig:
+def tiny_hf_config(
+  section: ModelSection, vocab_size: int, bos: int, eos: int, pad: int, max_positions: int = 512
+) -> transformers.PretrainedConfig:
   """A small Hugging Face config of ``section.family`` (the default run's model)."""
-  common = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-                max_position_embeddings=max_positions)
+  common = dict(
+    vocab_size=vocab_size,
+    bos_token_id=bos,
+    eos_token_id=eos,
+    pad_token_id=pad,
+    max_position_embeddings=max_positions,
+  )
   d, layers, heads = section.hidden_size, section.num_layers, section.num_heads
   if section.family == "llama":
     return transformers.LlamaConfig(
-        hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=False,
-        **common)
+      hidden_size=d,
+      intermediate_size=4 * d,
+      num_hidden_layers=layers,
+      num_attention_heads=heads,
+      num_key_value_heads=heads,
+      tie_word_embeddings=False,
+      **common,
+    )
   if section.family == "phi":
     return transformers.PhiConfig(
-        hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
-        num_attention_heads=heads, partial_rotary_factor=0.5, **common)
+      hidden_size=d,
+      intermediate_size=4 * d,
+      num_hidden_layers=layers,
+      num_attention_heads=heads,
+      partial_rotary_factor=0.5,
+      **common,
+    )
   if section.family == "gpt2":
-    return transformers.GPT2Config(n_embd=d, n_layer=layers, n_head=heads,
-                                   n_positions=max_positions, **common)
+    return transformers.GPT2Config(
+      n_embd=d, n_layer=layers, n_head=heads, n_positions=max_positions, **common
+    )
   raise ValueError(f"unknown model family {section.family!r}; expected llama, phi or gpt2")
 
 
@@ -46,16 +63,22 @@ def dtype_of(name: str) -> Any:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_model(section: ModelSection, tokenizer: Any, seed: int = 0
-                ) -> tuple[models.CausalLM, models.ModelConfig]:
+def build_model(
+  section: ModelSection, tokenizer: Any, seed: int = 0
+) -> tuple[models.CausalLM, models.ModelConfig]:
   """The model of ``section``: loaded from ``section.path`` or a fresh tiny one."""
   dtype = dtype_of(section.dtype)
   if section.path is not None:
     if not os.path.isdir(section.path):
       raise FileNotFoundError(f"model.path is not a folder: {section.path}")
     return models.load_pretrained(section.path, dtype=dtype)
-  hf = tiny_hf_config(section, len(tokenizer), tokenizer.bos_token_id or 0,
-                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+  hf = tiny_hf_config(
+    section,
+    len(tokenizer),
+    tokenizer.bos_token_id or 0,
+    tokenizer.eos_token_id,
+    tokenizer.pad_token_id,
+  )
   config = models.ModelConfig.from_hf(hf, dtype=dtype)
   return models.CausalLM(config, rngs=nnx.Rngs(seed)), config
 
@@ -75,7 +98,7 @@ class FunctionalModel:
   config: models.ModelConfig
 
   @classmethod
-  def split(cls, model: models.CausalLM, config: models.ModelConfig) -> tuple["FunctionalModel", Any]:
+  def split(cls, model: models.CausalLM, config: models.ModelConfig) -> tuple[FunctionalModel, Any]:
     """``(functional_model, params)`` of ``model``."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return cls(graphdef, rest, config), params
@@ -100,9 +123,14 @@ class ScoringAdapter:
 
   def generate(self, input_ids, attention_mask, max_new_tokens):
     module = self._model.module(self._params)
-    return models.generate(module, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-                           max_new_tokens=max_new_tokens, eos_token_id=self._eos,
-                           pad_token_id=self._pad)
+    return models.generate(
+      module,
+      jnp.asarray(input_ids),
+      jnp.asarray(attention_mask),
+      max_new_tokens=max_new_tokens,
+      eos_token_id=self._eos,
+      pad_token_id=self._pad,
+    )
 
 
 def save_model(model: FunctionalModel, params: Any, path: str, tokenizer: Any) -> None:
@@ -115,4 +143,3 @@ def save_model(model: FunctionalModel, params: Any, path: str, tokenizer: Any) -
   if distributed.is_primary():
     models.save_pretrained(model.module(params), model.config, path, tokenizer=tokenizer)
   distributed.barrier(f"save_model:{path}")
-

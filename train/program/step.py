@@ -22,7 +22,8 @@ shardings and donation, see :func:`compile_steps`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,21 +50,25 @@ class StepInputs(NamedTuple):
 METRIC_NAMES = ("loss", "nll", "tokens", "grad_norm")
 
 
-def _objective_loss(config: losses.LossConfig, logits_fn: LogitsFn, params: Any,
-                    ref_params: Any, inputs: StepInputs, objective: jax.Array):
+def _objective_loss(
+  config: losses.LossConfig,
+  logits_fn: LogitsFn,
+  params: Any,
+  ref_params: Any,
+  inputs: StepInputs,
+  objective: jax.Array,
+):
   """``(loss, (nll, tokens))`` of the objective ``objective`` on ``inputs``."""
 
   def forget():
-    loss, m = losses.forget_loss(config, logits_fn, params, ref_params, inputs.answers,
-                                 inputs.idk)
+    loss, m = losses.forget_loss(config, logits_fn, params, ref_params, inputs.answers, inputs.idk)
     nll = m.get("forget/nll", jnp.float32(jnp.nan))
     return loss, (nll, m["forget/tokens"].astype(jnp.float32))
 
   def retain():
     if config.retain is None:  # forget-only spec: retain steps do nothing
       return jnp.float32(0.0), (jnp.float32(jnp.nan), jnp.float32(0.0))
-    loss, m = losses.retain_loss(config, logits_fn, params, ref_params, inputs.answers,
-                                 inputs.idk)
+    loss, m = losses.retain_loss(config, logits_fn, params, ref_params, inputs.answers, inputs.idk)
     return loss, (m["retain/nll"], m["retain/tokens"].astype(jnp.float32))
 
   return jax.lax.cond(objective == dualoptax.FORGET, forget, retain)
@@ -76,17 +81,22 @@ def _accumulate(grad_fn, micro_batches: Any, params: Any):
   def body(carry, micro):
     (loss, aux), grads = grad_fn(params, micro)
     acc_grads, acc_loss, acc_aux = carry
-    return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
-            jax.tree.map(jnp.add, acc_aux, aux)), None
+    return (
+      jax.tree.map(jnp.add, acc_grads, grads),
+      acc_loss + loss,
+      jax.tree.map(jnp.add, acc_aux, aux),
+    ), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   first = jax.tree.map(lambda x: x[0], micro_batches)
   aux_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[0][1])
-  (grads, loss, aux), _ = jax.lax.scan(
-      body, (zeros, jnp.float32(0.0), aux_zeros), micro_batches)
+  (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), aux_zeros), micro_batches)
   scale = 1.0 / num
-  return jax.tree.map(lambda g: g * scale, grads), loss * scale, jax.tree.map(
-      lambda a: a * scale, aux)
+  return (
+    jax.tree.map(lambda g: g * scale, grads),
+    loss * scale,
+    jax.tree.map(lambda a: a * scale, aux),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +110,11 @@ class TrainStep:
   def alternating(self, params, opt_state, ref_params, inputs: StepInputs, objective):
     """One step on ``objective`` (0 forget, 1 retain): ``(params, opt_state, metrics)``."""
     grad_fn = jax.value_and_grad(
-        lambda p, micro: _objective_loss(
-            self.loss_config, self.logits_fn, p, ref_params, micro, objective), has_aux=True)
+      lambda p, micro: _objective_loss(
+        self.loss_config, self.logits_fn, p, ref_params, micro, objective
+      ),
+      has_aux=True,
+    )
     grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
     updates, opt_state = self.tx.update(grads, opt_state, params, objective=objective)
     params = optax.apply_updates(params, updates)
@@ -112,24 +125,28 @@ class TrainStep:
     """One step on ``forget_coeff * L_f + retain_coeff * L_r``."""
 
     def loss_fn(p, micro):
-        f_micro, r_micro = micro
-        f_loss, (f_nll, f_tokens) = _objective_loss(
-            self.loss_config, self.logits_fn, p, ref_params, f_micro, jnp.int32(0))
-        r_loss, (r_nll, r_tokens) = _objective_loss(
-            self.loss_config, self.logits_fn, p, ref_params, r_micro, jnp.int32(1))
-        return f_loss + r_loss, (f_nll, r_nll, f_tokens + r_tokens)
+      f_micro, r_micro = micro
+      f_loss, (f_nll, f_tokens) = _objective_loss(
+        self.loss_config, self.logits_fn, p, ref_params, f_micro, jnp.int32(0)
+      )
+      r_loss, (r_nll, r_tokens) = _objective_loss(
+        self.loss_config, self.logits_fn, p, ref_params, r_micro, jnp.int32(1)
+      )
+      return f_loss + r_loss, (f_nll, r_nll, f_tokens + r_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     grads, loss, (f_nll, r_nll, tokens) = _accumulate(grad_fn, (forget, retain), params)
     # Joint steps serve both objectives; RETAIN's learning-rate ratio (1 by convention).
     updates, opt_state = self.tx.update(grads, opt_state, params, objective=dualoptax.RETAIN)
     params = optax.apply_updates(params, updates)
-    metrics = dict(loss=loss, nll=r_nll, forget_nll=f_nll, tokens=tokens,
-                   grad_norm=optax.tree.norm(grads))
+    metrics = dict(
+      loss=loss, nll=r_nll, forget_nll=f_nll, tokens=tokens, grad_norm=optax.tree.norm(grads)
+    )
     return params, opt_state, metrics
 
-  def gradient_conflict(self, params, ref_params, forget: StepInputs, retain: StepInputs,
-                        precondition: Any = None):
+  def gradient_conflict(
+    self, params, ref_params, forget: StepInputs, retain: StepInputs, precondition: Any = None
+  ):
     """Cosine between the forget and retain gradients at ``params``: total and per leaf.
 
     Args:
@@ -147,8 +164,11 @@ class TrainStep:
 
     def grads_of(inputs, objective):
       grad_fn = jax.value_and_grad(
-          lambda p, micro: _objective_loss(
-              self.loss_config, self.logits_fn, p, ref_params, micro, objective), has_aux=True)
+        lambda p, micro: _objective_loss(
+          self.loss_config, self.logits_fn, p, ref_params, micro, objective
+        ),
+        has_aux=True,
+      )
       return _accumulate(grad_fn, inputs, params)[0]
 
     g_f = grads_of(forget, jnp.int32(dualoptax.FORGET))
@@ -157,8 +177,9 @@ class TrainStep:
     if precondition is None:
       return total, per_leaf
     scale = precondition(g_f, g_r)
-    scaled_total, _ = _tree_cosine(jax.tree.map(jnp.multiply, g_f, scale),
-                                   jax.tree.map(jnp.multiply, g_r, scale))
+    scaled_total, _ = _tree_cosine(
+      jax.tree.map(jnp.multiply, g_f, scale), jax.tree.map(jnp.multiply, g_r, scale)
+    )
     return total, per_leaf, scaled_total
 
 
@@ -168,10 +189,10 @@ def _tree_cosine(a: Any, b: Any) -> tuple[jax.Array, Any]:
   sq_a = jax.tree.map(lambda x: jnp.vdot(x, x).real, a)
   sq_b = jax.tree.map(lambda x: jnp.vdot(x, x).real, b)
   tiny = jnp.finfo(jnp.float32).tiny
-  per_leaf = jax.tree.map(lambda d, x, y: d / jnp.maximum(jnp.sqrt(x * y), tiny),
-                          dot, sq_a, sq_b)
+  per_leaf = jax.tree.map(lambda d, x, y: d / jnp.maximum(jnp.sqrt(x * y), tiny), dot, sq_a, sq_b)
   total = sum(jax.tree.leaves(dot)) / jnp.maximum(
-      jnp.sqrt(sum(jax.tree.leaves(sq_a)) * sum(jax.tree.leaves(sq_b))), tiny)
+    jnp.sqrt(sum(jax.tree.leaves(sq_a)) * sum(jax.tree.leaves(sq_b))), tiny
+  )
   return total, per_leaf
 
 
@@ -182,9 +203,10 @@ def step_inputs(qa_batches: list[Any]) -> StepInputs:
   # a device would dispatch small programs that a sharded step then has to reshard.
   def lm(batches):
     return losses.LMBatch(
-        input_ids=np.stack([b.input_ids for b in batches]),
-        attention_mask=np.stack([b.attention_mask for b in batches]),
-        labels=np.stack([b.labels for b in batches]))
+      input_ids=np.stack([b.input_ids for b in batches]),
+      attention_mask=np.stack([b.attention_mask for b in batches]),
+      labels=np.stack([b.labels for b in batches]),
+    )
 
   answers = [b.answers for b in qa_batches]
   idk = [b.idk if b.idk is not None else b.answers for b in qa_batches]

@@ -11,7 +11,7 @@ leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,22 +30,24 @@ class RunCheckpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep!r}")
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "meta"),
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_names=("state", "meta"),
     )
 
   def save(self, step: int, state: Any, meta: dict[str, Any], wait: bool = True) -> None:
     """Writes checkpoint ``step``; with ``wait`` it is complete on disk when this returns."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
     if wait:
       self._manager.wait_until_finished()
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[int, Any, dict]:
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict]:
     """Restores checkpoint ``step`` (default: the latest) into ``abstract_state``'s layout.
 
     Args:
@@ -63,8 +65,10 @@ class RunCheckpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
     return step, restored.state, dict(restored.meta)
 
   def close(self) -> None:

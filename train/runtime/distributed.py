@@ -39,9 +39,11 @@ def initialize_from_env(environ: dict[str, str] | None = None) -> bool:
   # CPU processes need a cross-process collectives library (GPUs use NCCL, TPUs their ICI);
   # this setting only concerns the CPU backend, so it is harmless on accelerator hosts.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                             num_processes=int(env["JAX_NUM_PROCESSES"]),
-                             process_id=int(env["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(
+    coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+    num_processes=int(env["JAX_NUM_PROCESSES"]),
+    process_id=int(env["JAX_PROCESS_ID"]),
+  )
   return True
 
 
@@ -63,6 +65,7 @@ def barrier(name: str) -> None:
   """Waits until every process reaches ``name`` (a no-op in one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -75,4 +78,5 @@ def fetch_global(tree):
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils  # noqa: PLC0415
+
   return multihost_utils.process_allgather(tree, tiled=True)

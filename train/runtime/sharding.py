@@ -14,12 +14,13 @@ by changing the mesh sizes in the config.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from train.config import MeshConfig
 
@@ -29,18 +30,18 @@ BATCH_AXES = MESH_AXES  # the batch dimension is split over all of them
 # Logical parameter axis -> mesh axis. FSDP shards the model width; everything else is
 # replicated (add a "tensor" mesh axis and map heads / mlp / vocab to it for tensor
 # parallelism).
-LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str]], ...] = (
-    ("embed", "fsdp"),
-    ("vocab", None),
-    ("heads", None),
-    ("kv_heads", None),
-    ("mlp", None),
-    ("position", None),
-    ("head_dim", None),
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+  ("embed", "fsdp"),
+  ("vocab", None),
+  ("heads", None),
+  ("kv_heads", None),
+  ("mlp", None),
+  ("position", None),
+  ("head_dim", None),
 )
 
 
-def make_mesh(config: MeshConfig, devices: Optional[list] = None) -> Mesh:
+def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
   """A ``(data, fsdp)`` mesh over ``devices`` (default: all); -1 takes what is left."""
   devices = list(jax.devices() if devices is None else devices)
   data, fsdp = config.data, config.fsdp
@@ -51,8 +52,9 @@ def make_mesh(config: MeshConfig, devices: Optional[list] = None) -> Mesh:
   if fsdp == -1:
     fsdp = len(devices) // data
   if data * fsdp != len(devices):
-    raise ValueError(f"mesh data={config.data} x fsdp={config.fsdp} does not cover the "
-                     f"{len(devices)} devices")
+    raise ValueError(
+      f"mesh data={config.data} x fsdp={config.fsdp} does not cover the {len(devices)} devices"
+    )
   return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
 
 
@@ -70,8 +72,11 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
   """NamedShardings for an ``nnx.State`` of parameters, from their logical axis names."""
   logical = nnx.get_partition_spec(params)
   return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh)), logical, params,
-      is_leaf=lambda s: isinstance(s, P))
+    lambda spec, x: NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh)),
+    logical,
+    params,
+    is_leaf=lambda s: isinstance(s, P),
+  )
 
 
 def state_shardings(opt_state: Any, params: Any, param_sharding: Any, mesh: Mesh) -> Any:
@@ -83,8 +88,9 @@ def state_shardings(opt_state: Any, params: Any, param_sharding: Any, mesh: Mesh
   indivisible leaves are replicated.
   """
   by_path = {}
-  for (path, x), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                 jax.tree.leaves(param_sharding)):
+  for (path, x), sharding in zip(
+    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sharding)
+  ):
     by_path[jax.tree_util.keystr(path)] = (x.shape, sharding.spec)
   replicated = NamedSharding(mesh, P())
 
@@ -112,10 +118,10 @@ def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
 def place_batch(local_batch: Any, sharding: NamedSharding, axis: int = 1) -> Any:
   """Builds global batch arrays from each process's rows of them.
 
-  Every process passes its own contiguous share of the rows (``train.runtime.distributed.host_rows``)
-  as host arrays; the result holds ``process_count`` times as many rows along ``axis``,
-  placed by ``sharding`` without any process loading another's rows. In one process this
-  is a plain ``device_put`` of the whole batch.
+  Every process passes its own contiguous share of the rows
+  (``train.runtime.distributed.host_rows``) as host arrays; the result holds
+  ``process_count`` times as many rows along ``axis``, placed by ``sharding`` without any
+  process loading another's rows. In one process this is a plain ``device_put`` of the whole batch.
 
   Args:
     local_batch: A pytree of numpy arrays, this process's rows along ``axis``.

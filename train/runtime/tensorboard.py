@@ -14,7 +14,7 @@ import pathlib
 import socket
 import struct
 import time
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 _CRC_TABLE = []
 for _i in range(256):
@@ -63,8 +63,12 @@ def _event(step: int, wall_time: float, summary: bytes = b"", version: str = "")
 
 def _record(payload: bytes) -> bytes:
   length = struct.pack("<Q", len(payload))
-  return (length + struct.pack("<I", _masked_crc(length)) + payload
-          + struct.pack("<I", _masked_crc(payload)))
+  return (
+    length
+    + struct.pack("<I", _masked_crc(length))
+    + payload
+    + struct.pack("<I", _masked_crc(payload))
+  )
 
 
 class ScalarWriter:
@@ -80,8 +84,9 @@ class ScalarWriter:
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     summary = b"".join(
-        _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-        for tag, v in values.items())
+      _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
+      for tag, v in values.items()
+    )
     self._file.write(_record(_event(step, time.time(), summary)))
     self._file.flush()
 
@@ -95,11 +100,11 @@ def read_scalars(path: str | os.PathLike[str]) -> Iterator[tuple[int, str, float
   data = pathlib.Path(path).read_bytes()
   pos = 0
   while pos < len(data):
-    length_bytes = data[pos:pos + 8]
+    length_bytes = data[pos : pos + 8]
     (length,) = struct.unpack("<Q", length_bytes)
-    (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-    payload = data[pos + 12:pos + 12 + length]
-    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+    (length_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
+    payload = data[pos + 12 : pos + 12 + length]
+    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
     if length_crc != _masked_crc(length_bytes) or payload_crc != _masked_crc(payload):
       raise ValueError(f"{path}: corrupt record at byte {pos}")
     pos += 16 + length
@@ -124,12 +129,12 @@ def _fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
     if wire_type == 0:
       value, pos = _read_varint(data, pos)
     elif wire_type == 1:
-      value, pos = data[pos:pos + 8], pos + 8
+      value, pos = data[pos : pos + 8], pos + 8
     elif wire_type == 5:
-      value, pos = data[pos:pos + 4], pos + 4
+      value, pos = data[pos : pos + 4], pos + 4
     else:
       size, pos = _read_varint(data, pos)
-      value, pos = data[pos:pos + size], pos + size
+      value, pos = data[pos : pos + size], pos + size
     yield number, value
 
 
