@@ -77,7 +77,7 @@ def test_apply_overrides_keeps_the_rest():
 
 
 def test_cli_reports_bad_settings_and_accepts_overrides_without_a_command(capsys):
-  from train.run import main
+  from train.cli import main
 
   assert main(["unlearn", "optimizer.name=sgd"]) == 2
   assert "optimizer.name" in capsys.readouterr().err

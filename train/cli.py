@@ -1,0 +1,124 @@
+"""The unlearning program's command line (``python train/run.py`` or, installed,
+``dualoptax-unlearn``).
+
+    dualoptax-unlearn                            # the default experiment, self-contained
+    dualoptax-unlearn unlearn [config.yaml] [section.key=value ...]
+    dualoptax-unlearn finetune [config.yaml] [section.key=value ...]
+    dualoptax-unlearn evaluate [config.yaml] [section.key=value ...]
+
+With no arguments it generates a small fictitious-author benchmark, trains a tiny model on
+it, unlearns the forget split with Adam, DualOptim, DualOptim+ and DualOptim+ 8-bit from
+the same start, evaluates all of them and prints a comparison table (see
+``train/experiment.py``). The subcommands run one stage on any model and data:
+``model.path`` is a local Hugging Face folder (e.g. a Phi-1.5 fine-tuned on TOFU),
+``data.path`` a TOFU-format folder. Settings are described in ``train/config.py``;
+``unlearn`` resumes from the run folder's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from train.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
+
+COMMANDS = ("experiment", "finetune", "unlearn", "evaluate")
+
+
+def _tokenizer_and_data(config: RunConfig):
+  import models  # noqa: PLC0415
+  from train.data import synthetic  # noqa: PLC0415 (heavy imports)
+  from train.data import tokenizer as tokenizer_lib
+  from train.runtime import distributed  # noqa: PLC0415
+
+  data_dir = config.data.path
+  if data_dir is None:
+    data_dir = str(pathlib.Path(config.output_dir) / "data")
+    if distributed.is_primary():  # one writer; the others read it after the barrier
+      synthetic.write_synthetic_tofu(data_dir, seed=config.data.seed)
+    distributed.barrier("synthetic data")
+  if config.model.path is not None:
+    tokenizer = models.load_tokenizer(config.model.path)
+  else:
+    tokenizer = tokenizer_lib.train_tokenizer(
+      tokenizer_lib.tofu_corpus_texts(data_dir, template=config.data.template)
+    )
+  return tokenizer, data_dir
+
+
+def _stage(command: str, config: RunConfig) -> None:
+  from train import data as data_lib  # noqa: PLC0415
+  from train import program
+  from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
+  from train.runtime import distributed  # noqa: PLC0415
+
+  out = pathlib.Path(config.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if distributed.is_primary():
+    save_config(config, out / "config.yaml")
+  tokenizer, data_dir = _tokenizer_and_data(config)
+  module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
+  model, params = FunctionalModel.split(module, model_config)
+  if command == "evaluate":
+    summary = program.evaluate_params(config, model, params, tokenizer, data_dir, out / "eval")
+    print(
+      f"evaluation written to {out / 'eval'}: model utility {summary['model_utility']}, "
+      f"forget efficacy {summary['forget_efficacy']}"
+    )
+    return
+  splits = data_lib.load_unlearning_data(
+    data_dir, config.data.forget_split, config.data.task_id, retain_split=config.data.retain_split
+  )
+  loss_config = config.loss.build()
+  forget_stream, retain_stream = program.make_streams(config, splits, tokenizer, loss_config)
+  if command == "finetune":
+    params = program.finetune(
+      model, params, retain_stream, config.training.steps, config.optimizer.learning_rate
+    )
+  else:
+    result = program.unlearn(config, model, params, params, forget_stream, retain_stream, out)
+    params = result.params
+    print(
+      f"unlearned {config.training.steps} steps in {result.seconds:.1f} s; "
+      f"optimizer state {result.state_bytes:,} bytes; metrics in {out / 'metrics.jsonl'}"
+    )
+  save_model(model, params, str(out / "model"), tokenizer)
+  print(f"model written to {out / 'model'}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+    description="LLM unlearning with DualOptim+ (dualoptax).",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__,
+  )
+  parser.add_argument("command", nargs="?", default="experiment", choices=COMMANDS)
+  parser.add_argument("args", nargs="*", help="[config.yaml] then section.key=value overrides")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    argv.insert(0, "experiment")  # `run.py key=value ...` configures the default experiment
+  options = parser.parse_args(argv)
+  config_path = None
+  overrides = list(options.args)
+  if overrides and "=" not in overrides[0]:
+    config_path = overrides.pop(0)
+  try:
+    from train.runtime import distributed  # noqa: PLC0415
+
+    distributed.initialize_from_env()  # multi-host jobs; a no-op on one process
+    if options.command == "experiment":
+      from train import experiment  # noqa: PLC0415
+
+      config = (
+        load_config(config_path, overrides)
+        if config_path
+        else apply_overrides(experiment.default_config(), overrides)
+      )
+      experiment.run(config)
+    else:
+      _stage(options.command, load_config(config_path, overrides))
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
