@@ -88,9 +88,8 @@ def _jax_step(model: models.CausalLM, ids: jax.Array):
   return step
 
 
-def main() -> None:
-  args = _parse_args()
-  transformers.logging.set_verbosity_error()
+def _models(args: argparse.Namespace):
+  """A random tiny Phi in transformers (PyTorch) and the same weights in our Flax model."""
   torch.manual_seed(0)
   hf_config = transformers.PhiConfig(
     vocab_size=args.vocab,
@@ -105,24 +104,22 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     torch_model.save_pretrained(tmp)
     our_model, _ = models.load_pretrained(tmp, dtype=jnp.float32)
+  return torch_model, our_model
 
-  ids_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq))
-  steps = {
-    "transformers (PyTorch eager)": _torch_step(torch_model, torch.from_numpy(ids_np)),
-    "ours (JAX jit, Flax NNX)": _jax_step(our_model, jnp.asarray(ids_np, jnp.int32)),
-  }
-  losses = {name: step() for name, step in steps.items()}  # warm-up and compile
-  for step in steps.values():
-    step()
-  load_before = os.getloadavg()[0]
+
+def _time_alternating(steps: dict, rounds: int) -> dict[str, list[float]]:
+  """Seconds per call of each step, alternating their order every round."""
   times: dict[str, list[float]] = {name: [] for name in steps}
-  for r in range(args.rounds):
+  for r in range(rounds):
     order = list(steps) if r % 2 == 0 else list(reversed(steps))
     for name in order:
       start = time.perf_counter()
       steps[name]()
       times[name].append(time.perf_counter() - start)
+  return times
 
+
+def _report(args, losses: dict, times: dict, load_before: float) -> None:
   tokens = args.batch * args.seq
   print(f"load average (1 min) before/after timing: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
   print(
@@ -135,23 +132,38 @@ def main() -> None:
   header = ("implementation", "loss", "median ms", "tokens/s", "best ms", "tokens/s")
   widths = (30, 7, 10, 9, 8, 9)
   print(
-    " ".join(
-      f"{name:>{w}s}" if i else f"{name:{w}s}" for i, (name, w) in enumerate(zip(header, widths))
-    )
+    " ".join(f"{h:>{w}s}" if i else f"{h:{w}s}" for i, (h, w) in enumerate(zip(header, widths)))
   )
   medians = {name: statistics.median(t) for name, t in times.items()}
   bests = {name: min(t) for name, t in times.items()}
-  for name in steps:
+  for name in times:
     median, best = medians[name], bests[name]
     print(
       f"{name:30s} {losses[name]:7.4f} {1e3 * median:10.1f} {tokens / median:9.0f} "
       f"{1e3 * best:8.1f} {tokens / best:9.0f}"
     )
-  torch_name, ours_name = list(steps)
+  torch_name, ours_name = list(times)
   print(
     f"ratio ours / PyTorch tokens/s: median {medians[torch_name] / medians[ours_name]:.2f}x, "
     f"best {bests[torch_name] / bests[ours_name]:.2f}x"
   )
+
+
+def main() -> None:
+  args = _parse_args()
+  transformers.logging.set_verbosity_error()
+  torch_model, our_model = _models(args)
+  ids_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq))
+  steps = {
+    "transformers (PyTorch eager)": _torch_step(torch_model, torch.from_numpy(ids_np)),
+    "ours (JAX jit, Flax NNX)": _jax_step(our_model, jnp.asarray(ids_np, jnp.int32)),
+  }
+  losses = {name: step() for name, step in steps.items()}  # warm-up and compile
+  for step in steps.values():
+    step()
+  load_before = os.getloadavg()[0]
+  times = _time_alternating(steps, args.rounds)
+  _report(args, losses, times, load_before)
 
 
 if __name__ == "__main__":
