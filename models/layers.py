@@ -311,8 +311,8 @@ def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm with scale and bias, statistics in float32 (like torch)."""
+class _ScaledNorm(nnx.Module):
+  """What both norms hold: `eps`, the compute dtype and a per-feature scale (ones)."""
 
   def __init__(
     self,
@@ -327,6 +327,15 @@ class LayerNorm(nnx.Module):
     self.eps = eps
     self.dtype = dtype
     self.scale = param(rngs, nnx.initializers.ones, (features,), param_dtype, axes)
+
+
+class LayerNorm(_ScaledNorm):
+  """LayerNorm with scale and bias, statistics in float32 (like torch)."""
+
+  def __init__(self, features: int, eps: float, **kwargs: Any):
+    super().__init__(features, eps, **kwargs)
+    axes = kwargs.get("axes", (sharding.EMBED,))
+    param_dtype, rngs = kwargs["param_dtype"], kwargs["rngs"]
     self.bias = param(rngs, nnx.initializers.zeros, (features,), param_dtype, axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -339,22 +348,8 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(_ScaledNorm):
   """Llama RMSNorm: normalise in float32, cast, then multiply by the scale."""
-
-  def __init__(
-    self,
-    features: int,
-    eps: float,
-    *,
-    dtype: Any,
-    param_dtype: Any,
-    rngs: nnx.Rngs,
-    axes: AxisNames = (sharding.EMBED,),
-  ):
-    self.eps = eps
-    self.dtype = dtype
-    self.scale = param(rngs, nnx.initializers.ones, (features,), param_dtype, axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
