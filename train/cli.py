@@ -26,30 +26,8 @@ from train.config import ConfigError, RunConfig, apply_overrides, load_config, s
 COMMANDS = ("experiment", "finetune", "unlearn", "evaluate")
 
 
-def _tokenizer_and_data(config: RunConfig):
-  import models  # noqa: PLC0415
-  from train.data import synthetic  # noqa: PLC0415 (heavy imports)
-  from train.data import tokenizer as tokenizer_lib
-  from train.runtime import distributed  # noqa: PLC0415
-
-  data_dir = config.data.path
-  if data_dir is None:
-    data_dir = str(pathlib.Path(config.output_dir) / "data")
-    if distributed.is_primary():  # one writer; the others read it after the barrier
-      synthetic.write_synthetic_tofu(data_dir, seed=config.data.seed)
-    distributed.barrier("synthetic data")
-  if config.model.path is not None:
-    tokenizer = models.load_tokenizer(config.model.path)
-  else:
-    tokenizer = tokenizer_lib.train_tokenizer(
-      tokenizer_lib.tofu_corpus_texts(data_dir, template=config.data.template)
-    )
-  return tokenizer, data_dir
-
-
 def _stage(command: str, config: RunConfig) -> None:
-  from train import data as data_lib  # noqa: PLC0415
-  from train import program
+  from train import program  # noqa: PLC0415 (heavy imports)
   from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
   from train.runtime import distributed  # noqa: PLC0415
 
@@ -57,7 +35,7 @@ def _stage(command: str, config: RunConfig) -> None:
   out.mkdir(parents=True, exist_ok=True)
   if distributed.is_primary():
     save_config(config, out / "config.yaml")
-  tokenizer, data_dir = _tokenizer_and_data(config)
+  tokenizer, data_dir = program.prepare_data(config)
   module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
   model, params = FunctionalModel.split(module, model_config)
   if command == "evaluate":
@@ -67,9 +45,7 @@ def _stage(command: str, config: RunConfig) -> None:
       f"forget efficacy {summary['forget_efficacy']}"
     )
     return
-  splits = data_lib.load_unlearning_data(
-    data_dir, config.data.forget_split, config.data.task_id, retain_split=config.data.retain_split
-  )
+  splits = program.load_splits(config, data_dir)
   loss_config = config.loss.build()
   forget_stream, retain_stream = program.make_streams(config, splits, tokenizer, loss_config)
   if command == "finetune":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -84,19 +85,32 @@ class OptimizerConfig:
   warmup_steps: int = 0
 
   def validate(self, key: str) -> None:
+    """Builds the optimizer: dualoptax checks the hyperparameters it uses (fields that the
+    named optimizer does not use, e.g. Adam's ``base_b1``, are not checked).
+
+    Raises:
+      ConfigError: naming ``<key>.<field>`` and the bad value.
+    """
     _one_of(f"{key}.name", self.name, OPTIMIZERS)
-    _one_of(f"{key}.state_bits", self.state_bits, (8, 32))
-    for name in ("learning_rate", "forget_lr_ratio", "retain_lr_ratio", "eps", "weight_decay"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)!r}")
-    for name in ("b1", "b2", "base_b1", "base_b2"):
-      if not 0 <= getattr(self, name) < 1:
-        raise ConfigError(f"{key}.{name} must be in [0, 1), got {getattr(self, name)!r}")
-    if self.forget_steps < 0 or self.retain_steps < 0 or self.forget_steps + self.retain_steps == 0:
-      raise ConfigError(
-        f"{key}.forget_steps and {key}.retain_steps must be >= 0 and not both 0, got "
-        f"{self.forget_steps!r} and {self.retain_steps!r}"
-      )
+    from train.program.optimizer import make_optimizer  # noqa: PLC0415 (it imports this module)
+
+    try:
+      # Without warmup the learning rate is a number, which dualoptax can check (it cannot
+      # look inside a schedule).
+      make_optimizer(dataclasses.replace(self, warmup_steps=0))
+    except ValueError as e:
+      raise ConfigError(f"{key}.{_field_named_in(self, str(e))}: {e}") from e
+
+
+def _field_named_in(config: Any, message: str) -> str:
+  """The field of ``config`` that ``message`` names first (whole words only, so that
+  ``b1`` is not read inside ``base_b1``); ``"?"`` if none."""
+  found = {}
+  for field in dataclasses.fields(config):
+    match = re.search(rf"(?<![A-Za-z0-9_]){field.name}(?![A-Za-z0-9_])", message)
+    if match:
+      found[match.start()] = field.name
+  return found[min(found)] if found else "?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +145,6 @@ class TrainingConfig:
   diagnostics_every: int = 10  # both objectives' gradients at the same params, every N
   checkpoint_every: int = 20
   keep_checkpoints: int = 2
-  log_every: int = 1
   seed: int = 0
 
   def validate(self, key: str) -> None:
@@ -139,14 +152,7 @@ class TrainingConfig:
     _positive(
       key,
       self,
-      (
-        "steps",
-        "grad_accum",
-        "diagnostics_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "log_every",
-      ),
+      ("steps", "grad_accum", "diagnostics_every", "checkpoint_every", "keep_checkpoints"),
     )
 
 

@@ -18,11 +18,9 @@ from typing import Any
 
 import jax
 
-from train import data as data_lib
 from train import program, report
 from train.config import RunConfig, save_config
-from train.data import synthetic, tofu
-from train.data import tokenizer as tokenizer_lib
+from train.data import tofu
 from train.program.modeling import FunctionalModel, build_model, save_model
 
 # (label, optimizer overrides, training overrides) of the compared runs.
@@ -61,26 +59,12 @@ def _variant_config(config: RunConfig, optimizer: dict, training: dict) -> RunCo
   )
 
 
-def run(config: RunConfig, finetune_steps: int = 600, finetune_lr: float = 3e-3) -> dict[str, Any]:
-  """Runs the whole experiment under ``config.output_dir``; returns the report rows."""
-  out = pathlib.Path(config.output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  save_config(config, out / "config.yaml")
-  began = time.perf_counter()
+def _finetune_target_and_oracle(config, model, init_params, splits, tokenizer, data_dir, steps, lr):
+  """The TARGET (fine-tuned on every fact) and the ORACLE (never saw the forget split).
 
-  data_dir = config.data.path or synthetic.write_synthetic_tofu(out / "data", seed=config.data.seed)
-  tokenizer = tokenizer_lib.train_tokenizer(
-    tokenizer_lib.tofu_corpus_texts(data_dir, template=config.data.template), vocab_size=1024
-  )
-  splits = data_lib.load_unlearning_data(data_dir, config.data.forget_split, config.data.task_id)
-  print(f"data: {len(splits.forget)} forget / {len(splits.retain)} retain questions in {data_dir}")
-
-  loss_config = config.loss.build()
-  module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
-  model, init_params = FunctionalModel.split(module, model_config)
-
-  # The real-knowledge control facts stand in for what a pretrained model already knows:
-  # both models learn them, and unlearning should leave them alone.
+  Both also learn the real-knowledge control facts, which stand in for what a pretrained
+  model already knows: unlearning should leave them alone.
+  """
   control = tuple(
     item
     for name in ("real_authors_perturbed", "world_facts_perturbed")
@@ -88,41 +72,72 @@ def run(config: RunConfig, finetune_steps: int = 600, finetune_lr: float = 3e-3)
       pathlib.Path(data_dir) / f"{name}.json", required_keys=tofu.OPTION_KEYS
     )
   )
-  # Target: every fact. Oracle: never saw the forget split.
-  everything = dataclasses.replace(splits, retain=splits.retain + splits.forget + control)
-  _, all_stream = program.make_streams(config, everything, tokenizer, loss_config)
-  target = program.finetune(model, init_params, all_stream, finetune_steps, finetune_lr, "target")
-  without_forget = dataclasses.replace(splits, retain=splits.retain + control)
-  _, oracle_stream = program.make_streams(config, without_forget, tokenizer, loss_config)
-  oracle = program.finetune(
-    model, init_params, oracle_stream, finetune_steps, finetune_lr, "oracle"
-  )
-  save_model(model, target, str(out / "target_model"), tokenizer)
+
+  def finetune(retain, desc):  # plain NLL training on the retain stream of these facts
+    facts = dataclasses.replace(splits, retain=retain)
+    _, stream = program.make_streams(config, facts, tokenizer, config.loss.build())
+    return program.finetune(model, init_params, stream, steps, lr, desc)
+
+  target = finetune(splits.retain + splits.forget + control, "target")
+  return target, finetune(splits.retain + control, "oracle")
+
+
+def _evaluate_start(config, model, target, oracle, tokenizer, data_dir):
+  """The report rows of the target and the oracle, and the oracle's per-item file (the
+  retain reference of forget quality)."""
+  out = pathlib.Path(config.output_dir) / "eval"
   oracle_summary = program.evaluate_params(
-    config, model, oracle, tokenizer, data_dir, out / "eval" / "oracle"
+    config, model, oracle, tokenizer, data_dir, out / "oracle"
   )
-  reference = str(out / "eval" / "oracle" / "tofu_eval_items.json")
+  reference = str(out / "oracle" / "tofu_eval_items.json")
   target_summary = program.evaluate_params(
-    config, model, target, tokenizer, data_dir, out / "eval" / "target", reference
+    config, model, target, tokenizer, data_dir, out / "target", reference
   )
   rows = [
     report.row("target (before unlearning)", target_summary),
     report.row("oracle (retain only)", oracle_summary),
   ]
+  return rows, reference
+
+
+def _unlearn_variant(config, label, model, target, splits, tokenizer, data_dir, reference):
+  """Unlearns ``target`` with one variant's config and evaluates the result: its report row
+  and its metrics history."""
+  run_dir = pathlib.Path(config.output_dir) / "unlearn"
+  run_dir = run_dir / label.replace(" ", "_").replace("(", "").replace(")", "")
+  run_dir.mkdir(parents=True, exist_ok=True)
+  streams = program.make_streams(config, splits, tokenizer, config.loss.build())
+  result = program.unlearn(config, model, target, target, *streams, run_dir, resume=False)
+  summary = program.evaluate_params(
+    config, model, result.params, tokenizer, data_dir, run_dir / "eval", reference
+  )
+  row = report.row(label, summary, seconds=result.seconds, state_bytes=result.state_bytes)
+  return row, result.history
+
+
+def run(config: RunConfig, finetune_steps: int = 600, finetune_lr: float = 3e-3) -> dict[str, Any]:
+  """Runs the whole experiment under ``config.output_dir``; returns the report rows."""
+  out = pathlib.Path(config.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  save_config(config, out / "config.yaml")
+  began = time.perf_counter()
+  tokenizer, data_dir = program.prepare_data(config)
+  splits = program.load_splits(config, data_dir)
+  print(f"data: {len(splits.forget)} forget / {len(splits.retain)} retain questions in {data_dir}")
+  module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
+  model, init_params = FunctionalModel.split(module, model_config)
+  target, oracle = _finetune_target_and_oracle(
+    config, model, init_params, splits, tokenizer, data_dir, finetune_steps, finetune_lr
+  )
+  save_model(model, target, str(out / "target_model"), tokenizer)
+  rows, reference = _evaluate_start(config, model, target, oracle, tokenizer, data_dir)
   histories = {}
   for label, optimizer, training in VARIANTS:
     variant = _variant_config(config, optimizer, training)
-    run_dir = out / "unlearn" / label.replace(" ", "_").replace("(", "").replace(")", "")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    forget_stream, retain_stream = program.make_streams(variant, splits, tokenizer, loss_config)
-    result = program.unlearn(
-      variant, model, target, target, forget_stream, retain_stream, run_dir, resume=False
+    row, histories[label] = _unlearn_variant(
+      variant, label, model, target, splits, tokenizer, data_dir, reference
     )
-    summary = program.evaluate_params(
-      variant, model, result.params, tokenizer, data_dir, run_dir / "eval", reference
-    )
-    rows.append(report.row(label, summary, seconds=result.seconds, state_bytes=result.state_bytes))
-    histories[label] = result.history
+    rows.append(row)
   report_path = report.write(out, rows, histories)
   print(report.markdown(rows))
   print(

@@ -7,6 +7,8 @@ from typing import Any
 
 import matplotlib
 
+from dualoptax import FORGET, RETAIN
+
 matplotlib.use("Agg")  # files only; no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -52,21 +54,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _save(fig: Any, path: pathlib.Path) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _plot_losses(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for label, history in histories.items():
-    for ax, objective, key in ((axes[0], 0, "loss"), (axes[1], 1, "nll")):
+    for ax, objective, key in ((axes[0], FORGET, "loss"), (axes[1], RETAIN, "nll")):
+      # A joint step (objective -1) serves both objectives.
       points = [(h["step"], h[key]) for h in history if h["objective"] in (objective, -1)]
-      if label.startswith("adam") and objective == 0:
+      if label.startswith("adam") and objective == FORGET:
         points = [(h["step"], h["forget_nll"]) for h in history if "forget_nll" in h]
       if points:
         ax.plot(*zip(*points), label=label)
   axes[0].set(title="forget objective (loss; Adam: forget NLL)", xlabel="step")
   axes[1].set(title="retain NLL", xlabel="step")
   axes[0].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _plot_conflict(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
@@ -81,9 +88,7 @@ def _plot_conflict(histories: dict[str, list[dict]], path: pathlib.Path) -> None
   ax.axhline(0.0, color="black", linewidth=0.5)
   ax.set(title="forget vs retain cosine similarity", xlabel="step", ylabel="cosine")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _plot_tradeoff(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
@@ -93,9 +98,7 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
       ax.scatter(r["model utility"], r["forget efficacy"], s=40)
       ax.annotate(r["model"], (r["model utility"], r["forget efficacy"]), fontsize=8)
   ax.set(xlabel="model utility", ylabel="forget efficacy", title="unlearning trade-off")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def write(

@@ -1,8 +1,10 @@
 """Unlearning training data: splits, masking, shuffling, the samplers' schedule and resumption."""
 
+import dataclasses
 import itertools
 import json
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -38,10 +40,14 @@ def assert_batches_equal(a: data.QABatch, b: data.QABatch):
         np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
 
 
-def test_objective_ids_agree_with_the_optimizer():
-  import dualoptax  # only here: the data pipeline itself does not import JAX
+def test_objective_ids_are_the_optimizers():
+  import dualoptax
 
   assert (data.FORGET, data.RETAIN) == (dualoptax.FORGET, dualoptax.RETAIN)
+  # train.data re-exports dualoptax's ids: nothing under train/ assigns its own.
+  assignment = re.compile(r"^\s*(FORGET|RETAIN)\b[ \t\w,]*=(?!=)", re.MULTILINE)
+  train_dir = pathlib.Path(data.__file__).parents[1]
+  assert [p for p in train_dir.rglob("*.py") if assignment.search(p.read_text())] == []
 
 
 # --- Splits ------------------------------------------------------------------------------
@@ -177,6 +183,31 @@ def test_idk_batch_has_the_same_questions_row_by_row(splits, trained_tokenizer):
     )
   again, _ = make_streams(splits, trained_tokenizer)
   assert_batches_equal(next(again), batch)
+
+
+def test_batch_streams_give_idk_answers_and_rows_where_asked(splits, trained_tokenizer):
+  tokenization, batching = data.TokenizationConfig("phi"), data.BatchingConfig(4, seed=0)
+  full = data.make_batch_streams(splits, trained_tokenizer, tokenization, batching)
+  assert [s.stream_id for s in full] == [data.FORGET, data.RETAIN]
+  assert next(full[0]).idk is not None and next(full[1]).idk is None  # by default
+  half = data.make_batch_streams(
+    splits,
+    trained_tokenizer,
+    tokenization,
+    batching,
+    forget_with_idk=False,
+    retain_with_idk=True,
+    rows=slice(2, 4),
+  )
+  forget, retain = next(half[0]), next(half[1])
+  assert forget.idk is None and retain.idk is not None
+  # A host's rows are those rows of the global batch.
+  np.testing.assert_array_equal(
+    retain.answers.item_indices, full[1].batch_at(data.StreamPosition()).answers.item_indices[2:]
+  )
+  no_idk = dataclasses.replace(splits, idk_answers=())
+  with pytest.raises(ValueError, match="with_idk=True but the dataset has no IDK answers"):
+    data.make_batch_streams(no_idk, trained_tokenizer, tokenization, batching)
 
 
 def test_a_stream_without_idk_answers_fails_clearly(splits, trained_tokenizer):

@@ -12,8 +12,10 @@ Three layers, each usable alone:
    on prompt and padding tokens. A :class:`QABatch` may carry the same questions with IDK
    answers (for the IDK, DPO and AP losses), row by row.
 3. **Samplers.** :class:`BatchStream` walks a dataset in seeded, epoch-wise reshuffled
-   batches forever. :class:`AlternatingSampler` draws ``F_f`` forget batches then ``F_r``
-   retain batches, the optimizer's schedule (step ``s`` is a forget step iff
+   batches forever; :func:`make_batch_streams` makes a run's forget and retain streams
+   (IDK answers for either, a host's rows of every batch). :class:`AlternatingSampler`
+   draws ``F_f`` forget batches then ``F_r`` retain batches, the optimizer's schedule
+   (:func:`dualoptax.scheduled_objective`: step ``s`` is a forget step iff
    ``s mod (F_f + F_r) < F_f``); :class:`JointSampler` draws one of each per step. Both
    expose a small :class:`SamplerState` that restores them exactly, for resuming.
 
@@ -26,7 +28,7 @@ the logits at position ``t - 1``. ``labels[:, 0]`` is always ``-100`` (the BOS /
 prompt token is never predicted).
 """
 
-from dualoptax.objectives import FORGET, RETAIN
+from dualoptax import FORGET, RETAIN
 from train.data.batches import (
   IGNORE_INDEX,
   QABatch,
@@ -35,13 +37,7 @@ from train.data.batches import (
   TokenizedQA,
   collate,
 )
-from train.data.samplers import (
-  AlternatingSampler,
-  JointSampler,
-  SamplerState,
-  make_batch_streams,
-  scheduled_objective,
-)
+from train.data.samplers import AlternatingSampler, JointSampler, SamplerState
 from train.data.splits import (
   FALLBACK_RETAIN_SPLIT,
   IDK_FILE_NAME,
@@ -52,7 +48,7 @@ from train.data.splits import (
   load_unlearning_data,
   resolve_retain_split,
 )
-from train.data.streams import BatchingConfig, BatchStream, StreamPosition
+from train.data.streams import BatchingConfig, BatchStream, StreamPosition, make_batch_streams
 
 __all__ = [
   "FALLBACK_RETAIN_SPLIT",
@@ -78,5 +74,4 @@ __all__ = [
   "load_unlearning_data",
   "make_batch_streams",
   "resolve_retain_split",
-  "scheduled_objective",
 ]

@@ -8,12 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
-from dualoptax.objectives import FORGET, RETAIN
-from train.data.batches import QABatch, QADataset, TokenizationConfig
-from train.data.splits import TofuSplits
-from train.data.streams import BatchingConfig, BatchStream, StreamPosition
+from dualoptax import FORGET, scheduled_objective
+from train.data.batches import QABatch
+from train.data.streams import BatchStream, StreamPosition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +60,6 @@ class SamplerState:
       StreamPosition(values["forget_epoch"], values["forget_offset"]),
       StreamPosition(values["retain_epoch"], values["retain_offset"]),
     )
-
-
-def scheduled_objective(step: int, forget_steps: int, retain_steps: int) -> int:
-  """:data:`FORGET` if ``step mod (forget_steps + retain_steps) < forget_steps``, else
-  :data:`RETAIN`."""
-  return FORGET if step % (forget_steps + retain_steps) < forget_steps else RETAIN
 
 
 class _TwoStreamSampler:
@@ -156,8 +148,8 @@ class AlternatingSampler(_TwoStreamSampler):
     super().__init__(forget, retain, state)
 
   def objective_at(self, step: int) -> int:
-    """The objective of step ``step``."""
-    return scheduled_objective(step, self.forget_steps, self.retain_steps)
+    """The objective of step ``step`` (a Python int), by :func:`dualoptax.scheduled_objective`."""
+    return int(scheduled_objective(step, (self.forget_steps, self.retain_steps)))
 
   def __next__(self) -> tuple[int, QABatch]:
     objective = self.objective_at(self.step)
@@ -184,35 +176,3 @@ class JointSampler(_TwoStreamSampler):
     batches = next(self.forget), next(self.retain)
     self.step += 1
     return batches
-
-
-def make_batch_streams(
-  splits: TofuSplits,
-  tokenizer: PreTrainedTokenizerBase,
-  tokenization: TokenizationConfig,
-  forget_batching: BatchingConfig,
-  retain_batching: BatchingConfig | None = None,
-  *,
-  forget_with_idk: bool = True,
-) -> tuple[BatchStream, BatchStream]:
-  """The forget and retain streams of a run.
-
-  Args:
-    splits: From :func:`load_unlearning_data`.
-    tokenizer: The model's tokenizer.
-    tokenization: Template, lengths and padding.
-    forget_batching: Batch size and seed of the forget stream.
-    retain_batching: The same for the retain stream; ``None`` uses ``forget_batching``
-      (the two are still shuffled differently: their ``stream_id`` differ).
-    forget_with_idk: Give forget batches IDK answers (for the IDK, DPO and AP losses);
-      needs ``splits.idk_answers``.
-
-  Returns:
-    ``(forget_stream, retain_stream)``, with ``stream_id`` :data:`FORGET` and :data:`RETAIN`.
-  """
-  forget = QADataset(splits.forget, tokenizer, tokenization, idk_answers=splits.idk_answers)
-  retain = QADataset(splits.retain, tokenizer, tokenization)
-  return (
-    BatchStream(forget, forget_batching, stream_id=FORGET, with_idk=forget_with_idk),
-    BatchStream(retain, retain_batching or forget_batching, stream_id=RETAIN),
-  )

@@ -53,6 +53,15 @@ def complement_retain_split(forget_split: str) -> str:
   return f"retain{100 - int(match.group(1)):02d}"
 
 
+def _files_named(data_dir: str, prefix: str) -> list[str]:
+  """The files of ``data_dir`` whose names start with ``prefix``, sorted (for messages)."""
+  return (
+    sorted(f for f in os.listdir(data_dir) if f.startswith(prefix))
+    if os.path.isdir(data_dir)
+    else []
+  )
+
+
 def resolve_retain_split(
   data_dir: str | os.PathLike[str], forget_split: str, retain_split: str | None = None
 ) -> str:
@@ -79,14 +88,10 @@ def resolve_retain_split(
   for candidate in candidates:
     if os.path.isfile(os.path.join(data_dir, f"{candidate}.json")):
       return candidate
-  present = (
-    sorted(f for f in os.listdir(data_dir) if f.startswith("retain"))
-    if os.path.isdir(data_dir)
-    else []
-  )
   raise FileNotFoundError(
     f"no retain split {' or '.join(map(repr, candidates))} in {data_dir!r} "
-    f"(for forget_split={forget_split!r}); retain files present: {present}"
+    f"(for forget_split={forget_split!r}); retain files present: "
+    f"{_files_named(data_dir, 'retain')}"
   )
 
 
@@ -147,13 +152,9 @@ def load_unlearning_data(
   retain_split = resolve_retain_split(data_dir, forget_split, retain_split)
   forget_path = os.path.join(data_dir, f"{forget_split}.json")
   if not os.path.isfile(forget_path):
-    present = (
-      sorted(f for f in os.listdir(data_dir) if f.startswith("forget"))
-      if os.path.isdir(data_dir)
-      else []
-    )
     raise FileNotFoundError(
-      f"no forget split {forget_split!r} ({forget_path}); forget files present: {present}"
+      f"no forget split {forget_split!r} ({forget_path}); forget files present: "
+      f"{_files_named(data_dir, 'forget')}"
     )
   forget = tuple(tofu.load_tofu(forget_path, task_id=task_id))
   retain = tuple(tofu.load_tofu(os.path.join(data_dir, f"{retain_split}.json")))

@@ -1,4 +1,5 @@
-"""Batch streams: a dataset walked in seeded, epoch-wise reshuffled batches forever."""
+"""Batch streams: a dataset walked in seeded, epoch-wise reshuffled batches forever, and the
+forget and retain streams of a run."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
-from train.data.batches import QABatch, QADataset
+from dualoptax import FORGET, RETAIN
+from train.data.batches import QABatch, QADataset, TokenizationConfig
+from train.data.splits import TofuSplits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,3 +177,50 @@ class BatchStream:
       else StreamPosition(epoch, offset)
     )
     return batch
+
+
+def make_batch_streams(
+  splits: TofuSplits,
+  tokenizer: PreTrainedTokenizerBase,
+  tokenization: TokenizationConfig,
+  forget_batching: BatchingConfig,
+  retain_batching: BatchingConfig | None = None,
+  *,
+  forget_with_idk: bool = True,
+  retain_with_idk: bool = False,
+  rows: slice | None = None,
+) -> tuple[BatchStream, BatchStream]:
+  """The forget and retain streams of a run.
+
+  Args:
+    splits: From :func:`~train.data.load_unlearning_data`.
+    tokenizer: The model's tokenizer.
+    tokenization: Template, lengths and padding.
+    forget_batching: Batch size and seed of the forget stream.
+    retain_batching: The same for the retain stream; ``None`` uses ``forget_batching``
+      (the two are still shuffled differently: their ``stream_id`` differ).
+    forget_with_idk: Give forget batches IDK answers (for the IDK, DPO and AP forget
+      losses); needs ``splits.idk_answers``.
+    retain_with_idk: The same for retain batches (for a retain loss on IDK answers).
+    rows: Collate only these rows of every batch of both streams: a host's share in a
+      multi-process run (``train.runtime.distributed.host_rows``); ``None`` keeps all.
+
+  Returns:
+    ``(forget_stream, retain_stream)``, with ``stream_id`` :data:`FORGET` and :data:`RETAIN`.
+
+  Raises:
+    ValueError: IDK answers requested but ``splits`` has none, or bad batching or rows.
+  """
+  idk = splits.idk_answers
+  forget = QADataset(splits.forget, tokenizer, tokenization, idk_answers=idk)
+  retain = QADataset(splits.retain, tokenizer, tokenization, idk_answers=idk)
+  return (
+    BatchStream(forget, forget_batching, stream_id=FORGET, with_idk=forget_with_idk, rows=rows),
+    BatchStream(
+      retain,
+      retain_batching or forget_batching,
+      stream_id=RETAIN,
+      with_idk=retain_with_idk,
+      rows=rows,
+    ),
+  )

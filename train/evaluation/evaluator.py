@@ -217,6 +217,127 @@ def _required_keys(role: str) -> tuple[str, ...]:
   return tofu.PARAPHRASE_KEYS if role in _PARAPHRASE_ROLES else tofu.OPTION_KEYS
 
 
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  if pad_id is None:
+    raise ValueError(
+      "the tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token"
+    )
+  return pad_id
+
+
+def _load_items(spec: EvalSetSpec, config: EvalConfig) -> tuple[tofu.TofuItem, ...]:
+  items = tuple(
+    tofu.load_tofu(
+      spec.path,
+      required_keys=_required_keys(spec.role),
+      task_id=spec.task_id,
+      max_items=config.max_items,
+    )
+  )
+  if not items:
+    raise ValueError(f"set {spec.name!r} has no item to evaluate (max_items={config.max_items})")
+  return items
+
+
+def _scored_answers(item: tofu.TofuItem, paraphrase_based: bool) -> list[str]:
+  """An item's answers to score, in order: true, paraphrased (forget / retain), perturbed."""
+  return [
+    item.answer,
+    *([item.paraphrased_answer] if paraphrase_based else []),
+    *item.perturbed_answers,
+  ]
+
+
+def _answer_nlls(
+  model: ScoringModel,
+  tokenizer: PreTrainedTokenizerBase,
+  spec: EvalSetSpec,
+  items: Sequence[tofu.TofuItem],
+  prompts: Sequence[str],
+  config: EvalConfig,
+  pad_id: int,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, ...]]:
+  """Scores every answer of every item in one flat pass.
+
+  Returns:
+    The NLLs of the true answers, of the paraphrased ones (``None`` unless forget / retain)
+    and of each item's perturbed answers.
+  """
+  paraphrase_based = spec.role in _PARAPHRASE_ROLES
+  answers = [_scored_answers(item, paraphrase_based) for item in items]
+  encoded = [
+    encode_answer(
+      tokenizer, prompts[k], text, append_eos=config.append_eos, max_length=config.max_length
+    )
+    for k, texts in enumerate(answers)
+    for text in texts
+  ]
+  num_truncated = sum(e.truncated for e in encoded)
+  if num_truncated:
+    warnings.warn(
+      f"set {spec.name!r}: {num_truncated} of {len(encoded)} scored sequences were cut to "
+      f"max_length={config.max_length} tokens",
+      stacklevel=3,  # the caller of evaluate_set
+    )
+  flat_nll = score_answers(
+    model,
+    encoded,
+    pad_token_id=pad_id,
+    batch_size=config.batch_size,
+    length_multiple=config.length_multiple,
+    progress_description=f"{spec.name}: scoring" if config.show_progress else None,
+  )
+  starts = np.cumsum([0] + [len(texts) for texts in answers])
+  per_item = [flat_nll[start:end] for start, end in zip(starts[:-1], starts[1:])]
+  num_true = 2 if paraphrase_based else 1  # answers before the perturbed ones
+  return (
+    np.array([nll[0] for nll in per_item]),
+    np.array([nll[1] for nll in per_item]) if paraphrase_based else None,
+    tuple(nll[num_true:] for nll in per_item),
+  )
+
+
+def _generations(
+  model: ScoringModel,
+  tokenizer: PreTrainedTokenizerBase,
+  spec: EvalSetSpec,
+  prompts: Sequence[str],
+  config: EvalConfig,
+  pad_id: int,
+) -> tuple[str, ...]:
+  """Greedy generations, decoded and stripped."""
+  new_tokens = generate_greedy(
+    model,
+    [encode_prompt(tokenizer, p) for p in prompts],
+    max_new_tokens=config.max_new_tokens,
+    eos_token_id=tokenizer.eos_token_id,
+    pad_token_id=pad_id,
+    batch_size=config.batch_size,
+    length_multiple=config.length_multiple,
+    progress_description=f"{spec.name}: generating" if config.show_progress else None,
+  )
+  return tuple(tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens)
+
+
+def _extra_term_values(
+  terms: Sequence[GenerationScorer], generations: Sequence[str], items: Sequence[tofu.TofuItem]
+) -> dict[str, np.ndarray]:
+  """Each pluggable term's per-item values, checked to be one value in [0, 1] per item."""
+  answers = [item.answer for item in items]
+  questions = [item.question for item in items]
+  extra = {}
+  for term in terms:
+    values = np.asarray(term(generations, answers, questions), np.float64)
+    if values.shape != (len(items),) or np.any(values < 0) or np.any(values > 1):
+      raise ValueError(
+        f"term {term.name!r} must return {len(items)} values in [0, 1], got shape "
+        f"{values.shape} with range [{values.min(initial=0)}, {values.max(initial=0)}]"
+      )
+    extra[term.name] = values
+  return extra
+
+
 def evaluate_set(
   model: ScoringModel | Callable[..., Any],
   tokenizer: PreTrainedTokenizerBase,
@@ -229,74 +350,23 @@ def evaluate_set(
   """Scores and generates on one set (see :func:`evaluate`)."""
   model = as_scoring_model(model)
   template = get_prompt_template(template)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  if pad_id is None:
-    raise ValueError(
-      "the tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token"
-    )
-  items = tuple(
-    tofu.load_tofu(
-      spec.path,
-      required_keys=_required_keys(spec.role),
-      task_id=spec.task_id,
-      max_items=config.max_items,
-    )
-  )
-  if not items:
-    raise ValueError(f"set {spec.name!r} has no item to evaluate (max_items={config.max_items})")
+  pad_id = _pad_token_id(tokenizer)
+  items = _load_items(spec, config)
   prompts = [template.prompt(item.question) for item in items]
-  paraphrase_based = spec.role in _PARAPHRASE_ROLES
-
-  # Every answer to score, flattened: (item, kind, j).
-  texts: list[tuple[int, str]] = []
-  for k, item in enumerate(items):
-    texts.append((k, item.answer))
-    if paraphrase_based:
-      texts.append((k, item.paraphrased_answer))
-    texts.extend((k, p) for p in item.perturbed_answers)
-  encoded = [
-    encode_answer(
-      tokenizer, prompts[k], text, append_eos=config.append_eos, max_length=config.max_length
-    )
-    for k, text in texts
-  ]
-  num_truncated = sum(e.truncated for e in encoded)
-  if num_truncated:
-    warnings.warn(
-      f"set {spec.name!r}: {num_truncated} of {len(encoded)} scored sequences were cut to "
-      f"max_length={config.max_length} tokens",
-      stacklevel=2,
-    )
-  flat_nll = score_answers(
-    model,
-    encoded,
-    pad_token_id=pad_id,
-    batch_size=config.batch_size,
-    length_multiple=config.length_multiple,
-    progress_description=f"{spec.name}: scoring" if config.show_progress else None,
+  nll_answer, nll_paraphrased, nll_perturbed = _answer_nlls(
+    model, tokenizer, spec, items, prompts, config, pad_id
   )
-
-  nll_answer, nll_paraphrased, nll_perturbed = [], [], []
-  position = 0
-  for item in items:
-    nll_answer.append(flat_nll[position])
-    position += 1
-    if paraphrase_based:
-      nll_paraphrased.append(flat_nll[position])
-      position += 1
-    nll_perturbed.append(flat_nll[position : position + len(item.perturbed_answers)])
-    position += len(item.perturbed_answers)
-  nll_answer_array = np.array(nll_answer)
-  nll_base = np.array(nll_paraphrased) if paraphrase_based else nll_answer_array
+  # Real authors / world facts have no paraphrase: the truth ratio uses the true answer.
+  nll_base = nll_answer if nll_paraphrased is None else nll_paraphrased
   ratios = np.array(
     [metrics.truth_ratio(nll_base[k : k + 1], p[None])[0] for k, p in enumerate(nll_perturbed)]
   )
-  if paraphrase_based:
-    prob = metrics.probability(nll_answer_array)
+  if nll_paraphrased is not None:
+    prob = metrics.probability(nll_answer)
   else:
     prob = np.array(
       [
-        metrics.normalized_probability(nll_answer_array[k : k + 1], p[None])[0]
+        metrics.normalized_probability(nll_answer[k : k + 1], p[None])[0]
         for k, p in enumerate(nll_perturbed)
       ]
     )
@@ -304,37 +374,18 @@ def evaluate_set(
   generations = rouge = None
   extra: dict[str, np.ndarray] = {}
   if config.generate:
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    new_tokens = generate_greedy(
-      model,
-      prompt_ids,
-      max_new_tokens=config.max_new_tokens,
-      eos_token_id=tokenizer.eos_token_id,
-      pad_token_id=pad_id,
-      batch_size=config.batch_size,
-      length_multiple=config.length_multiple,
-      progress_description=f"{spec.name}: generating" if config.show_progress else None,
-    )
-    generations = tuple(tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens)
-    answers = [item.answer for item in items]
-    rouge = metrics.rouge_l_recall(generations, answers)
-    for term in extra_terms:
-      values = np.asarray(term(generations, answers, [item.question for item in items]), np.float64)
-      if values.shape != (len(items),) or np.any(values < 0) or np.any(values > 1):
-        raise ValueError(
-          f"term {term.name!r} must return {len(items)} values in [0, 1], got shape "
-          f"{values.shape} with range [{values.min(initial=0)}, {values.max(initial=0)}]"
-        )
-      extra[term.name] = values
+    generations = _generations(model, tokenizer, spec, prompts, config, pad_id)
+    rouge = metrics.rouge_l_recall(generations, [item.answer for item in items])
+    extra = _extra_term_values(extra_terms, generations, items)
   elif extra_terms:
     raise ValueError("forget-efficacy terms need generations; set EvalConfig(generate=True)")
 
   return SetResult(
     spec=spec,
     items=items,
-    nll_answer=nll_answer_array,
-    nll_paraphrased=np.array(nll_paraphrased) if paraphrase_based else None,
-    nll_perturbed=tuple(nll_perturbed),
+    nll_answer=nll_answer,
+    nll_paraphrased=nll_paraphrased,
+    nll_perturbed=nll_perturbed,
     probability=prob,
     truth_ratio=ratios,
     generations=generations,
@@ -434,23 +485,13 @@ def _only_set_of_role(
   return matches[0]
 
 
-def summarize(
-  results: dict[str, SetResult],
-  *,
-  retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
-  config: EvalConfig | None = None,
-  template: PromptTemplate | None = None,
+def _forget_quality(
+  forget: SetResult | None,
+  retain_reference: str | os.PathLike[str] | np.ndarray | None,
+  notes: list[str],
 ) -> dict[str, Any]:
-  """The summary JSON object: per-set scores and the aggregates (see :func:`evaluate`)."""
-  notes: list[str] = []
-  summary: dict[str, Any] = {
-    "format": SUMMARY_FORMAT,
-    "sets": {name: r.summary() for name, r in results.items()},
-  }
-  forget = _only_set_of_role(results, "forget", notes)
-
-  quality = reference_name = None
-  num_reference = None
+  """The summary's forget-quality fields (``None`` without a forget set or a reference)."""
+  quality = reference_name = num_reference = None
   if retain_reference is None:
     notes.append("forget quality needs a retain model's per-item file (retain_reference)")
   elif forget is not None:
@@ -466,13 +507,17 @@ def summarize(
         f"forget quality compares {forget.truth_ratio.size} items with {reference.size} "
         "reference items"
       )
-  summary.update(
-    forget_quality=quality,
-    forget_quality_reference=reference_name,
-    forget_quality_num_reference_items=num_reference,
-  )
+  return {
+    "forget_quality": quality,
+    "forget_quality_reference": reference_name,
+    "forget_quality_num_reference_items": num_reference,
+  }
 
-  utility_terms: dict[str, float] = {}
+
+def _model_utility(results: dict[str, SetResult], notes: list[str]) -> dict[str, Any]:
+  """The summary's model-utility fields: the harmonic mean of every utility set's metrics
+  (``None`` unless each utility role has one set and ROUGE-L was computed)."""
+  terms: dict[str, float] = {}
   utility = None
   utility_sets = [_only_set_of_role(results, role, notes) for role in UTILITY_ROLES]
   if all(s is not None for s in utility_sets):
@@ -480,30 +525,53 @@ def summarize(
       scores = s.summary()
       for metric in UTILITY_METRICS:
         if scores[metric] is not None:
-          utility_terms[f"{s.spec.role}.{metric}"] = scores[metric]
-    if len(utility_terms) == len(UTILITY_ROLES) * len(UTILITY_METRICS):
-      utility = metrics.model_utility(utility_terms)
+          terms[f"{s.spec.role}.{metric}"] = scores[metric]
+    if len(terms) == len(UTILITY_ROLES) * len(UTILITY_METRICS):
+      utility = metrics.model_utility(terms)
     else:
       notes.append("model utility needs ROUGE-L (EvalConfig(generate=True))")
-  summary.update(model_utility=utility, model_utility_terms=utility_terms)
+  return {"model_utility": utility, "model_utility_terms": terms}
 
-  efficacy_terms: dict[str, float] = {}
+
+def _forget_efficacy(forget: SetResult | None) -> dict[str, Any]:
+  """The summary's forget-efficacy fields (``None`` without a forget set)."""
+  terms: dict[str, float] = {}
   efficacy = None
   if forget is not None:
     scores = forget.summary()
-    efficacy_terms["forget.probability"] = scores["probability"]
+    terms["forget.probability"] = scores["probability"]
     if scores["rouge_l_recall"] is not None:
-      efficacy_terms["forget.rouge_l_recall"] = scores["rouge_l_recall"]
-    efficacy_terms["1 - forget.truth_ratio"] = 1.0 - scores["truth_ratio"]
-    efficacy_terms.update({f"forget.{name}": scores[name] for name in forget.extra})
-    efficacy = metrics.forget_efficacy(efficacy_terms)
-  summary.update(
-    forget_efficacy=efficacy,
-    forget_efficacy_terms=efficacy_terms,
-    forget_efficacy_terms_not_used=[
+      terms["forget.rouge_l_recall"] = scores["rouge_l_recall"]
+    terms["1 - forget.truth_ratio"] = 1.0 - scores["truth_ratio"]
+    terms.update({f"forget.{name}": scores[name] for name in forget.extra})
+    efficacy = metrics.forget_efficacy(terms)
+  return {
+    "forget_efficacy": efficacy,
+    "forget_efficacy_terms": terms,
+    "forget_efficacy_terms_not_used": [
       t for t in PAPER_ONLY_FORGET_TERMS if forget is None or t not in forget.extra
     ],
-  )
+  }
+
+
+def summarize(
+  results: dict[str, SetResult],
+  *,
+  retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
+  config: EvalConfig | None = None,
+  template: PromptTemplate | None = None,
+) -> dict[str, Any]:
+  """The summary JSON object: per-set scores and the aggregates (see :func:`evaluate`)."""
+  notes: list[str] = []
+  summary: dict[str, Any] = {
+    "format": SUMMARY_FORMAT,
+    "sets": {name: r.summary() for name, r in results.items()},
+  }
+  forget = _only_set_of_role(results, "forget", notes)
+  summary.update(_forget_quality(forget, retain_reference, notes))
+  summary.update(_model_utility(results, notes))
+  summary.update(_forget_efficacy(forget))
+  efficacy, utility = summary["forget_efficacy"], summary["model_utility"]
   summary["ranking_score"] = (
     None if efficacy is None or utility is None else metrics.ranking_score(efficacy, utility)
   )

@@ -26,7 +26,6 @@ answer's tokens given the question and p̃ = exp(−ℓ̄).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -136,8 +135,3 @@ def forget_efficacy(knowledge_scores: dict[str, float]) -> float:
 def ranking_score(forget_efficacy_value: float, model_utility_value: float) -> float:
   """(forget efficacy + model utility) / 2."""
   return (forget_efficacy_value + model_utility_value) / 2.0
-
-
-def finite_or_none(x: float | None) -> float | None:
-  """``x`` as a float, or ``None`` when missing or not finite (for JSON)."""
-  return None if x is None or not math.isfinite(x) else float(x)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -166,9 +166,21 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def _batches(order: np.ndarray, batch_size: int):
+def _length_sorted_batches(
+  lengths: np.ndarray, batch_size: int, length_multiple: int, progress_description: str | None
+) -> Iterator[tuple[np.ndarray, int]]:
+  """``(rows, padded_length)`` per batch of at most ``batch_size`` rows, shortest rows first
+  (fewer pad tokens and distinct shapes), with a progress bar when ``progress_description``
+  is given."""
+  order = np.argsort(lengths, kind="stable")
+  bar = tqdm(
+    total=len(lengths), desc=progress_description, disable=progress_description is None, leave=False
+  )
   for start in range(0, len(order), batch_size):
-    yield order[start : start + batch_size]
+    rows = order[start : start + batch_size]
+    yield rows, _round_up(int(lengths[rows].max()), length_multiple)
+    bar.update(len(rows))
+  bar.close()
 
 
 def score_answers(
@@ -197,13 +209,10 @@ def score_answers(
   if not encoded:
     return nll
   lengths = np.array([len(e.input_ids) for e in encoded])
-  order = np.argsort(lengths, kind="stable")
   fused = getattr(model, "answer_nll", None)
-  bar = tqdm(
-    total=len(encoded), desc=progress_description, disable=progress_description is None, leave=False
-  )
-  for rows in _batches(order, batch_size):
-    length = _round_up(int(lengths[rows].max()), length_multiple)
+  for rows, length in _length_sorted_batches(
+    lengths, batch_size, length_multiple, progress_description
+  ):
     ids = np.full((batch_size, length), pad_token_id, np.int32)
     attention = np.zeros((batch_size, length), np.int32)
     target = np.zeros((batch_size, length), np.int32)
@@ -218,8 +227,6 @@ def score_answers(
     else:
       batch_nll = _jitted_masked_mean_nll(model.logits(ids, attention), ids, target)
     nll[rows] = np.asarray(batch_nll, np.float64)[: len(rows)]
-    bar.update(len(rows))
-  bar.close()
   return nll
 
 
@@ -248,12 +255,9 @@ def generate_greedy(
   lengths = np.array([len(p) for p in prompts])
   if lengths.min() == 0:
     raise ValueError(f"prompt {int(lengths.argmin())} has no token")
-  order = np.argsort(lengths, kind="stable")
-  bar = tqdm(
-    total=len(prompts), desc=progress_description, disable=progress_description is None, leave=False
-  )
-  for rows in _batches(order, batch_size):
-    length = _round_up(int(lengths[rows].max()), length_multiple)
+  for rows, length in _length_sorted_batches(
+    lengths, batch_size, length_multiple, progress_description
+  ):
     ids = np.full((batch_size, length), pad_token_id, np.int32)
     attention = np.zeros((batch_size, length), np.int32)
     for r, i in enumerate(rows):
@@ -270,6 +274,4 @@ def generate_greedy(
       if eos_token_id is not None and eos_token_id in tokens:
         tokens = tokens[: tokens.index(eos_token_id)]
       outputs[i] = tokens
-    bar.update(len(rows))
-  bar.close()
   return outputs
