@@ -5,10 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 import dualoptax
 from train import losses
-from train.program.step import StepInputs, TrainStep
+from train.config import OptimizerConfig
+from train.program.optimizer import make_optimizer
+from train.program.step import StepInputs, StepShardings, TrainStep, compile_steps
 
 V, T, B = 11, 6, 4
 
@@ -130,3 +134,32 @@ def test_step_compiler_options_are_accepted_by_this_backend():
     assert options is None
   add_one = jax.jit(lambda x: x + 1, donate_argnums=0, compiler_options=options)
   np.testing.assert_array_equal(add_one(jnp.ones(3)), 2.0)
+
+
+@pytest.mark.parametrize("name, alternating", [("adam", False), ("dualoptim_plus", True)])
+def test_compile_steps_jits_the_step_functions(name, alternating):
+  """The compiled steps compute what the step functions compute; Adam's conflict adds its
+  update cosine, DualOptim+ has its own diagnostics."""
+  config = OptimizerConfig(name=name, learning_rate=1e-2)
+  step = _step(make_optimizer(config))
+  replicated = NamedSharding(
+    jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec()
+  )
+  shardings = StepShardings(replicated, replicated, replicated, replicated)
+  compiled = compile_steps(step, shardings, config, alternating=alternating)
+  params = _params()
+  batch = (_inputs(1), jnp.int32(dualoptax.FORGET)) if alternating else (_inputs(1), _inputs(2))
+  pure = step.alternating if alternating else step.joint
+  expected = pure(params, step.tx.init(params), params, *batch)
+  got = compiled.train(jax.tree.map(jnp.copy, params), step.tx.init(params), params, *batch)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  opt_state = got[1]
+  conflict = compiled.conflict(got[0], params, _inputs(3), _inputs(4), opt_state)
+  total, _ = step.gradient_conflict(got[0], params, _inputs(3), _inputs(4))
+  np.testing.assert_allclose(conflict[0], total, rtol=1e-5)
+  assert len(conflict) == (3 if name == "adam" else 2)
+  if name == "adam":
+    assert compiled.diagnostics is None
+  else:
+    assert set(compiled.diagnostics(opt_state)) == {"update_cosine", "preconditioned_cosine"}

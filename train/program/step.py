@@ -15,8 +15,8 @@ Gradient accumulation: every batch array has a leading micro-batch axis of size
 The conflict diagnostics step computes BOTH objectives' gradients at the same parameters
 and reports their cosine similarity, over all parameters and per leaf.
 
-Everything here is a pure function to be wrapped in ``jax.jit`` by the caller (with
-shardings and donation, see :func:`compile_steps`).
+The step functions are pure; :func:`compile_steps` wraps them in ``jax.jit`` with the
+run's shardings, donation and compiler options.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ import optax
 
 import dualoptax
 from train import losses
+from train.config import OptimizerConfig
+from train.program.optimizer import adam_preconditioner, optimizer_diagnostics_fn
+from train.runtime.compiler import step_compiler_options
 
 LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -44,10 +47,6 @@ class StepInputs(NamedTuple):
 
   answers: losses.LMBatch
   idk: losses.LMBatch
-
-
-# Per-step metrics with the same structure in both objectives' branches (lax.cond needs it).
-METRIC_NAMES = ("loss", "nll", "tokens", "grad_norm")
 
 
 def _objective_loss(
@@ -211,3 +210,82 @@ def step_inputs(qa_batches: list[Any]) -> StepInputs:
   answers = [b.answers for b in qa_batches]
   idk = [b.idk if b.idk is not None else b.answers for b in qa_batches]
   return StepInputs(answers=lm(answers), idk=lm(idk))
+
+
+class StepShardings(NamedTuple):
+  """Where a step's arguments and results live on the mesh.
+
+  Attributes:
+    params: The parameters' shardings (a tree like them; also the reference model's).
+    opt_state: The optimizer state's shardings (a tree like it).
+    batch: The sharding of every ``[grad_accum, B, T]`` batch array.
+    replicated: A replicated sharding (scalars: the objective, metrics, cosines).
+  """
+
+  params: Any
+  opt_state: Any
+  batch: jax.sharding.Sharding
+  replicated: jax.sharding.Sharding
+
+  def inputs(self) -> StepInputs:
+    """The shardings of one objective's :class:`StepInputs`."""
+    lm = losses.LMBatch(self.batch, self.batch, self.batch)
+    return StepInputs(answers=lm, idk=lm)
+
+
+class CompiledSteps(NamedTuple):
+  """A run's jitted programs (each compiles on its first call).
+
+  Attributes:
+    train: ``(params, opt_state, ref_params, *batch) -> (params, opt_state, metrics)``,
+      donating ``params`` and ``opt_state``; ``batch`` is ``(inputs, objective)`` in the
+      alternating mode and ``(forget_inputs, retain_inputs)`` in the joint one.
+    conflict: ``(params, ref_params, forget, retain, opt_state) -> (cosine, per_leaf)``
+      (:meth:`TrainStep.gradient_conflict`), plus Adam's update cosine for Adam.
+    diagnostics: ``opt_state -> {name: cosine}``, the optimizer's own update cosines, or
+      None for an optimizer without them.
+  """
+
+  train: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
+  conflict: Callable[..., tuple[Any, ...]]
+  diagnostics: Callable[[Any], dict[str, jax.Array]] | None
+
+
+def compile_steps(
+  steps: TrainStep, shardings: StepShardings, optimizer: OptimizerConfig, *, alternating: bool
+) -> CompiledSteps:
+  """Wraps ``steps`` in ``jax.jit`` with ``shardings``: one program per function.
+
+  Args:
+    steps: The run's step functions (``steps.tx`` is the optimizer ``optimizer`` describes).
+    shardings: Where the arguments live; results are laid out the same way.
+    optimizer: The optimizer's config (Adam's conflict diagnostic reads its state through
+      it, and DualOptim(+) have their own update cosines).
+    alternating: Compile :meth:`TrainStep.alternating` (else :meth:`TrainStep.joint`).
+
+  Returns:
+    The jitted train step (with the XLA:CPU options of :mod:`train.runtime.compiler`),
+    conflict diagnostic and optimizer diagnostics.
+  """
+  inputs, replicated = shardings.inputs(), shardings.replicated
+  batch = (inputs, replicated) if alternating else (inputs, inputs)
+  train = jax.jit(
+    steps.alternating if alternating else steps.joint,
+    donate_argnums=(0, 1),
+    in_shardings=(shardings.params, shardings.opt_state, shardings.params, *batch),
+    out_shardings=(shardings.params, shardings.opt_state, replicated),
+    compiler_options=step_compiler_options(),
+  )
+  adam = optimizer.name == "adam"  # Adam's update terms: both gradients through its one nu
+
+  def conflict(params, ref_params, forget, retain, opt_state):
+    precondition = adam_preconditioner(optimizer, opt_state) if adam else None
+    return steps.gradient_conflict(params, ref_params, forget, retain, precondition)
+
+  conflict_fn = jax.jit(
+    conflict,
+    in_shardings=(shardings.params, shardings.params, inputs, inputs, shardings.opt_state),
+    out_shardings=replicated,
+  )
+  diagnostics = optimizer_diagnostics_fn(optimizer, out_shardings=replicated)
+  return CompiledSteps(train, conflict_fn, diagnostics)

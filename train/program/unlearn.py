@@ -1,10 +1,16 @@
 """The unlearning stage: the configured optimizer and losses on the mesh, with checkpoints,
-exact resumption, metric logs and conflict diagnostics."""
+exact resumption, metric logs and conflict diagnostics.
+
+:func:`unlearn` is the loop; each of its pieces is a function or class of its own here:
+placing the state on the mesh (:func:`place_on_mesh`), the compiled steps
+(:func:`train.program.step.compile_steps`), the batches of each step (:class:`StepBatches`),
+resuming (:func:`restore`), the diagnostics record (:func:`diagnostics_record`) and the
+metric logs (:class:`train.runtime.metrics.MetricsLogger`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from typing import Any
@@ -16,16 +22,14 @@ from tqdm.auto import tqdm
 
 import dualoptax
 from train import data as data_lib
-from train import losses
-from train.config import RunConfig
+from train.config import MeshConfig, RunConfig, TrainingConfig
 from train.program import step as step_lib
 from train.program.modeling import FunctionalModel
-from train.program.optimizer import adam_preconditioner, make_optimizer, optimizer_diagnostics_fn
+from train.program.optimizer import make_optimizer
 from train.runtime import distributed
 from train.runtime import sharding as sharding_lib
 from train.runtime.checkpointing import RunCheckpointer
-from train.runtime.compiler import step_compiler_options
-from train.runtime.tensorboard import ScalarWriter
+from train.runtime.metrics import MetricsLogger
 
 
 @dataclasses.dataclass
@@ -49,142 +53,187 @@ def unlearn(
 ) -> UnlearnResult:
   """Unlearns with the configured optimizer and losses; checkpoints and resumes exactly.
 
-  Writes ``metrics.jsonl`` (one line per logged step) and checkpoints under ``run_dir``.
+  Writes ``metrics.jsonl`` (one line per logged step), TensorBoard scalars under
+  ``tensorboard/`` and checkpoints under ``run_dir``.
   """
   opt_config, train_config = config.optimizer, config.training
-  loss_config = config.loss.build()
   tx = make_optimizer(opt_config)
   # The step donates params and state: work on a copy so the caller's (often the target,
   # also the reference model) stay alive.
   params = jax.tree.map(jnp.copy, params)
-  opt_state = tx.init(params)
-  steps = step_lib.TrainStep(model.logits, tx, loss_config)
-  alternating = train_config.mode == "alternating"
-  sampler_cls = data_lib.AlternatingSampler if alternating else data_lib.JointSampler
-  sampler_kwargs = (
-    dict(forget_steps=opt_config.forget_steps, retain_steps=opt_config.retain_steps)
-    if alternating
-    else {}
+  shardings, params, ref_params, opt_state = place_on_mesh(
+    config.mesh, params, ref_params, tx.init(params)
   )
-  sampler = sampler_cls(forget_stream, retain_stream, **sampler_kwargs)
-  # Place everything on the mesh by the logical-axis rules; compile once with those layouts.
-  mesh = sharding_lib.make_mesh(config.mesh)
-  param_sh = sharding_lib.param_shardings(params, mesh)
-  state_sh = sharding_lib.state_shardings(opt_state, params, param_sh, mesh)
-  batch_sh = sharding_lib.batch_sharding(mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params, opt_state = jax.device_put(params, param_sh), jax.device_put(opt_state, state_sh)
-  ref_params = jax.device_put(ref_params, param_sh)
+  steps = step_lib.TrainStep(model.logits, tx, config.loss.build())
+  compiled = step_lib.compile_steps(
+    steps, shardings, opt_config, alternating=train_config.mode == "alternating"
+  )
+  batches = StepBatches(make_sampler(config, forget_stream, retain_stream), shardings, train_config)
   checkpointer = RunCheckpointer(run_dir / "checkpoints", train_config.keep_checkpoints)
   start = 0
   if resume and checkpointer.latest_step() is not None:
-    # Restoring into the placed state reads each host's shards straight into place.
-    start, state, meta = checkpointer.restore({"params": params, "opt_state": opt_state})
-    params, opt_state = state["params"], state["opt_state"]
-    sampler.restore(data_lib.SamplerState.from_dict(meta["sampler"]))
-  inputs_sh = step_lib.StepInputs(*(losses.LMBatch(batch_sh, batch_sh, batch_sh),) * 2)
-  batch_args = (inputs_sh, replicated) if alternating else (inputs_sh, inputs_sh)
-  train_fn = jax.jit(
-    steps.alternating if alternating else steps.joint,
-    donate_argnums=(0, 1),
-    in_shardings=(param_sh, state_sh, param_sh, *batch_args),
-    out_shardings=(param_sh, state_sh, replicated),
-    compiler_options=step_compiler_options(),
-  )
-  adam = opt_config.name == "adam"  # Adam's update terms: both gradients through its one nu
-
-  def conflict(params, ref_params, forget, retain, opt_state):
-    precondition = adam_preconditioner(opt_config, opt_state) if adam else None
-    return steps.gradient_conflict(params, ref_params, forget, retain, precondition)
-
-  conflict_fn = jax.jit(
-    conflict,
-    in_shardings=(param_sh, param_sh, inputs_sh, inputs_sh, state_sh),
-    out_shardings=replicated,
-  )
-  diagnostics_fn = optimizer_diagnostics_fn(opt_config, out_shardings=replicated)
-
-  def inputs(qa_batches):  # this host's rows -> one global array per field, on the mesh
-    return sharding_lib.place_batch(step_lib.step_inputs(qa_batches), batch_sh)
-
-  primary = distributed.is_primary()  # one process writes the run's logs
-  metrics_path = run_dir / "metrics.jsonl"
-  if primary and metrics_path.exists():  # drop what a killed run logged after its last checkpoint
-    kept = [
-      line
-      for line in metrics_path.read_text().splitlines()
-      if line and json.loads(line)["step"] <= start
-    ]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
-  history: list[dict[str, Any]] = []
-  tensorboard = ScalarWriter(run_dir / "tensorboard") if primary else None
+    start, params, opt_state = restore(checkpointer, params, opt_state, batches.sampler)
+  logger = MetricsLogger(run_dir, start_step=start, write=distributed.is_primary())
   began = time.perf_counter()
-  progress = tqdm(
-    range(start, train_config.steps),
-    desc=f"unlearn ({opt_config.name})",
-    leave=False,
-    mininterval=1.0,
-    disable=not primary,
-  )
-  extra = train_config.grad_accum - 1  # micro-batches beyond the sampler's one per step
+  progress = _progress(start, train_config.steps, opt_config.name)
   for step in progress:
-    if alternating:
-      objective, qa = next(sampler)
-      stream = forget_stream if objective == data_lib.FORGET else retain_stream
-      micro = [qa] + [next(stream) for _ in range(extra)]
-      params, opt_state, metrics = train_fn(
-        params,
-        opt_state,
-        ref_params,
-        inputs(micro),
-        jax.device_put(np.int32(objective), replicated),
-      )
-    else:
-      objective = -1
-      forget_qa, retain_qa = next(sampler)
-      forget_micro = [forget_qa] + [next(forget_stream) for _ in range(extra)]
-      retain_micro = [retain_qa] + [next(retain_stream) for _ in range(extra)]
-      params, opt_state, metrics = train_fn(
-        params, opt_state, ref_params, inputs(forget_micro), inputs(retain_micro)
-      )
-    record = {
-      "step": step + 1,
-      "objective": int(objective),
-      **{k: float(v) for k, v in metrics.items()},
-    }
+    objective, batch = batches.next()
+    params, opt_state, metrics = compiled.train(params, opt_state, ref_params, *batch)
+    record = {"step": step + 1, "objective": objective, **{k: float(v) for k, v in metrics.items()}}
     if (step + 1) % train_config.diagnostics_every == 0:
-      f_batch = forget_stream.batch_at(forget_stream.position)
-      r_batch = retain_stream.batch_at(retain_stream.position)
-      cosine, per_leaf, *adam_cosine = conflict_fn(
-        params, ref_params, inputs([f_batch]), inputs([r_batch]), opt_state
-      )
-      record["gradient_cosine"] = float(cosine)
-      if adam_cosine:
-        record["update_cosine"] = float(adam_cosine[0])
-      if diagnostics_fn is not None:
-        record.update({k: float(v) for k, v in diagnostics_fn(opt_state).items()})
-      record["gradient_cosine_per_leaf"] = {
-        jax.tree_util.keystr(path): float(value)
-        for path, value in jax.tree_util.tree_flatten_with_path(per_leaf)[0]
-      }
-    history.append(record)
-    if primary:
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-      tensorboard.scalars(
-        step + 1, {k: v for k, v in record.items() if isinstance(v, float) and k != "step"}
-      )
+      record.update(diagnostics_record(compiled, batches, params, ref_params, opt_state))
+    logger.log(record)
     progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
     if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == train_config.steps:
-      checkpointer.save(
-        step + 1,
-        {"params": params, "opt_state": opt_state},
-        {"sampler": sampler.state.to_dict(), "optimizer": opt_config.name},
-      )
+      meta = {"sampler": batches.sampler.state.to_dict(), "optimizer": opt_config.name}
+      checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, meta)
   checkpointer.close()
-  if tensorboard is not None:
-    tensorboard.close()
+  logger.close()
   jax.block_until_ready(params)
+  seconds = time.perf_counter() - began
   return UnlearnResult(
-    params, opt_state, history, time.perf_counter() - began, dualoptax.state_nbytes(opt_state)
+    params, opt_state, logger.history, seconds, dualoptax.state_nbytes(opt_state)
+  )
+
+
+def place_on_mesh(
+  mesh_config: MeshConfig, params: Any, ref_params: Any, opt_state: Any
+) -> tuple[step_lib.StepShardings, Any, Any, Any]:
+  """Lays out a run's arrays on the configured mesh by the logical-axis rules.
+
+  Returns:
+    ``(shardings, params, ref_params, opt_state)``: the step's shardings (see
+    :mod:`train.runtime.sharding`) and the arrays placed by them.
+  """
+  mesh = sharding_lib.make_mesh(mesh_config)
+  param_sh = sharding_lib.param_shardings(params, mesh)
+  shardings = step_lib.StepShardings(
+    params=param_sh,
+    opt_state=sharding_lib.state_shardings(opt_state, params, param_sh, mesh),
+    batch=sharding_lib.batch_sharding(mesh),
+    replicated=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  params, opt_state = (
+    jax.device_put(params, param_sh),
+    jax.device_put(opt_state, shardings.opt_state),
+  )
+  return shardings, params, jax.device_put(ref_params, param_sh), opt_state
+
+
+def make_sampler(
+  config: RunConfig, forget_stream: data_lib.BatchStream, retain_stream: data_lib.BatchStream
+) -> data_lib.AlternatingSampler | data_lib.JointSampler:
+  """The sampler of ``config.training.mode``: the optimizer's forget/retain schedule
+  (alternating) or one batch of each per step (joint)."""
+  if config.training.mode == "alternating":
+    return data_lib.AlternatingSampler(
+      forget_stream,
+      retain_stream,
+      forget_steps=config.optimizer.forget_steps,
+      retain_steps=config.optimizer.retain_steps,
+    )
+  return data_lib.JointSampler(forget_stream, retain_stream)
+
+
+class StepBatches:
+  """The batch arguments of each step, placed on the mesh.
+
+  A step takes ``grad_accum`` micro-batches of each objective it serves: the sampler's
+  batch, then the next ones of the same stream.
+
+  Args:
+    sampler: Which objective each step serves, and its first micro-batch.
+    shardings: Where batches go (``batch``) and the objective (``replicated``).
+    training: ``grad_accum`` and ``mode`` (the sampler's kind).
+  """
+
+  def __init__(
+    self,
+    sampler: data_lib.AlternatingSampler | data_lib.JointSampler,
+    shardings: step_lib.StepShardings,
+    training: TrainingConfig,
+  ):
+    self.sampler = sampler
+    self.alternating = training.mode == "alternating"
+    self._extra = training.grad_accum - 1  # micro-batches beyond the sampler's one per step
+    self._shardings = shardings
+
+  def place(self, qa_batches: list[data_lib.QABatch]) -> step_lib.StepInputs:
+    """This host's rows of the micro-batches -> one global array per field, on the mesh."""
+    return sharding_lib.place_batch(step_lib.step_inputs(qa_batches), self._shardings.batch)
+
+  def next(self) -> tuple[int, tuple[Any, ...]]:
+    """``(objective, batch)``: the step's objective (-1 for a joint step) and the arguments
+    that follow the reference parameters in the compiled train step."""
+    forget, retain = self.sampler.forget, self.sampler.retain
+    if self.alternating:
+      objective, qa = next(self.sampler)
+      stream = forget if objective == data_lib.FORGET else retain
+      micro = [qa] + [next(stream) for _ in range(self._extra)]
+      placed = jax.device_put(np.int32(objective), self._shardings.replicated)
+      return int(objective), (self.place(micro), placed)
+    forget_qa, retain_qa = next(self.sampler)
+    forget_micro = [forget_qa] + [next(forget) for _ in range(self._extra)]
+    retain_micro = [retain_qa] + [next(retain) for _ in range(self._extra)]
+    return -1, (self.place(forget_micro), self.place(retain_micro))
+
+  def peek(self) -> tuple[step_lib.StepInputs, step_lib.StepInputs]:
+    """The next forget and retain batches (one micro-batch each), without taking them."""
+    forget, retain = self.sampler.forget, self.sampler.retain
+    return (
+      self.place([forget.batch_at(forget.position)]),
+      self.place([retain.batch_at(retain.position)]),
+    )
+
+
+def restore(
+  checkpointer: RunCheckpointer, params: Any, opt_state: Any, sampler: Any
+) -> tuple[int, Any, Any]:
+  """Restores the latest checkpoint into the placed ``params`` and ``opt_state`` (each host
+  reads its shards straight into place) and moves ``sampler`` to where it was.
+
+  Returns:
+    ``(step, params, opt_state)``.
+  """
+  step, state, meta = checkpointer.restore({"params": params, "opt_state": opt_state})
+  sampler.restore(data_lib.SamplerState.from_dict(meta["sampler"]))
+  return step, state["params"], state["opt_state"]
+
+
+def diagnostics_record(
+  compiled: step_lib.CompiledSteps,
+  batches: StepBatches,
+  params: Any,
+  ref_params: Any,
+  opt_state: Any,
+) -> dict[str, Any]:
+  """The conflict diagnostics at ``params`` on the next forget and retain batches.
+
+  Returns:
+    ``gradient_cosine`` (forget vs retain gradient), Adam's ``update_cosine`` (the two
+    gradients through its shared preconditioner), the optimizer's own cosines (DualOptim
+    and DualOptim+), and ``gradient_cosine_per_leaf`` (by parameter path).
+  """
+  forget, retain = batches.peek()
+  cosine, per_leaf, *adam_cosine = compiled.conflict(params, ref_params, forget, retain, opt_state)
+  record: dict[str, Any] = {"gradient_cosine": float(cosine)}
+  if adam_cosine:
+    record["update_cosine"] = float(adam_cosine[0])
+  if compiled.diagnostics is not None:
+    record.update({k: float(v) for k, v in compiled.diagnostics(opt_state).items()})
+  record["gradient_cosine_per_leaf"] = {
+    jax.tree_util.keystr(path): float(value)
+    for path, value in jax.tree_util.tree_flatten_with_path(per_leaf)[0]
+  }
+  return record
+
+
+def _progress(start: int, steps: int, name: str) -> tqdm:
+  """The loop's progress bar over steps ``start .. steps - 1`` (on the primary process)."""
+  return tqdm(
+    range(start, steps),
+    desc=f"unlearn ({name})",
+    leave=False,
+    mininterval=1.0,
+    disable=not distributed.is_primary(),
   )
