@@ -166,7 +166,9 @@ def _dualoptim_plus_8bit_forced(update_in_chunks: bool) -> OptimizerSpec:
   return OptimizerSpec(
     f"dualoptax.dualoptim_plus (8-bit, {form})",
     lambda: dualoptax.dualoptim_plus(
-      LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_bits=8, update_in_chunks=update_in_chunks
+      LEARNING_RATE,
+      weight_decay=WEIGHT_DECAY,
+      storage=dualoptax.MomentStorage(state_bits=8, update_in_chunks=update_in_chunks),
     ),
     expected_state_bytes=6 * (1 + 4 / 256),
   )
@@ -403,10 +405,8 @@ def _fmt_ratio(x: float | None) -> str:
   return "-" if x is None else f"{x:.2f}x"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  if args.steps < 1:
-    raise SystemExit("--steps must be >= 1")
+def _select_specs(args: argparse.Namespace) -> list[OptimizerSpec]:
+  """The optimizers to time: the default list, the 8-bit variants if asked, ``--only``."""
   specs = list(OPTIMIZERS)
   if args.include_8bit:
     if _supports_state_bits():
@@ -421,17 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
       raise SystemExit(f"unknown optimizer(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
     specs = [s for s in specs if s.name in wanted]
+  return specs
 
-  compiler_options = _compiler_options(args.compiler_option)
+
+def _print_setup(args: argparse.Namespace, compiler_options: dict, n: int) -> None:
   num, rows, cols = SIZES[args.size]
-  key_p, key_g = jax.random.split(jax.random.PRNGKey(args.seed))
-  place = make_placer(args.devices, (rows, cols))
-  params0 = make_tree(key_p, num, rows, cols, 0.02)
-  grads = place(make_tree(key_g, num, rows, cols, 1e-3))
-  jax.block_until_ready((params0, grads))
-  n = num_params(params0)
-  objectives = [jnp.asarray(dualoptax.FORGET, jnp.int32), jnp.asarray(dualoptax.RETAIN, jnp.int32)]
-
   device = jax.devices()[0]
   print(
     f"jax {jax.__version__}, optax {optax.__version__}, "
@@ -446,7 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"({n * 4 / 2**20:.0f} MiB per copy); steps {args.steps}, warmup {args.warmup}"
   )
 
-  # Build, compile and warm up every optimizer.
+
+def _build_runners(specs, params0, grads, objectives, args, compiler_options, place):
+  """Builds, compiles and warms up every optimizer: ``(runners, names that failed)``."""
   runners: list[Runner] = []
   failed: list[str] = []
   for spec in specs:
@@ -459,22 +455,32 @@ def main(argv: Sequence[str] | None = None) -> int:
       failed.append(spec.name)
       continue
     runners.append(runner)
-  del params0
-  gc.collect()
+  return runners, failed
 
-  # Alternate: every round times one step of each optimizer; the start rotates.
-  for r in range(args.steps):
+
+def _time_rounds(runners: list[Runner], grads, objectives, steps: int) -> None:
+  """Alternates: every round times one step of each optimizer; the start rotates."""
+  for r in range(steps):
     objective = objectives[r % 2]
     for i in range(len(runners)):
       runner = runners[(r + i) % len(runners)]
       runner.times.append(runner.run(grads, objective))
-
-  # Sanity: every optimizer kept finite params.
-  for runner in runners:
-    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(runner.params))
-    if not finite:
+  for runner in runners:  # Sanity: every optimizer kept finite params.
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(runner.params)):
       print(f"WARNING: {runner.spec.name} produced non-finite params", file=sys.stderr)
 
+
+def _state_bytes_text(runner: Runner, n: int) -> str:
+  bpp = runner.state_bytes / n
+  expected = runner.spec.expected_state_bytes
+  # Small extras (step counters, 8-bit code tables) may add a few hundredths.
+  tolerance = 0.05 if expected is None else max(0.05, 0.02 * expected)
+  if expected is None or abs(bpp - expected) <= tolerance:
+    return f"{bpp:.2f}"
+  return f"{bpp:.2f} (expected {expected:.2f})"
+
+
+def _print_table(runners: list[Runner], n: int, failed: list[str], steps: int) -> None:
   ref = next(r for r in runners if r.spec.name == REFERENCE)
   ref_median = statistics.median(ref.times)
   print()
@@ -486,25 +492,41 @@ def main(argv: Sequence[str] | None = None) -> int:
   for runner in runners:
     med = statistics.median(runner.times)
     per_round = statistics.median(t / t_ref for t, t_ref in zip(runner.times, ref.times))
-    bpp = runner.state_bytes / n
-    expected = runner.spec.expected_state_bytes
-    # Small extras (step counters, 8-bit code tables) may add a few hundredths.
-    tolerance = 0.05 if expected is None else max(0.05, 0.02 * expected)
-    bpp_text = f"{bpp:.2f}" + (
-      "" if expected is None or abs(bpp - expected) <= tolerance else f" (expected {expected:.2f})"
-    )
     print(
       f"| {runner.spec.name} | {med * 1e3:.2f} | {_fmt_ratio(med / ref_median)} | "
-      f"{_fmt_ratio(per_round)} | {min(runner.times) * 1e3:.2f} | {bpp_text} |"
+      f"{_fmt_ratio(per_round)} | {min(runner.times) * 1e3:.2f} | "
+      f"{_state_bytes_text(runner, n)} |"
     )
   print()
   if failed:
     print(f"not benchmarked (failed to build/compile): {', '.join(failed)}")
   print(
     f"ratio = median(ms/step) / median(ms/step of {REFERENCE}); per-round ratio = "
-    f"median over rounds of t/t_{REFERENCE} within the round. "
-    f"{args.steps} timed steps each."
+    f"median over rounds of t/t_{REFERENCE} within the round. {steps} timed steps each."
   )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  if args.steps < 1:
+    raise SystemExit("--steps must be >= 1")
+  specs = _select_specs(args)
+  compiler_options = _compiler_options(args.compiler_option)
+  num, rows, cols = SIZES[args.size]
+  key_p, key_g = jax.random.split(jax.random.PRNGKey(args.seed))
+  place = make_placer(args.devices, (rows, cols))
+  params0 = make_tree(key_p, num, rows, cols, 0.02)
+  grads = place(make_tree(key_g, num, rows, cols, 1e-3))
+  jax.block_until_ready((params0, grads))
+  n = num_params(params0)
+  objectives = [jnp.asarray(dualoptax.FORGET, jnp.int32), jnp.asarray(dualoptax.RETAIN, jnp.int32)]
+  _print_setup(args, compiler_options, n)
+
+  runners, failed = _build_runners(specs, params0, grads, objectives, args, compiler_options, place)
+  del params0
+  gc.collect()
+  _time_rounds(runners, grads, objectives, args.steps)
+  _print_table(runners, n, failed, args.steps)
 
   # Free every optimizer's buffers before returning.
   for runner in runners:

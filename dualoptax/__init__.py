@@ -3,12 +3,14 @@
 Unlearning trains on two objectives, FORGET and RETAIN, whose gradients often conflict.
 DualOptim keeps a separate Adam state per objective; DualOptim+ keeps one shared base
 state plus a per-objective delta, so objectives share momentum when they agree and are
-kept apart when they conflict. See ``dualoptim_plus`` for the optimizer, the
-``scale_by_*`` transforms to compose your own, and ``dualoptim_plus_diagnostics`` for the
-conflict cosines of the paper's Figure 2.
+kept apart when they conflict. See ``dualoptim_plus`` for the optimizer, ``MomentStorage`` for 8-bit
+states, the ``scale_by_*`` transforms to compose your own, ``dualoptim_plus_diagnostics``
+for the conflict cosines of the paper's Figure 2, and ``state_shardings`` to place a
+state beside its sharded parameters.
 """
 
-from dualoptax._moments import Precision
+from dualoptax._moments import MomentStorage
+from dualoptax._record import hyperparameters
 from dualoptax.alias import (
   adam,
   adamw,
@@ -27,6 +29,7 @@ from dualoptax.diagnostics import (
 )
 from dualoptax.objectives import FORGET, RETAIN, scheduled_objective
 from dualoptax.quantization import QuantizedArray
+from dualoptax.sharding import state_shardings
 from dualoptax.transform import (
   ScaleByDualOptimPlusState,
   ScaleByDualOptimState,
@@ -42,7 +45,7 @@ __all__ = [
   "FORGET",
   "RETAIN",
   "ConflictDiagnostics",
-  "Precision",
+  "MomentStorage",
   "QuantizedArray",
   "ScaleByDualOptimPlusState",
   "ScaleByDualOptimState",
@@ -55,6 +58,7 @@ __all__ = [
   "dualoptim_plus",
   "dualoptim_plus_diagnostics",
   "find_state",
+  "hyperparameters",
   "multi_objective_dualoptim",
   "multi_objective_dualoptim_plus",
   "scale_by_dualoptim",
@@ -62,4 +66,5 @@ __all__ = [
   "scale_by_objective_learning_rate",
   "scheduled_objective",
   "state_nbytes",
+  "state_shardings",
 ]

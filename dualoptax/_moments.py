@@ -4,7 +4,9 @@ The optimizers compute in float32 and never care how a moment is stored. These h
 read a moment (dequantizing if needed) and write a new value back in the same storage
 (re-quantizing with fresh absmax). Per-objective moments are stacked on a leading axis of
 size K; ``load_row``/``store_row`` touch only one row, so the other objectives' moments
-are neither read nor re-quantized.
+are neither read nor re-quantized. :func:`update_leaf` runs a transform's elementwise
+maths (a :class:`LeafRule`) on one parameter's moments, by the chunk loop
+(:func:`update_quantized`) or by whole-array operations.
 """
 
 from __future__ import annotations
@@ -33,38 +35,50 @@ class StateTables(NamedTuple):
   unsigned: quantization.QuantizationTables  # second moments that cannot go negative
 
 
-@dataclasses.dataclass(frozen=True)
-class Precision:
-  """How a transform stores its moments.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MomentStorage:
+  """How an optimizer stores its moments: float32 (or ``dtype``) arrays, or 8-bit codes.
+
+  Example:
+    >>> import dualoptax
+    >>> storage = dualoptax.MomentStorage(state_bits=8, min_8bit_size=1024)
+    >>> tx = dualoptax.dualoptim_plus(1e-3, storage=storage)
 
   Attributes:
     state_bits: 32 (float32 states) or 8 (block-wise quantized states).
-    min_8bit_size: leaves with fewer elements keep float32 states.
     block_size: values per quantization block (one float32 absmax each).
+    min_8bit_size: leaves with fewer elements keep float32 states.
     keep_fp32: optional tree of bools like the params (or a function of the params
       returning one); True leaves keep float32 states, e.g. embeddings.
-    dtype: dtype of the unquantized states.
+    dtype: dtype of the unquantized states (None: float32).
+    quantize_base: with 8-bit states, whether DualOptim+'s base moments ``B, V`` are
+      quantized (DualOptim has no base and accepts only True).
+    quantize_deltas: with 8-bit states, whether DualOptim+'s delta moments ``D, E`` are
+      quantized (DualOptim has no deltas and accepts only True).
     update_in_chunks: how a leaf whose moments are all 8-bit is rewritten (on the same
-      devices the two forms give bit-identical results; tests/dualoptax/test_8bit.py). True: a
-      sequential loop over cache-sized chunks that rewrites the codes in place
-      (:func:`update_quantized`), the fastest form on one CPU device. False:
-      whole-array operations, which XLA partitions shard by shard when the states are
-      sharded over several devices (it partitions the loop by gathering the whole
-      sharded state in every iteration: measured 14x slower on two CPU devices) and
-      which suit GPUs and TPUs. None: chunks when the program runs on a CPU backend
-      with a single device, whole arrays otherwise.
+      devices the two forms give bit-identical results; tests/dualoptax/test_8bit.py).
+      True: a sequential loop over cache-sized chunks that rewrites the codes in place
+      (:func:`update_quantized`), the fastest form on one CPU device. False: whole-array
+      operations, which XLA partitions shard by shard when the states are sharded over
+      several devices (it partitions the loop by gathering the whole sharded state in
+      every iteration: measured 14x slower on two CPU devices) and which suit GPUs and
+      TPUs. None: chunks when the program runs on a CPU backend with a single device,
+      whole arrays otherwise.
   """
 
   state_bits: int = 32
-  min_8bit_size: int = 4096
   block_size: int = quantization.DEFAULT_BLOCK_SIZE
+  min_8bit_size: int = 4096
   keep_fp32: Any | Callable[[Any], Any] | None = None
-  dtype: Any = None  # None: float32
+  dtype: Any = None
+  quantize_base: bool = True
+  quantize_deltas: bool = True
   update_in_chunks: bool | None = None
 
   def __post_init__(self):
-    # Under `optax.inject_hyperparams` these ints arrive as arrays: concrete ones at init
-    # (the only place they are used) become ints again; traced ones at update go unused.
+    # Under `optax.inject_hyperparams` the alias's `state_bits` arrives as an array:
+    # concrete at init (the only place it is used) it becomes an int again; traced at
+    # update it goes unused.
     for name, minimum in (("state_bits", 8), ("min_8bit_size", 0), ("block_size", 1)):
       value = getattr(self, name)
       if not _numerics.is_concrete_number(value):
@@ -74,6 +88,9 @@ class Precision:
       object.__setattr__(self, name, int(float(value)))
     if _numerics.is_concrete_number(self.state_bits) and self.state_bits not in (8, 32):
       raise ValueError(f"state_bits must be 8 or 32, got state_bits={self.state_bits!r}")
+    for name in ("quantize_base", "quantize_deltas"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
     if self.update_in_chunks is not None and not isinstance(self.update_in_chunks, bool):
       raise ValueError(
         "update_in_chunks must be True, False or None, got "
@@ -88,7 +105,7 @@ class Precision:
     """Whether the chunk loop rewrites a leaf with these moments (decided at trace time;
     see ``update_in_chunks``): all of them 8-bit and small enough for the loop's int32
     offsets (a stacked moment of 2**31 codes or more takes the whole-array update)."""
-    if not all(isinstance(m, quantization.QuantizedArray) for m in moments):
+    if not all(is_8bit(m) for m in moments):
       return False
     if any(m.size >= _MAX_LOOP_CODES for m in moments):
       return False
@@ -97,6 +114,7 @@ class Precision:
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
   def tables(self) -> StateTables | None:
+    """Code tables for a new state (None for float32 states)."""
     if not self.quantized:
       return None
     # Fresh device arrays for every state: a state is donated to jitted steps, which
@@ -106,7 +124,7 @@ class Precision:
     )
     return StateTables(fresh(True), fresh(False))
 
-  def which_leaves(self, params: Any) -> Any:
+  def _quantized_leaves(self, params: Any) -> Any:
     """Tree of bools like ``params``: True where the states are quantized."""
     if not self.quantized:
       return jax.tree.map(lambda _: False, params)
@@ -133,6 +151,16 @@ class Precision:
       signed=signed,
     )
 
+  def zeros_like(
+    self, params: Any, quantize: bool, signed: bool, num_objectives: int | None = None
+  ) -> Any:
+    """Zero moments like ``params`` (stacked K times if ``num_objectives``); 8-bit where
+    ``quantize`` and the leaf qualifies, with the ``signed`` (or unsigned) map."""
+    which = self._quantized_leaves(params)
+    return jax.tree.map(
+      lambda p, q: self.zeros(p, quantize and q, signed, num_objectives), params, which
+    )
+
 
 def contraction_guard(count: jax.Array) -> jax.Array:
   """An int32 zero the compiler cannot see through, for :func:`rounded`.
@@ -146,7 +174,7 @@ def contraction_guard(count: jax.Array) -> jax.Array:
   return jnp.minimum(count.astype(jnp.int32), 0)
 
 
-def rounded(product: jax.Array, guard: jax.Array) -> jax.Array:
+def rounded(product: jax.Array, guard: jax.Array | None) -> jax.Array:
   """``product`` rounded to float32 on its own: never fused into a following add.
 
   XLA:CPU lets LLVM contract a multiply that feeds an add into one fused multiply-add
@@ -159,32 +187,58 @@ def rounded(product: jax.Array, guard: jax.Array) -> jax.Array:
 
   Args:
     product: float32 array, typically a product.
+    guard: int32 zero from :func:`contraction_guard`, or None to leave ``product`` free
+      to contract (float32 moments, whose expressions XLA computes once).
 
   Returns:
     ``product``, bit for bit.
   """
+  if guard is None:
+    return product
   bits = jax.lax.bitcast_convert_type(product, jnp.int32)
   return jax.lax.bitcast_convert_type(bits ^ guard, jnp.float32)
 
 
-def is_moment_leaf(x: Any) -> bool:
+def is_8bit(x: Any) -> bool:
+  """Whether ``x`` is an 8-bit moment (a :class:`~dualoptax.quantization.QuantizedArray`).
+
+  Pass as ``is_leaf`` to treat an 8-bit moment as one leaf in ``jax.tree`` functions.
+  """
   return isinstance(x, quantization.QuantizedArray)
+
+
+def param_shapes(moments: Any, stacked: bool = False) -> Any:
+  """Shapes of the parameters ``moments`` were built for (rows of stacked moments), with
+  8-bit moments as single leaves, to check incoming updates against."""
+
+  def shape_of(m):
+    shape = m.codes.shape if is_8bit(m) else m.shape
+    return jax.ShapeDtypeStruct(shape[1:] if stacked else shape, jnp.float32)
+
+  return jax.tree.map(shape_of, moments, is_leaf=is_8bit)
 
 
 def _table(tables: StateTables | None, q: quantization.QuantizedArray):
   return tables.signed if q.signed else tables.unsigned
 
 
-def load(stored: Moment, tables: StateTables | None) -> jax.Array:
-  """The moment as float32."""
-  if isinstance(stored, quantization.QuantizedArray):
-    return stored.dequantize(_table(tables, stored))
-  return stored.astype(jnp.float32)
+def load(stored: Moment, tables: StateTables | None, stacked: bool = False) -> jax.Array:
+  """The moment as float32; a ``stacked`` 8-bit moment row by row (each row has blocks
+  of its own)."""
+  if not is_8bit(stored):
+    return stored.astype(jnp.float32)
+  table = _table(tables, stored)
+  if stacked:
+    dequantize = functools.partial(
+      quantization.dequantize_blockwise, tables=table, block_size=stored.block_size
+    )
+    return jax.vmap(dequantize)(stored.codes, stored.absmax)
+  return stored.dequantize(table)
 
 
 def store(value: jax.Array, like: Moment, tables: StateTables | None) -> Moment:
   """``value`` in the storage of ``like`` (re-quantized with fresh absmax if 8-bit)."""
-  if isinstance(like, quantization.QuantizedArray):
+  if is_8bit(like):
     return quantization.QuantizedArray.quantize(
       value, _table(tables, like), block_size=like.block_size, signed=like.signed
     )
@@ -201,7 +255,7 @@ def _update(stacked: jax.Array, row: jax.Array, index: jax.Array) -> jax.Array:
 
 def load_row(stacked: Moment, index: jax.Array, tables: StateTables | None) -> jax.Array:
   """Row ``index`` of a stacked (K, ...) moment, as float32."""
-  if isinstance(stacked, quantization.QuantizedArray):
+  if is_8bit(stacked):
     row = dataclasses.replace(
       stacked, codes=_index(stacked.codes, index), absmax=_index(stacked.absmax, index)
     )
@@ -213,7 +267,7 @@ def store_row(
   stacked: Moment, value: jax.Array, index: jax.Array, tables: StateTables | None
 ) -> Moment:
   """``stacked`` with row ``index`` replaced by ``value``; other rows untouched."""
-  if isinstance(stacked, quantization.QuantizedArray):
+  if is_8bit(stacked):
     row = quantization.QuantizedArray.quantize(
       value, _table(tables, stacked), block_size=stacked.block_size, signed=stacked.signed
     )
@@ -247,11 +301,108 @@ def update_row(
   moment twice per step, and run the update single-threaded.) Every row is computed but
   only row ``index`` changes; the cost is one pass over all K rows.
   """
-  if isinstance(stacked, quantization.QuantizedArray) or stacked.dtype != jnp.float32:
+  if is_8bit(stacked) or stacked.dtype != jnp.float32:
     value = update(load_row(stacked, index, tables))
     return store_row(stacked, value, index, tables), value
   new = jnp.where(_row_mask(stacked, index), update(stacked), stacked)
   return new, _index(new, index)
+
+
+class LeafRule(NamedTuple):
+  """The elementwise maths of one transform, for :func:`update_leaf`.
+
+  A parameter has several moments; ``stacked`` ones hold one row per objective, of which
+  only the active row changes. Every function is pure and elementwise, so that it serves
+  whole arrays and the chunks of the 8-bit loop alike. Each receives the step's scalar
+  ``coefficients`` and, where it rounds products, ``guard`` (see :func:`rounded`; None
+  when no moment of the parameter is 8-bit).
+  """
+
+  stacked: tuple[bool, ...]  # per moment: whether it is stacked per objective
+  # (coefficients, guard, g, *old unstacked moments) -> what the new moments share.
+  context: Callable[..., Any]
+  # Per moment: (coefficients, guard, context, old value) -> new value.
+  moments: tuple[Callable[..., jax.Array], ...]
+  # (coefficients, context, *new values) -> the update direction.
+  direction: Callable[..., jax.Array]
+
+
+def _rule_step(rule: LeafRule, coefficients: Any, guard: jax.Array | None, g, *olds):
+  """``rule`` on the old values of all moments: ``(new values, (direction,))``."""
+  unstacked = [old for old, stacked in zip(olds, rule.stacked) if not stacked]
+  context = rule.context(coefficients, guard, g, *unstacked)
+  news = [new(coefficients, guard, context, old) for new, old in zip(rule.moments, olds)]
+  return news, (rule.direction(coefficients, context, *news),)
+
+
+def _update_whole(
+  rule: LeafRule,
+  coefficients: Any,
+  guard: jax.Array | None,
+  g: jax.Array,
+  moments: Sequence[Moment],
+  active: jax.Array,
+  tables: StateTables | None,
+) -> tuple[jax.Array, list[Moment]]:
+  """:func:`update_leaf` by whole-array operations; stacked moments by :func:`update_row`."""
+  unstacked = [load(m, tables) for m, stacked in zip(moments, rule.stacked) if not stacked]
+  context = rule.context(coefficients, guard, g, *unstacked)
+  olds = iter(unstacked)
+  new_moments, values = [], []
+  for moment, stacked, update in zip(moments, rule.stacked, rule.moments):
+    new = functools.partial(update, coefficients, guard, context)
+    if stacked:
+      moment, value = update_row(moment, new, active, tables)
+    else:
+      value = new(next(olds))
+      moment = store(value, moment, tables)
+    new_moments.append(moment)
+    values.append(value)
+  return rule.direction(coefficients, context, *values), new_moments
+
+
+def update_leaf(
+  rule: LeafRule,
+  coefficients: Any,
+  g: jax.Array,
+  moments: Sequence[Moment],
+  *,
+  active: jax.Array,
+  storage: MomentStorage,
+  tables: StateTables | None,
+  guard: jax.Array,
+) -> tuple[jax.Array, ...]:
+  """One parameter's step: its update direction and its new moments.
+
+  The chunk loop (:func:`update_quantized`) when ``storage.chunked(moments)``, whole-array
+  operations otherwise; both evaluate ``rule`` alike, so they give the same bits. When any
+  moment is 8-bit, products are :func:`rounded` (``guard``) so that XLA rounds a new
+  moment alike wherever it recomputes it; float32 moments leave XLA free to contract.
+
+  Args:
+    rule: the transform's maths.
+    coefficients: the step's scalars, passed to every function of ``rule``.
+    g: the parameter's gradient.
+    moments: its moments, in the order of ``rule.moments``.
+    active: int32 scalar, the row of the stacked moments to update.
+    storage: how the moments are stored.
+    tables: code tables of 8-bit moments.
+    guard: int32 zero from :func:`contraction_guard`.
+
+  Returns:
+    ``(direction, *new moments)``, the direction in ``g``'s dtype.
+  """
+  g32 = g.astype(jnp.float32)
+  rounding = guard if any(is_8bit(m) for m in moments) else None
+  if storage.chunked(moments):
+    step = functools.partial(_rule_step, rule, coefficients, rounding)
+    rows = [active if stacked else None for stacked in rule.stacked]
+    moments, (direction,) = update_quantized(
+      step, g32, moments, rows, tables, guard, output_dtypes=(g.dtype,)
+    )
+  else:
+    direction, moments = _update_whole(rule, coefficients, rounding, g32, moments, active, tables)
+  return (direction.astype(g.dtype), *moments)
 
 
 # Values per chunk of the 8-bit update loop (a multiple of every usual block size). Each

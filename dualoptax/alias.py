@@ -1,12 +1,13 @@
 """Ready-made optimizers: chains of the transforms in :mod:`dualoptax.transform`.
 
-Every alias shares one interface: ``learning_rate`` (float or optax schedule), betas,
-``eps``, ``weight_decay`` (decoupled, scaled by the same per-objective learning rate) and
-the alternating schedule ``forget_steps`` / ``retain_steps`` with ``forget_lr_ratio`` /
-``retain_lr_ratio``. The ``multi_objective_*`` forms take one entry per objective for K
-objectives; the forget/retain forms are their K = 2 case with FORGET = 0, RETAIN = 1.
-
-Each is an ``optax.chain``: direction, weight decay, per-objective learning rate.
+Every alias is an ``optax.chain`` of a direction, decoupled weight decay and the
+per-objective learning rate. ``learning_rate`` (and the multi-objective forms' schedule
+``objective_steps, objective_lr_ratios``) are positional; everything else is a keyword.
+Moments are stored as a :class:`MomentStorage` says (``state_bits=8`` is short for
+``storage=MomentStorage(state_bits=8)``). The ``multi_objective_*`` forms take one entry
+per objective for K objectives; the forget/retain forms are their K = 2 case with
+FORGET = 0, RETAIN = 1. Each alias records its decays and eps in its state (at zero
+bytes) for :func:`dualoptax.hyperparameters` and the conflict diagnostics.
 """
 
 from __future__ import annotations
@@ -16,16 +17,76 @@ from typing import Any
 
 import optax
 
-from dualoptax import _checks, _numerics, objectives, transform
-from dualoptax._moments import Precision
+from dualoptax import _checks, _numerics, _record, objectives, transform
+from dualoptax._moments import MomentStorage
 
 ScalarOrSchedule = transform.ScalarOrSchedule
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
+# Argument descriptions shared by the aliases' docstrings (see `_shared_args`).
+_ARGS = {
+  "plus_decays": """\
+    b1: decay of the delta first moments ``D``.
+    b2: decay of the delta second moments ``E``.
+    base_b1: decay of the base first moment ``B``.
+    base_b2: decay of the base second moment ``V``.
+    eps: added to the square root, after bias correction.""",
+  "adam_decays": """\
+    b1: decay of the first moments.
+    b2: decay of the second moments.
+    eps: added to the square root, after bias correction.""",
+  "weight_decay": """\
+    weight_decay: decoupled weight decay, scaled by the per-objective learning rate.
+    weight_decay_mask: optional mask (or function of params) choosing decayed leaves.""",
+  "forget_retain": """\
+    forget_lr_ratio: forget learning rate = ``learning_rate * forget_lr_ratio``.
+    retain_lr_ratio: retain learning rate = ``learning_rate * retain_lr_ratio``.
+    forget_steps: forget steps per cycle of the schedule (the paper's TOFU runs: 1).
+    retain_steps: retain steps per cycle of the schedule (the paper's TOFU runs: 5).""",
+  "objectives": """\
+    objective_steps: steps per objective in one cycle of the alternating schedule; its
+      length is the number of objectives K.
+    objective_lr_ratios: learning-rate multiplier per objective (default all 1).""",
+  "storage": """\
+    storage: how the moments are stored (None: float32): their dtype, or block-wise
+      8-bit codes for large leaves; see :class:`MomentStorage`.
+    state_bits: shorthand for ``storage.state_bits``: 8 for 8-bit moments with the
+      other storage options at their defaults (if ``storage`` is given too, the two
+      must agree).""",
+}
 
-def _decoupled_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientTransformation:
+
+def _shared_args(fn: Callable) -> Callable:
+  """Fills the ``{name}`` placeholders of ``fn``'s docstring from ``_ARGS``."""
+  for name, text in _ARGS.items():
+    fn.__doc__ = fn.__doc__.replace("    {" + name + "}", text)
+  return fn
+
+
+def _storage(storage: MomentStorage | None, state_bits: Any) -> MomentStorage:
+  """``storage`` (default float32) with the ``state_bits`` shorthand applied."""
+  if storage is None:
+    return MomentStorage() if state_bits is None else MomentStorage(state_bits=state_bits)
+  if state_bits is not None and _numerics.is_concrete_number(state_bits):
+    if float(state_bits) != storage.state_bits:
+      raise ValueError(
+        f"state_bits={state_bits!r} disagrees with storage.state_bits={storage.state_bits!r}; "
+        "give one of them"
+      )
+  return storage
+
+
+def _decoupled_weight_decay(
+  weight_decay: Any, mask: MaskOrFn, hyperparams: _record.HyperparameterRecord
+) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights`` carrying the alias's hyperparameter record."""
   _checks.check_non_negative("weight_decay", weight_decay)
-  return optax.add_decayed_weights(weight_decay, mask)
+  decay = optax.add_decayed_weights(weight_decay)
+  if callable(weight_decay):  # A schedule keeps a step count: the record goes beside it.
+    decay = optax.chain(decay, _record.recording(optax.identity(), hyperparams))
+  else:  # Its state is empty: the record takes its place (see `_record`).
+    decay = _record.recording(decay, hyperparams)
+  return decay if mask is None else optax.masked(decay, mask)
 
 
 def _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps):
@@ -60,23 +121,26 @@ def _checked_ratios(objective_steps, objective_lr_ratios):
 
 def _lr_chain(
   direction: optax.GradientTransformation,
+  hyperparams: _record.HyperparameterRecord,
   learning_rate: ScalarOrSchedule,
-  weight_decay: float,
+  weight_decay: Any,
   weight_decay_mask: MaskOrFn,
   objective_lr_ratios: Sequence[float],
   objective_steps: Sequence[int],
 ) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
     direction,
-    _decoupled_weight_decay(weight_decay, weight_decay_mask),
+    _decoupled_weight_decay(weight_decay, weight_decay_mask, hyperparams),
     transform.scale_by_objective_learning_rate(learning_rate, objective_lr_ratios, objective_steps),
   )
 
 
+@_shared_args
 def multi_objective_dualoptim_plus(
   learning_rate: ScalarOrSchedule,
   objective_steps: Sequence[int],
   objective_lr_ratios: Sequence[float] | None = None,
+  *,
   b1: float = 0.9,
   b2: float = 0.95,
   base_b1: float = 0.9,
@@ -84,65 +148,47 @@ def multi_objective_dualoptim_plus(
   eps: float = 1e-8,
   weight_decay: float = 0.0,
   weight_decay_mask: MaskOrFn = None,
-  state_dtype: Any = None,
-  state_bits: int = 32,
-  min_8bit_size: int = 4096,
-  block_size: int = 256,
-  keep_fp32: MaskOrFn = None,
-  quantize_base: bool = True,
-  quantize_deltas: bool = True,
-  update_in_chunks: bool | None = None,
+  storage: MomentStorage | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ for K objectives: one shared base state plus one delta per objective.
 
+  The step of :func:`dualoptim_plus` (see :func:`dualoptax.scale_by_dualoptim_plus` for
+  the maths), with any number of objectives ``0 .. K-1``.
+
   Args:
     learning_rate: a float or an optax schedule of the total step count.
-    objective_steps: steps per objective in one cycle of the alternating schedule.
-    objective_lr_ratios: learning-rate multiplier per objective (default all 1).
-    b1: decay of the delta first moments.
-    b2: decay of the delta second moments.
-    base_b1: decay of the base first moment.
-    base_b2: decay of the base second moment.
-    eps: added to the square root, after bias correction.
-    weight_decay: decoupled weight decay, scaled by the per-objective learning rate.
-    weight_decay_mask: optional mask (or function of params) choosing decayed leaves.
-    state_dtype: dtype of the unquantized moments (None: float32).
-    state_bits: 32 for float32 moments, 8 for block-wise quantized moments.
-    min_8bit_size: with 8-bit states, leaves smaller than this keep float32 moments.
-    block_size: with 8-bit states, values per quantization block.
-    keep_fp32: with 8-bit states, a tree of bools like the params (or a function of the
-      params returning one) marking leaves that keep float32 moments, e.g. embeddings.
-    quantize_base: with 8-bit states, whether the base moments are quantized.
-    quantize_deltas: with 8-bit states, whether the delta moments are quantized.
-    update_in_chunks: with 8-bit states, rewrite each leaf by a loop over cache-sized
-      chunks (True; fastest on one CPU device) or with whole-array operations (False;
-      partitions cleanly when states are sharded over devices). None picks chunks on a
-      single-device CPU backend. Both give the same bits on the same devices; see
-      :class:`Precision`.
+    {objectives}
+    {plus_decays}
+    {weight_decay}
+    {storage}
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=`` (int or int32 array).
+
+  Example:
+    >>> import jax.numpy as jnp, dualoptax
+    >>> tx = dualoptax.multi_objective_dualoptim_plus(1e-3, (1, 2, 2))  # K = 3
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(3)}, state, params, objective=2)
   """
   objective_lr_ratios = _checked_ratios(objective_steps, objective_lr_ratios)
+  direction = transform.scale_by_dualoptim_plus(
+    b1,
+    b2,
+    base_b1,
+    base_b2,
+    eps,
+    objective_steps=objective_steps,
+    storage=_storage(storage, state_bits),
+  )
+  hyperparams = _record.record(
+    transform.ScaleByDualOptimPlusState, b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2, eps=eps
+  )
   return _lr_chain(
-    transform.scale_by_dualoptim_plus(
-      b1,
-      b2,
-      base_b1,
-      base_b2,
-      eps,
-      objective_steps,
-      Precision(
-        state_bits,
-        min_8bit_size,
-        block_size,
-        keep_fp32,
-        state_dtype,
-        update_in_chunks=update_in_chunks,
-      ),
-      quantize_base=quantize_base,
-      quantize_deltas=quantize_deltas,
-    ),
+    direction,
+    hyperparams,
     learning_rate,
     weight_decay,
     weight_decay_mask,
@@ -151,64 +197,48 @@ def multi_objective_dualoptim_plus(
   )
 
 
+@_shared_args
 def dualoptim_plus(
   learning_rate: ScalarOrSchedule,
+  *,
   b1: float = 0.9,
   b2: float = 0.95,
   base_b1: float = 0.9,
   base_b2: float = 0.95,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
+  weight_decay_mask: MaskOrFn = None,
   forget_lr_ratio: float = 1.0,
   retain_lr_ratio: float = 1.0,
   forget_steps: int = 1,
   retain_steps: int = 1,
-  weight_decay_mask: MaskOrFn = None,
-  state_dtype: Any = None,
-  state_bits: int = 32,
-  min_8bit_size: int = 4096,
-  block_size: int = 256,
-  keep_fp32: MaskOrFn = None,
-  quantize_base: bool = True,
-  quantize_deltas: bool = True,
-  update_in_chunks: bool | None = None,
+  storage: MomentStorage | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """DualOptim+ (arXiv 2605.21539) for unlearning: forget and retain objectives.
+  r"""DualOptim+ (arXiv 2605.21539) for unlearning: forget and retain objectives.
 
-  A shared BASE Adam state takes in every gradient; each objective's DELTA state keeps
-  only what the base does not explain. When the forget and retain gradients agree the
-  objectives share momentum through the base; when they conflict the deltas keep them
-  apart. Defaults follow the paper's scripts (betas 0.9/0.95 for deltas and base).
+  A shared BASE Adam state ``B, V`` takes in every gradient; each objective's DELTA
+  state ``D_o, E_o`` keeps only what the base does not explain. When the forget and
+  retain gradients agree the objectives share momentum through the base; when they
+  conflict the deltas keep them apart. A step on objective ``o`` with gradient ``g``
+  (``t`` counts all steps, ``t_o`` those of ``o``; hats are bias-corrected, the base as of
+  the previous step)::
+
+      D_o = b1 D_o + (1 - b1) (g - Bh);   E_o = b2 E_o + (1 - b2) (g^2 - Vh)
+      u   = (Dh_o + Bh) / (sqrt(|Eh_o + Vh|) + eps)
+      p   = p - lr_o (u + weight_decay p),   lr_o = learning_rate * {forget,retain}_lr_ratio
+      B   = base_b1 B + (1 - base_b1) g;     V = base_b2 V + (1 - base_b2) g^2
 
   Steps alternate ``forget_steps`` forget steps then ``retain_steps`` retain steps; pass
   ``objective=dualoptax.FORGET`` or ``RETAIN`` to ``update`` to choose explicitly.
+  Defaults follow the paper's scripts (betas 0.9/0.95 for deltas and base).
 
   Args:
     learning_rate: a float or an optax schedule of the total step count.
-    b1: decay of the delta first moments.
-    b2: decay of the delta second moments.
-    base_b1: decay of the base first moment.
-    base_b2: decay of the base second moment.
-    eps: added to the square root, after bias correction.
-    weight_decay: decoupled weight decay, scaled by the per-objective learning rate.
-    forget_lr_ratio: forget learning rate = ``learning_rate * forget_lr_ratio``.
-    retain_lr_ratio: retain learning rate = ``learning_rate * retain_lr_ratio``.
-    forget_steps: forget steps per cycle of the schedule (the paper's TOFU runs: 1).
-    retain_steps: retain steps per cycle of the schedule (the paper's TOFU runs: 5).
-    weight_decay_mask: optional mask (or function of params) choosing decayed leaves.
-    state_dtype: dtype of the unquantized moments (None: float32).
-    state_bits: 32 for float32 moments, 8 for block-wise quantized moments.
-    min_8bit_size: with 8-bit states, leaves smaller than this keep float32 moments.
-    block_size: with 8-bit states, values per quantization block.
-    keep_fp32: with 8-bit states, a tree of bools like the params (or a function of the
-      params returning one) marking leaves that keep float32 moments, e.g. embeddings.
-    quantize_base: with 8-bit states, whether the base moments are quantized.
-    quantize_deltas: with 8-bit states, whether the delta moments are quantized.
-    update_in_chunks: with 8-bit states, rewrite each leaf by a loop over cache-sized
-      chunks (True; fastest on one CPU device) or with whole-array operations (False;
-      partitions cleanly when states are sharded over devices). None picks chunks on a
-      single-device CPU backend. Both give the same bits on the same devices; see
-      :class:`Precision`.
+    {plus_decays}
+    {weight_decay}
+    {forget_retain}
+    {storage}
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
@@ -228,7 +258,7 @@ def dualoptim_plus(
   return multi_objective_dualoptim_plus(
     learning_rate,
     (forget_steps, retain_steps),
-    (forget_lr_ratio, retain_lr_ratio),
+    objective_lr_ratios=(forget_lr_ratio, retain_lr_ratio),
     b1=b1,
     b2=b2,
     base_b1=base_b1,
@@ -236,56 +266,47 @@ def dualoptim_plus(
     eps=eps,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
-    state_dtype=state_dtype,
+    storage=storage,
     state_bits=state_bits,
-    min_8bit_size=min_8bit_size,
-    block_size=block_size,
-    keep_fp32=keep_fp32,
-    quantize_base=quantize_base,
-    quantize_deltas=quantize_deltas,
-    update_in_chunks=update_in_chunks,
   )
 
 
+@_shared_args
 def multi_objective_dualoptim(
   learning_rate: ScalarOrSchedule,
   objective_steps: Sequence[int],
   objective_lr_ratios: Sequence[float] | None = None,
+  *,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
   weight_decay_mask: MaskOrFn = None,
-  state_dtype: Any = None,
-  state_bits: int = 32,
-  min_8bit_size: int = 4096,
-  block_size: int = 256,
-  keep_fp32: MaskOrFn = None,
-  update_in_chunks: bool | None = None,
+  storage: MomentStorage | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim for K objectives: separate Adam moments and counters per objective.
 
-  Args: as :func:`multi_objective_dualoptim_plus`, without the base decays.
+  The step of :func:`dualoptim` with any number of objectives ``0 .. K-1``.
+
+  Args:
+    learning_rate: a float or an optax schedule of the total step count.
+    {objectives}
+    {adam_decays}
+    {weight_decay}
+    {storage}
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
   """
   objective_lr_ratios = _checked_ratios(objective_steps, objective_lr_ratios)
+  direction = transform.scale_by_dualoptim(
+    b1, b2, eps, objective_steps=objective_steps, storage=_storage(storage, state_bits)
+  )
+  hyperparams = _record.record(transform.ScaleByDualOptimState, b1=b1, b2=b2, eps=eps)
   return _lr_chain(
-    transform.scale_by_dualoptim(
-      b1,
-      b2,
-      eps,
-      objective_steps,
-      Precision(
-        state_bits,
-        min_8bit_size,
-        block_size,
-        keep_fp32,
-        state_dtype,
-        update_in_chunks=update_in_chunks,
-      ),
-    ),
+    direction,
+    hyperparams,
     learning_rate,
     weight_decay,
     weight_decay_mask,
@@ -294,61 +315,76 @@ def multi_objective_dualoptim(
   )
 
 
+@_shared_args
 def dualoptim(
   learning_rate: ScalarOrSchedule,
+  *,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
+  weight_decay_mask: MaskOrFn = None,
   forget_lr_ratio: float = 1.0,
   retain_lr_ratio: float = 1.0,
   forget_steps: int = 1,
   retain_steps: int = 1,
-  weight_decay_mask: MaskOrFn = None,
-  state_dtype: Any = None,
-  state_bits: int = 32,
-  min_8bit_size: int = 4096,
-  block_size: int = 256,
-  keep_fp32: MaskOrFn = None,
-  update_in_chunks: bool | None = None,
+  storage: MomentStorage | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim (NeurIPS 2025): an independent AdamW state per objective.
 
-  Args: as :func:`dualoptim_plus`, without the base decays.
+  Each objective ``o`` keeps its own moments ``m_o, v_o`` and step count ``t_o``; a step
+  on ``o`` updates only those::
+
+      m_o = b1 m_o + (1 - b1) g;   v_o = b2 v_o + (1 - b2) g^2
+      u   = (m_o / (1 - b1^t_o)) / (sqrt(v_o / (1 - b2^t_o)) + eps)
+      p   = p - lr_o (u + weight_decay p)
+
+  Args:
+    learning_rate: a float or an optax schedule of the total step count.
+    {adam_decays}
+    {weight_decay}
+    {forget_retain}
+    {storage}
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
+
+  Example:
+    >>> import jax.numpy as jnp, dualoptax
+    >>> tx = dualoptax.dualoptim(1e-3, retain_steps=5, state_bits=8)
+    >>> params = {'w': jnp.ones((64, 64))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones((64, 64))}, state, params)
   """
   _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return multi_objective_dualoptim(
     learning_rate,
     (forget_steps, retain_steps),
-    (forget_lr_ratio, retain_lr_ratio),
+    objective_lr_ratios=(forget_lr_ratio, retain_lr_ratio),
     b1=b1,
     b2=b2,
     eps=eps,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
-    state_dtype=state_dtype,
+    storage=storage,
     state_bits=state_bits,
-    min_8bit_size=min_8bit_size,
-    block_size=block_size,
-    keep_fp32=keep_fp32,
-    update_in_chunks=update_in_chunks,
   )
 
 
+@_shared_args
 def adamw(
   learning_rate: ScalarOrSchedule,
+  *,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 1e-4,
+  weight_decay_mask: MaskOrFn = None,
   forget_lr_ratio: float = 1.0,
   retain_lr_ratio: float = 1.0,
   forget_steps: int = 1,
   retain_steps: int = 1,
-  weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW baseline with the dualoptax interface: ONE Adam state for all objectives.
 
@@ -356,7 +392,11 @@ def adamw(
   objective (through the ratios). With ratios of 1 it equals ``optax.adamw``. For the
   paper's joint baseline, give it the gradient of the weighted sum of both losses.
 
-  Args: as :func:`dualoptim` (``weight_decay`` defaults to optax.adamw's 1e-4).
+  Args:
+    learning_rate: a float or an optax schedule of the total step count.
+    {adam_decays}
+    {weight_decay}
+    {forget_retain}
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
@@ -367,6 +407,7 @@ def adamw(
   _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return _lr_chain(
     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    _record.record(optax.ScaleByAdamState, b1=b1, b2=b2, eps=eps),
     learning_rate,
     weight_decay,
     weight_decay_mask,
@@ -377,6 +418,7 @@ def adamw(
 
 def adam(
   learning_rate: ScalarOrSchedule,
+  *,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,

@@ -9,17 +9,20 @@ For DualOptim the terms are each objective's own ``m_o`` and ``m_o / (sqrt(v_o) 
 
 The functions read a state (a transform's own state or any optax state containing
 exactly one of them, e.g. the alias's chain state) and return per-leaf values, shaped like
-the params, and totals over all leaves. They are pure and jittable.
+the params, and totals over all leaves. They are pure and jittable. The decays and eps
+come from the record the alias keeps in its state (:func:`dualoptax.hyperparameters`),
+never from the caller, so they cannot disagree with the run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
-from dualoptax import _numerics, objectives, quantization, transform
+from dualoptax import _moments, _numerics, _record, objectives, transform
 
 State = TypeVar("State")
 
@@ -39,10 +42,6 @@ class ConflictDiagnostics(NamedTuple):
   base_norm: Any  # norm of the bias-corrected base Bh (zero for DualOptim).
 
 
-def _is_quantized(x: Any) -> bool:
-  return isinstance(x, quantization.QuantizedArray)
-
-
 def find_state(opt_state: Any, state_type: type[State]) -> State:
   """Returns the single ``state_type`` inside ``opt_state`` (e.g. a chain's state).
 
@@ -59,19 +58,6 @@ def find_state(opt_state: Any, state_type: type[State]) -> State:
       f"expected exactly one {state_type.__name__} in the optimizer state, found {len(found)}"
     )
   return found[0]
-
-
-def _as_float32(moment: Any, tables: Any, stacked: bool) -> jax.Array:
-  """A moment as float32, dequantizing 8-bit ones (row by row when stacked)."""
-  if not isinstance(moment, quantization.QuantizedArray):
-    return moment.astype(jnp.float32)
-  table = tables.signed if moment.signed else tables.unsigned
-  dequantize = lambda codes, absmax: quantization.dequantize_blockwise(
-    codes, absmax, table, moment.block_size
-  )
-  if stacked:
-    return jax.vmap(dequantize)(moment.codes, moment.absmax)
-  return dequantize(moment.codes, moment.absmax)
 
 
 def _correct(moment: jax.Array, beta: Any, count: jax.Array) -> jax.Array:
@@ -130,29 +116,44 @@ def _diagnose(terms_per_leaf, like, a, b):
   return per_leaf, total
 
 
+def _hyperparameters(opt_state, state_type, given: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The state's recorded hyperparameters, or ``given`` for a state without a record."""
+  if given is None:
+    return _record.hyperparameters(opt_state, state_type)
+  if _record.holds_record(opt_state, state_type):
+    raise ValueError(
+      f"the optimizer state records the hyperparameters of its {state_type.__name__}; "
+      "do not pass hyperparams"
+    )
+  return dict(given)
+
+
 def dualoptim_plus_diagnostics(
   opt_state: Any,
   *,
-  b1: float = 0.9,
-  b2: float = 0.95,
-  base_b1: float = 0.9,
-  base_b2: float = 0.95,
-  eps: float = 1e-8,
   a: int = objectives.FORGET,
   b: int = objectives.RETAIN,
+  hyperparams: Mapping[str, Any] | None = None,
 ) -> tuple[ConflictDiagnostics, ConflictDiagnostics]:
   """Conflict diagnostics of a DualOptim+ state, as of its last step.
 
-  Pass the same decays and eps as the optimizer (the defaults are the alias's).
+  The decays and eps are those the optimizer recorded in its state
+  (:func:`dualoptax.hyperparameters`), so they always match the run.
 
   Args:
-    opt_state: a ``ScaleByDualOptimPlusState`` or a state containing exactly one.
-    b1, b2, base_b1, base_b2, eps: the optimizer's hyperparameters.
+    opt_state: the state of :func:`dualoptax.dualoptim_plus` (or its multi-objective
+      form), alone or inside any optax state, e.g. a chain or ``inject_hyperparams``.
     a, b: the two objectives compared by the cosines.
+    hyperparams: only for a state without a record (a chain you built from
+      :func:`dualoptax.scale_by_dualoptim_plus`): ``b1, b2, base_b1, base_b2, eps``.
 
   Returns:
     ``(per_leaf, total)``: per-leaf diagnostics (each field a tree like the params) and
     the same quantities over all leaves together.
+
+  Raises:
+    ValueError: if the state holds no single ``ScaleByDualOptimPlusState``, or no record
+      of its hyperparameters and ``hyperparams`` is None (or a record and ``hyperparams``).
 
   Example:
     >>> import jax.numpy as jnp, dualoptax
@@ -166,50 +167,52 @@ def dualoptim_plus_diagnostics(
     True
   """
   s = find_state(opt_state, transform.ScaleByDualOptimPlusState)
+  hp = _hyperparameters(opt_state, transform.ScaleByDualOptimPlusState, hyperparams)
   counts = s.objective_counts
 
   def terms(base_mu, base_nu, delta_mu, delta_nu):
-    mu_base = _correct(_as_float32(base_mu, s.tables, False), base_b1, s.count)
-    nu_base = _correct(_as_float32(base_nu, s.tables, False), base_b2, s.count)
+    mu_base = _correct(_moments.load(base_mu, s.tables), hp["base_b1"], s.count)
+    nu_base = _correct(_moments.load(base_nu, s.tables), hp["base_b2"], s.count)
     k_counts = counts.reshape((-1,) + (1,) * mu_base.ndim)
-    delta_first = _correct(_as_float32(delta_mu, s.tables, True), b1, k_counts)
-    delta_second = _correct(_as_float32(delta_nu, s.tables, True), b2, k_counts)
+    delta_first = _correct(_moments.load(delta_mu, s.tables, stacked=True), hp["b1"], k_counts)
+    delta_second = _correct(_moments.load(delta_nu, s.tables, stacked=True), hp["b2"], k_counts)
     first = delta_first + mu_base[None]
-    precond = first / (jnp.sqrt(jnp.abs(delta_second + nu_base[None])) + eps)
+    precond = first / (jnp.sqrt(jnp.abs(delta_second + nu_base[None])) + hp["eps"])
     return first, precond, mu_base
 
-  out = jax.tree.map(terms, s.base_mu, s.base_nu, s.delta_mu, s.delta_nu, is_leaf=_is_quantized)
-  return _diagnose(out, jax.tree.map(lambda m: 0, s.base_mu, is_leaf=_is_quantized), a, b)
+  moments = (s.base_mu, s.base_nu, s.delta_mu, s.delta_nu)
+  out = jax.tree.map(terms, *moments, is_leaf=_moments.is_8bit)
+  return _diagnose(out, jax.tree.map(lambda m: 0, s.base_mu, is_leaf=_moments.is_8bit), a, b)
 
 
 def dualoptim_diagnostics(
   opt_state: Any,
   *,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
   a: int = objectives.FORGET,
   b: int = objectives.RETAIN,
+  hyperparams: Mapping[str, Any] | None = None,
 ) -> tuple[ConflictDiagnostics, ConflictDiagnostics]:
   """Conflict diagnostics of a DualOptim state (no base: deltas are the moments).
 
-  Args: as :func:`dualoptim_plus_diagnostics` without the base decays.
+  Args: as :func:`dualoptim_plus_diagnostics`; ``hyperparams`` holds ``b1, b2, eps``.
 
   Returns:
     ``(per_leaf, total)`` as :func:`dualoptim_plus_diagnostics`.
   """
   s = find_state(opt_state, transform.ScaleByDualOptimState)
+  hp = _hyperparameters(opt_state, transform.ScaleByDualOptimState, hyperparams)
   counts = s.objective_counts
 
   def terms(mu, nu):
-    mu, nu = _as_float32(mu, s.tables, True), _as_float32(nu, s.tables, True)
+    mu = _moments.load(mu, s.tables, stacked=True)
+    nu = _moments.load(nu, s.tables, stacked=True)
     k_counts = counts.reshape((-1,) + (1,) * (mu.ndim - 1))
-    first = _correct(mu, b1, k_counts)
-    precond = first / (jnp.sqrt(_correct(nu, b2, k_counts)) + eps)
+    first = _correct(mu, hp["b1"], k_counts)
+    precond = first / (jnp.sqrt(_correct(nu, hp["b2"], k_counts)) + hp["eps"])
     return first, precond, jnp.zeros_like(first[0])
 
-  out = jax.tree.map(terms, s.mu, s.nu, is_leaf=_is_quantized)
-  return _diagnose(out, jax.tree.map(lambda m: 0, s.mu, is_leaf=_is_quantized), a, b)
+  out = jax.tree.map(terms, s.mu, s.nu, is_leaf=_moments.is_8bit)
+  return _diagnose(out, jax.tree.map(lambda m: 0, s.mu, is_leaf=_moments.is_8bit), a, b)
 
 
 def state_nbytes(opt_state: Any) -> int:

@@ -27,8 +27,6 @@ FORGET = 0
 RETAIN = 1
 """The unlearning objectives: ``FORGET`` pushes knowledge out, ``RETAIN`` keeps utility."""
 
-OBJECTIVE_NAMES = {FORGET: "forget", RETAIN: "retain"}
-
 
 def check_step_count(name: str, value: Any) -> None:
   """Raises ``ValueError`` unless ``value`` is a non-negative integer (or traced)."""

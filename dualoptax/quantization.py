@@ -396,7 +396,9 @@ def quantize_blockwise_stacked(
 
   Equal to quantizing the rows one by one, but XLA computes the absmax and the codes of
   all rows in one fused loop each instead of one per row, which matters when the rows
-  are small (the 8-bit optimizers quantize their moments chunk by chunk).
+  are small. (The optimizers' chunk loop quantizes its moments together the same way,
+  but from the steps :func:`grid_indices`, :func:`lookup_indices` and
+  :func:`codes_from_lookup`, so that it can keep intermediate values in memory.)
 
   Args:
     xs: float32 (rows, n).

@@ -11,16 +11,27 @@ Each transformation here does one thing and composes with any optax transformati
 Which objective ``o`` a step serves comes from the alternating schedule
 (:mod:`dualoptax.objectives`) or from the ``objective=`` extra argument.
 
-Per-objective moments are stored stacked: a parameter of shape ``S`` has delta (or Adam)
-moments of shape ``(K, *S)``. A step changes only row ``o``: the other objectives'
-moments stay bit-identical (8-bit ones are not even re-quantized), and one compiled step
-serves every objective. For float32 moments the row is written with one select over the
-stack, which XLA updates in place in a donated buffer; a dynamic-update-slice would be
-copied by XLA:CPU every step (see ``_moments.update_row`` and ``tests/dualoptax/test_in_place.py``).
+A step computes its scalar coefficients once (bias corrections, ``1 - beta``), then runs
+the same per-parameter updater (``_moments.update_leaf``) for both optimizers with their
+elementwise maths: the module-level functions below, one per new moment and one for the
+direction. Per-objective moments are stored stacked: a parameter of shape ``S`` has delta
+(or Adam) moments of shape ``(K, *S)``. A step changes only row ``o``: the other
+objectives' moments stay bit-identical (8-bit ones are not even re-quantized), and one
+compiled step serves every objective. For float32 moments the row is written with one
+select over the stack, which XLA updates in place in a donated buffer; a
+dynamic-update-slice would be copied by XLA:CPU every step (see ``_moments.update_row``
+and ``tests/dualoptax/test_in_place.py``).
+
+With 8-bit moments every product is rounded on its own (``_moments.rounded``) except
+``(1 - beta) g`` in the base and Adam first-moment updates, which stays free to become a
+fused multiply-add, so that XLA rounds alike wherever it recomputes a new moment. This
+pattern reproduces the reference's codes best (``tests/integration/test_golden_8bit.py``).
+The operand order of every expression is part of that contract: keep it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from dualoptax import _checks, _moments, _numerics, _tree, objectives
-from dualoptax._moments import Precision
+from dualoptax._moments import MomentStorage, rounded
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -62,25 +73,186 @@ class ScaleByObjectiveLearningRateState(NamedTuple):
   count: jax.Array  # int32 (), steps taken: input to the schedule and the lr schedule.
 
 
-def _zero_moments(
-  params, precision: Precision, quantize: bool, signed: bool, num_objectives: int | None = None
-) -> Any:
-  """Zero moments like ``params`` (stacked K times if ``num_objectives``)."""
-  which = precision.which_leaves(params)
-  return jax.tree.map(
-    lambda p, q: precision.zeros(p, quantize and q, signed, num_objectives), params, which
+# ---------------------------------------------------------------------------------------
+# DualOptim+: the step's scalars, then the elementwise maths of one parameter.
+
+
+class _PlusCoefficients(NamedTuple):
+  """The scalars of one DualOptim+ step on objective ``o``."""
+
+  b1: Any
+  b2: Any
+  base_b1: Any
+  base_b2: Any
+  eps: Any
+  one_minus_b1: Any
+  one_minus_b2: Any
+  one_minus_base_b1: Any
+  one_minus_base_b2: Any
+  inv_base_c1: jax.Array  # 1 / (1 - base_b1^(t-1)), 1 at t = 1
+  inv_base_c2: jax.Array  # 1 / (1 - base_b2^(t-1)), 1 at t = 1
+  delta_c1: jax.Array  # 1 - b1^t_o
+  delta_c2: jax.Array  # 1 - b2^t_o
+
+
+def _plus_coefficients(
+  b1: Any, b2: Any, base_b1: Any, base_b2: Any, eps: Any, count: jax.Array, active_count
+) -> _PlusCoefficients:
+  """Coefficients of step ``count`` (this one included), the ``active_count``-th of ``o``."""
+  # The base has absorbed count - 1 gradients; it is still all-zero at count 1.
+  previous = count - 1
+  base_c1 = jnp.where(previous > 0, _numerics.one_minus_power(base_b1, previous), 1.0)
+  base_c2 = jnp.where(previous > 0, _numerics.one_minus_power(base_b2, previous), 1.0)
+  return _PlusCoefficients(
+    b1=b1,
+    b2=b2,
+    base_b1=base_b1,
+    base_b2=base_b2,
+    eps=eps,
+    one_minus_b1=_numerics.one_minus(b1),
+    one_minus_b2=_numerics.one_minus(b2),
+    one_minus_base_b1=_numerics.one_minus(base_b1),
+    one_minus_base_b2=_numerics.one_minus(base_b2),
+    inv_base_c1=1.0 / base_c1,
+    inv_base_c2=1.0 / base_c2,
+    delta_c1=_numerics.one_minus_power(b1, active_count),
+    delta_c2=_numerics.one_minus_power(b2, active_count),
   )
 
 
-def _moment_shapes(moments: Any, stacked: bool = False) -> Any:
-  """Shapes of the parameters ``moments`` were built for (rows of stacked moments), with
-  8-bit moments as single leaves, to check incoming updates against."""
+class _PlusContext(NamedTuple):
+  """What the new DualOptim+ moments of one parameter share."""
 
-  def shape_of(m):
-    shape = m.codes.shape if isinstance(m, _moments.quantization.QuantizedArray) else m.shape
-    return jax.ShapeDtypeStruct(shape[1:] if stacked else shape, jnp.float32)
+  g: jax.Array
+  g_sq: jax.Array
+  mu_hat_base: jax.Array  # Bh, as of the previous step
+  nu_hat_base: jax.Array  # Vh, as of the previous step
 
-  return jax.tree.map(shape_of, moments, is_leaf=_moments.is_moment_leaf)
+
+def _plus_context(c: _PlusCoefficients, guard, g, base_mu, base_nu) -> _PlusContext:
+  # Bh and Vh as products with a scalar reciprocal: XLA recomputes a multiply inside each
+  # fusion that needs them, but would materialize a divide as a temporary array.
+  return _PlusContext(
+    g=g,
+    g_sq=rounded(g * g, guard),
+    mu_hat_base=rounded(base_mu * c.inv_base_c1, guard),
+    nu_hat_base=rounded(base_nu * c.inv_base_c2, guard),
+  )
+
+
+def _new_base_mu(c: _PlusCoefficients, guard, x: _PlusContext, base_mu):
+  """B = base_b1 B + (1 - base_b1) g."""
+  return rounded(c.base_b1 * base_mu, guard) + c.one_minus_base_b1 * x.g
+
+
+def _new_base_nu(c: _PlusCoefficients, guard, x: _PlusContext, base_nu):
+  """V = base_b2 V + (1 - base_b2) g^2."""
+  return rounded(c.base_b2 * base_nu, guard) + c.one_minus_base_b2 * x.g_sq
+
+
+def _new_delta_mu(c: _PlusCoefficients, guard, x: _PlusContext, delta_mu):
+  """D_o = b1 D_o + (1 - b1) (g - Bh)."""
+  return rounded(c.b1 * delta_mu, guard) + rounded(c.one_minus_b1 * (x.g - x.mu_hat_base), guard)
+
+
+def _new_delta_nu(c: _PlusCoefficients, guard, x: _PlusContext, delta_nu):
+  """E_o = b2 E_o + (1 - b2) (g^2 - Vh)."""
+  return rounded(c.b2 * delta_nu, guard) + rounded(c.one_minus_b2 * (x.g_sq - x.nu_hat_base), guard)
+
+
+def _plus_direction(c: _PlusCoefficients, x: _PlusContext, base_mu, base_nu, delta_mu, delta_nu):
+  """u = (Dh_o + Bh) / (sqrt(|Eh_o + Vh|) + eps), with the base before this step."""
+  del base_mu, base_nu  # the new base serves the next step
+  return (delta_mu / c.delta_c1 + x.mu_hat_base) / (
+    jnp.sqrt(jnp.abs(delta_nu / c.delta_c2 + x.nu_hat_base)) + c.eps
+  )
+
+
+_PLUS_RULE = _moments.LeafRule(
+  stacked=(False, False, True, True),
+  context=_plus_context,
+  moments=(_new_base_mu, _new_base_nu, _new_delta_mu, _new_delta_nu),
+  direction=_plus_direction,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# DualOptim: Adam on the active objective's moments.
+
+
+class _AdamCoefficients(NamedTuple):
+  """The scalars of one DualOptim step on objective ``o``."""
+
+  b1: Any
+  b2: Any
+  eps: Any
+  one_minus_b1: Any
+  one_minus_b2: Any
+  c1: jax.Array  # 1 - b1^t_o
+  c2: jax.Array  # 1 - b2^t_o
+
+
+def _adam_coefficients(b1: Any, b2: Any, eps: Any, active_count: jax.Array) -> _AdamCoefficients:
+  return _AdamCoefficients(
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    one_minus_b1=_numerics.one_minus(b1),
+    one_minus_b2=_numerics.one_minus(b2),
+    c1=_numerics.one_minus_power(b1, active_count),
+    c2=_numerics.one_minus_power(b2, active_count),
+  )
+
+
+def _adam_context(c: _AdamCoefficients, guard, g):
+  del c, guard
+  return g
+
+
+# Float32: the operand order of optax.scale_by_adam ((1 - b) g + b m), so that XLA
+# contracts it the same way and K = 1 reproduces optax bit for bit.
+def _new_mu(c: _AdamCoefficients, guard, g, mu):
+  """m_o = b1 m_o + (1 - b1) g."""
+  return c.one_minus_b1 * g + rounded(c.b1 * mu, guard)
+
+
+def _new_nu(c: _AdamCoefficients, guard, g, nu):
+  """v_o = b2 v_o + (1 - b2) g^2."""
+  return c.one_minus_b2 * rounded(g * g, guard) + rounded(c.b2 * nu, guard)
+
+
+def _adam_direction(c: _AdamCoefficients, g, mu, nu):
+  """u = (m_o / (1 - b1^t_o)) / (sqrt(v_o / (1 - b2^t_o)) + eps)."""
+  del g
+  return (mu / c.c1) / (jnp.sqrt(nu / c.c2) + c.eps)
+
+
+_ADAM_RULE = _moments.LeafRule(
+  stacked=(True, True), context=_adam_context, moments=(_new_mu, _new_nu), direction=_adam_direction
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The transformations.
+
+
+def _update_leaves(
+  rule: _moments.LeafRule,
+  coefficients: Any,
+  updates: optax.Updates,
+  moments: Sequence[Any],
+  active: jax.Array,
+  storage: MomentStorage,
+  tables: _moments.StateTables | None,
+  guard: jax.Array,
+) -> tuple[optax.Updates, list[Any]]:
+  """Runs ``rule`` on every parameter: ``(direction tree, [new moment trees])``."""
+  leaf = functools.partial(
+    _moments.update_leaf, rule, coefficients, active=active, storage=storage, tables=tables
+  )
+  out = jax.tree.map(lambda g, *m: leaf(g, m, guard=guard), updates, *moments)
+  direction, *new_moments = _tree.unzip(out, updates, 1 + len(moments))
+  return direction, new_moments
 
 
 def _check_common(b1: Any, b2: Any, eps: Any, objective_steps: Sequence[Any]) -> None:
@@ -96,10 +268,9 @@ def scale_by_dualoptim_plus(
   base_b1: float = 0.9,
   base_b2: float = 0.95,
   eps: float = 1e-8,
+  *,
   objective_steps: Sequence[int] = (1, 1),
-  precision: Precision = Precision(),
-  quantize_base: bool = True,
-  quantize_deltas: bool = True,
+  storage: MomentStorage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by the DualOptim+ rule (shared base + per-objective deltas).
 
@@ -115,7 +286,7 @@ def scale_by_dualoptim_plus(
   :func:`scale_by_objective_learning_rate`). The base is bias-corrected as of the
   previous step because it absorbs ``g`` only after the update.
 
-  With ``precision.state_bits == 8``, leaves of at least ``precision.min_8bit_size``
+  With ``storage.state_bits == 8``, leaves of at least ``storage.min_8bit_size``
   elements store the six moments as block-wise 8-bit codes: ``B``, ``D``, ``E`` with the
   signed dynamic map (``E`` can be negative), ``V`` with the unsigned one. A step
   dequantizes the four moments it touches, updates them in float32 and re-quantizes them
@@ -132,9 +303,7 @@ def scale_by_dualoptim_plus(
     eps: added to the square root, after bias correction.
     objective_steps: steps per objective in one cycle of the alternating schedule; its
       length is the number of objectives K.
-    precision: how moments are stored (float32 or 8-bit, see :class:`Precision`).
-    quantize_base: with 8-bit states, whether the base ``B, V`` is quantized.
-    quantize_deltas: with 8-bit states, whether the deltas ``D, E`` are quantized.
+    storage: how the moments are stored (None: float32; see :class:`MomentStorage`).
 
   Returns:
     A transformation accepting the ``objective=`` extra argument (an int or int32 array).
@@ -151,116 +320,36 @@ def scale_by_dualoptim_plus(
   _check_common(b1, b2, eps, objective_steps)
   _checks.check_decay("base_b1", base_b1)
   _checks.check_decay("base_b2", base_b2)
+  storage = MomentStorage() if storage is None else storage
   num_objectives = len(objective_steps)
 
   def init_fn(params):
+    deltas = functools.partial(storage.zeros_like, params, storage.quantize_deltas, True)
     return ScaleByDualOptimPlusState(
       count=jnp.zeros([], jnp.int32),
       objective_counts=jnp.zeros([num_objectives], jnp.int32),
-      base_mu=_zero_moments(params, precision, quantize_base, signed=True),
-      base_nu=_zero_moments(params, precision, quantize_base, signed=False),
-      delta_mu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
-      delta_nu=_zero_moments(params, precision, quantize_deltas, True, num_objectives),
-      tables=precision.tables(),
+      base_mu=storage.zeros_like(params, storage.quantize_base, signed=True),
+      base_nu=storage.zeros_like(params, storage.quantize_base, signed=False),
+      delta_mu=deltas(num_objectives),
+      delta_nu=deltas(num_objectives),
+      tables=storage.tables(),
     )
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    _checks.check_tree_matches(updates, _moment_shapes(state.base_mu), "DualOptim+ state")
+    _checks.check_tree_matches(updates, _moments.param_shapes(state.base_mu), "DualOptim+ state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     count = optax.safe_increment(state.count)
     objective_counts = state.objective_counts.at[active].add(1)
-    active_count = objective_counts[active]
-    tables = state.tables
-
-    # The base has absorbed count - 1 gradients; it is still all-zero at count 1.
-    base_previous = count - 1
-    base_c1 = jnp.where(base_previous > 0, _numerics.one_minus_power(base_b1, base_previous), 1.0)
-    base_c2 = jnp.where(base_previous > 0, _numerics.one_minus_power(base_b2, base_previous), 1.0)
-    inv_base_c1, inv_base_c2 = 1.0 / base_c1, 1.0 / base_c2
-    delta_c1 = _numerics.one_minus_power(b1, active_count)
-    delta_c2 = _numerics.one_minus_power(b2, active_count)
-    one_minus_b1, one_minus_b2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
-    one_minus_bb1 = _numerics.one_minus(base_b1)
-    one_minus_bb2 = _numerics.one_minus(base_b2)
-
+    coefficients = _plus_coefficients(
+      b1, b2, base_b1, base_b2, eps, count, objective_counts[active]
+    )
+    moments = (state.base_mu, state.base_nu, state.delta_mu, state.delta_nu)
     guard = _moments.contraction_guard(state.count)
-
-    def leaf_update(g, base_mu, base_nu, delta_mu, delta_nu):
-      stored = (base_mu, base_nu, delta_mu, delta_nu)
-      # 8-bit moments: every product is rounded on its own except (1 - base_b) g in the
-      # base updates, which stays free to become a fused multiply-add, so that XLA rounds
-      # alike wherever it recomputes a new moment (see `_moments.rounded`). This
-      # pattern reproduces the reference's codes best (tests/integration/test_golden_8bit.py).
-      quantized = [_moments.is_moment_leaf(m) for m in stored]
-      r = (lambda x: _moments.rounded(x, guard)) if any(quantized) else (lambda x: x)
-
-      def base_hats(bm, bn):
-        # Times a scalar reciprocal: XLA recomputes a multiply inside each fusion that
-        # needs Bh and Vh, but would materialize a divide as a temporary array.
-        return r(bm * inv_base_c1), r(bn * inv_base_c2)
-
-      def new_moments(g32, bm, bn, dm, dn):
-        """(B, V, D_o, E_o) after this step, from their values before it."""
-        g_sq = r(g32 * g32)
-        mu_hat_base, nu_hat_base = base_hats(bm, bn)
-        return (
-          r(base_b1 * bm) + one_minus_bb1 * g32,
-          r(base_b2 * bn) + one_minus_bb2 * g_sq,
-          r(b1 * dm) + r(one_minus_b1 * (g32 - mu_hat_base)),
-          r(b2 * dn) + r(one_minus_b2 * (g_sq - nu_hat_base)),
-        )
-
-      def direction_from(bm, bn, d, e):
-        mu_hat_base, nu_hat_base = base_hats(bm, bn)
-        return (d / delta_c1 + mu_hat_base) / (jnp.sqrt(jnp.abs(e / delta_c2 + nu_hat_base)) + eps)
-
-      def step(g32, bm, bn, dm, dn):
-        new = new_moments(g32, bm, bn, dm, dn)
-        return new, (direction_from(bm, bn, new[2], new[3]),)
-
-      g32 = g.astype(jnp.float32)
-      if precision.chunked(stored):
-        # One loop over chunks reads the old codes, writes the new ones in place and
-        # produces the direction (see `_moments.update_quantized`).
-        (new_base_mu, new_base_nu, delta_mu, delta_nu), (direction,) = _moments.update_quantized(
-          step, g32, stored, (None, None, active, active), tables, guard, output_dtypes=(g.dtype,)
-        )
-      else:
-        old_base_mu = _moments.load(base_mu, tables)
-        old_base_nu = _moments.load(base_nu, tables)
-        new_base_mu, new_base_nu = (
-          _moments.store(value, like, tables)
-          for value, like in zip(new_moments(g32, old_base_mu, old_base_nu, 0.0, 0.0)[:2], stored)
-        )
-        delta_mu, d = _moments.update_row(
-          delta_mu,
-          lambda dm: new_moments(g32, old_base_mu, old_base_nu, dm, 0.0)[2],
-          active,
-          tables,
-        )
-        delta_nu, e = _moments.update_row(
-          delta_nu,
-          lambda dn: new_moments(g32, old_base_mu, old_base_nu, 0.0, dn)[3],
-          active,
-          tables,
-        )
-        direction = direction_from(old_base_mu, old_base_nu, d, e)
-      return (direction.astype(g.dtype), new_base_mu, new_base_nu, delta_mu, delta_nu)
-
-    out = jax.tree.map(
-      leaf_update, updates, state.base_mu, state.base_nu, state.delta_mu, state.delta_nu
+    direction, new = _update_leaves(
+      _PLUS_RULE, coefficients, updates, moments, active, storage, state.tables, guard
     )
-    direction, base_mu, base_nu, delta_mu, delta_nu = _tree.unzip(out, updates, 5)
-    return direction, ScaleByDualOptimPlusState(
-      count=count,
-      objective_counts=objective_counts,
-      base_mu=base_mu,
-      base_nu=base_nu,
-      delta_mu=delta_mu,
-      delta_nu=delta_nu,
-      tables=tables,
-    )
+    return direction, ScaleByDualOptimPlusState(count, objective_counts, *new, state.tables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -269,8 +358,9 @@ def scale_by_dualoptim(
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
+  *,
   objective_steps: Sequence[int] = (1, 1),
-  precision: Precision = Precision(),
+  storage: MomentStorage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Adam on the active objective's own moments (DualOptim).
 
@@ -279,7 +369,7 @@ def scale_by_dualoptim(
       m_o = b1 m_o + (1 - b1) g;  v_o = b2 v_o + (1 - b2) g^2
       u = (m_o / (1 - b1^t_o)) / (sqrt(v_o / (1 - b2^t_o)) + eps)
 
-  With one objective this is exactly ``optax.scale_by_adam``. With 8-bit ``precision``,
+  With one objective this is exactly ``optax.scale_by_adam``. With 8-bit ``storage``,
   ``m`` uses the signed map and ``v`` the unsigned one.
 
   Args:
@@ -288,71 +378,44 @@ def scale_by_dualoptim(
     eps: added to the square root, after bias correction.
     objective_steps: steps per objective in one cycle of the alternating schedule; its
       length is the number of objectives K.
-    precision: how moments are stored (float32 or 8-bit, see :class:`Precision`).
+    storage: how the moments are stored (None: float32; see :class:`MomentStorage`).
+      ``quantize_base`` and ``quantize_deltas`` must stay True: DualOptim has neither.
 
   Returns:
     A transformation accepting the ``objective=`` extra argument.
   """
   _check_common(b1, b2, eps, objective_steps)
+  storage = MomentStorage() if storage is None else storage
+  if not (storage.quantize_base and storage.quantize_deltas):
+    raise ValueError(
+      "quantize_base and quantize_deltas choose DualOptim+'s state groups; DualOptim has "
+      f"neither, got quantize_base={storage.quantize_base!r}, "
+      f"quantize_deltas={storage.quantize_deltas!r}"
+    )
   num_objectives = len(objective_steps)
 
   def init_fn(params):
     return ScaleByDualOptimState(
       count=jnp.zeros([], jnp.int32),
       objective_counts=jnp.zeros([num_objectives], jnp.int32),
-      mu=_zero_moments(params, precision, True, True, num_objectives),
-      nu=_zero_moments(params, precision, True, False, num_objectives),
-      tables=precision.tables(),
+      mu=storage.zeros_like(params, True, True, num_objectives),
+      nu=storage.zeros_like(params, True, False, num_objectives),
+      tables=storage.tables(),
     )
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    _checks.check_tree_matches(updates, _moment_shapes(state.mu, stacked=True), "DualOptim state")
+    shapes = _moments.param_shapes(state.mu, stacked=True)
+    _checks.check_tree_matches(updates, shapes, "DualOptim state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     objective_counts = state.objective_counts.at[active].add(1)
-    active_count = objective_counts[active]
-    c1 = _numerics.one_minus_power(b1, active_count)
-    c2 = _numerics.one_minus_power(b2, active_count)
-    one_minus_b1, one_minus_b2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
-    tables = state.tables
-
+    coefficients = _adam_coefficients(b1, b2, eps, objective_counts[active])
     guard = _moments.contraction_guard(state.count)
-
-    def leaf_update(g, mu, nu):
-      g32 = g.astype(jnp.float32)
-      direction_from = lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps)
-      # 8-bit: round b m on its own so that every fusion XLA recomputes the new moment
-      # in rounds it alike (see `_moments.rounded`). Float32: same operand order as
-      # optax.scale_by_adam ((1 - b) g + b m), so that XLA contracts it the same way and
-      # K = 1 reproduces optax bit for bit.
-      any_quantized = _moments.is_moment_leaf(mu) or _moments.is_moment_leaf(nu)
-      r = (lambda x: _moments.rounded(x, guard)) if any_quantized else (lambda x: x)
-      new_mu = lambda grad, mo: one_minus_b1 * grad + r(b1 * mo)
-      new_nu = lambda grad, no: one_minus_b2 * r(grad * grad) + r(b2 * no)
-      if precision.chunked((mu, nu)):
-        # One loop over chunks rewrites the codes in place and produces the direction
-        # (see `_moments.update_quantized`).
-        def step(grad, mo, no):  # grad: a chunk of g32
-          m, v = new_mu(grad, mo), new_nu(grad, no)
-          return (m, v), (direction_from(m, v),)
-
-        (mu, nu), (direction,) = _moments.update_quantized(
-          step, g32, (mu, nu), (active, active), tables, guard, output_dtypes=(g.dtype,)
-        )
-        return direction, mu, nu
-      mu, m = _moments.update_row(mu, lambda mo: new_mu(g32, mo), active, tables)
-      nu, v = _moments.update_row(nu, lambda no: new_nu(g32, no), active, tables)
-      return direction_from(m, v).astype(g.dtype), mu, nu
-
-    out = jax.tree.map(leaf_update, updates, state.mu, state.nu)
-    direction, mu, nu = _tree.unzip(out, updates, 3)
-    return direction, ScaleByDualOptimState(
-      count=optax.safe_increment(state.count),
-      objective_counts=objective_counts,
-      mu=mu,
-      nu=nu,
-      tables=tables,
+    direction, (mu, nu) = _update_leaves(
+      _ADAM_RULE, coefficients, updates, (state.mu, state.nu), active, storage, state.tables, guard
     )
+    count = optax.safe_increment(state.count)
+    return direction, ScaleByDualOptimState(count, objective_counts, mu, nu, state.tables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

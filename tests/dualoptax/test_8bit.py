@@ -34,7 +34,10 @@ def test_8bit_state_is_at_most_6_1_bytes_per_parameter():
 
 def test_small_leaves_and_chosen_leaves_keep_float32():
   tx = dualoptax.dualoptim_plus(
-    1e-3, state_bits=8, min_8bit_size=4096, keep_fp32=lambda p: {k: k == "embed" for k in p}
+    1e-3,
+    storage=dualoptax.MomentStorage(
+      state_bits=8, min_8bit_size=4096, keep_fp32=lambda p: {k: k == "embed" for k in p}
+    ),
   )
   s = dualoptax.find_state(tx.init(PARAMS), dualoptax.ScaleByDualOptimPlusState)
   assert _leaf_kinds(s.base_mu) == {"embed": "ArrayImpl", "w": "QuantizedArray", "b": "ArrayImpl"}
@@ -47,7 +50,10 @@ def test_small_leaves_and_chosen_leaves_keep_float32():
 @pytest.mark.parametrize("quantize_base,quantize_deltas", [(True, False), (False, True)])
 def test_state_groups_can_be_quantized_separately(quantize_base, quantize_deltas):
   tx = dualoptax.dualoptim_plus(
-    1e-3, state_bits=8, quantize_base=quantize_base, quantize_deltas=quantize_deltas
+    1e-3,
+    storage=dualoptax.MomentStorage(
+      state_bits=8, quantize_base=quantize_base, quantize_deltas=quantize_deltas
+    ),
   )
   s = dualoptax.find_state(tx.init(PARAMS), dualoptax.ScaleByDualOptimPlusState)
   assert isinstance(s.base_mu["w"], dualoptax.QuantizedArray) == quantize_base
@@ -100,7 +106,11 @@ def _train_mlp(tx, steps=300, seed=0):
 
 def test_8bit_converges_like_fp32():
   fp32 = _train_mlp(dualoptax.dualoptim_plus(3e-3))
-  q8 = _train_mlp(dualoptax.dualoptim_plus(3e-3, state_bits=8, min_8bit_size=2048))
+  q8 = _train_mlp(
+    dualoptax.dualoptim_plus(
+      3e-3, storage=dualoptax.MomentStorage(state_bits=8, min_8bit_size=2048)
+    )
+  )
   initial = _train_mlp(dualoptax.dualoptim_plus(0.0), steps=1)
   assert fp32 < 0.5 * initial, (fp32, initial)  # it really trained
   assert abs(q8 - fp32) <= 0.05 * fp32, (q8, fp32)
@@ -124,8 +134,12 @@ def test_8bit_state_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize(
   "make",
   [
-    lambda: dualoptax.dualoptim(3e-3, state_bits=8, min_8bit_size=2048),
-    lambda: dualoptax.dualoptim_plus(3e-3, state_bits=8, min_8bit_size=2048),
+    lambda: dualoptax.dualoptim(
+      3e-3, storage=dualoptax.MomentStorage(state_bits=8, min_8bit_size=2048)
+    ),
+    lambda: dualoptax.dualoptim_plus(
+      3e-3, storage=dualoptax.MomentStorage(state_bits=8, min_8bit_size=2048)
+    ),
   ],
   ids=["dualoptim", "dualoptim_plus"],
 )
@@ -200,10 +214,14 @@ def test_chunked_8bit_update_equals_one_chunk(make, monkeypatch):
   "make",
   [
     lambda chunks: dualoptax.dualoptim(
-      1e-2, weight_decay=0.01, state_bits=8, min_8bit_size=1024, update_in_chunks=chunks
+      1e-2,
+      weight_decay=0.01,
+      storage=dualoptax.MomentStorage(state_bits=8, min_8bit_size=1024, update_in_chunks=chunks),
     ),
     lambda chunks: dualoptax.dualoptim_plus(
-      1e-2, weight_decay=0.01, state_bits=8, min_8bit_size=1024, update_in_chunks=chunks
+      1e-2,
+      weight_decay=0.01,
+      storage=dualoptax.MomentStorage(state_bits=8, min_8bit_size=1024, update_in_chunks=chunks),
     ),
   ],
   ids=["dualoptim", "dualoptim_plus"],
@@ -235,7 +253,9 @@ def test_update_in_chunks_chooses_the_loop(update_in_chunks, loops):
   """None picks the chunk loop on one CPU device (the default test set-up)."""
   if jax.default_backend() != "cpu" or jax.device_count() != 1:
     pytest.skip("the default choice is only the loop on a single CPU device")
-  tx = dualoptax.dualoptim_plus(1e-3, state_bits=8, update_in_chunks=update_in_chunks)
+  tx = dualoptax.dualoptim_plus(
+    1e-3, storage=dualoptax.MomentStorage(state_bits=8, update_in_chunks=update_in_chunks)
+  )
   state = tx.init(PARAMS)
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, PARAMS))(grads, state)
@@ -246,7 +266,7 @@ def test_update_in_chunks_chooses_the_loop(update_in_chunks, loops):
 @pytest.mark.parametrize("value", ["yes", 1, 0.0])
 def test_update_in_chunks_must_be_a_bool_or_none(value):
   with pytest.raises(ValueError, match=f"update_in_chunks={value!r}"):
-    dualoptax.dualoptim_plus(1e-3, state_bits=8, update_in_chunks=value)
+    dualoptax.MomentStorage(state_bits=8, update_in_chunks=value)
 
 
 def test_moments_too_large_for_int32_offsets_take_the_whole_array_update():
@@ -259,8 +279,33 @@ def test_moments_too_large_for_int32_offsets_take_the_whole_array_update():
       absmax=jax.ShapeDtypeStruct((blocks,), jnp.float32),
     )
 
-  precision = _moments.Precision(state_bits=8, update_in_chunks=True)
-  assert precision.chunked([moment((4096, 4096)), moment((2, 4096, 4096))])
+  storage = _moments.MomentStorage(state_bits=8, update_in_chunks=True)
+  assert storage.chunked([moment((4096, 4096)), moment((2, 4096, 4096))])
   # Two objectives' rows of a 2**30-value parameter: 2**31 codes in the stacked moment.
-  assert not precision.chunked([moment((2**15, 2**15)), moment((2, 2**15, 2**15))])
-  assert not precision.chunked([moment((64, 64)), jnp.zeros((64, 64))])  # not all 8-bit
+  assert not storage.chunked([moment((2**15, 2**15)), moment((2, 2**15, 2**15))])
+  assert not storage.chunked([moment((64, 64)), jnp.zeros((64, 64))])  # not all 8-bit
+
+
+def test_state_bits_is_a_shorthand_for_the_storage():
+  short = dualoptax.dualoptim_plus(1e-3, state_bits=8).init(PARAMS)
+  full = dualoptax.dualoptim_plus(1e-3, storage=dualoptax.MomentStorage(state_bits=8)).init(PARAMS)
+  assert jax.tree.structure(short) == jax.tree.structure(full)
+  # Given both, they must agree.
+  storage = dualoptax.MomentStorage(state_bits=8, min_8bit_size=1024)
+  tx = dualoptax.dualoptim(1e-3, storage=storage, state_bits=8)
+  s = dualoptax.find_state(tx.init(PARAMS), dualoptax.ScaleByDualOptimState)
+  assert isinstance(s.mu["w"], dualoptax.QuantizedArray)
+  with pytest.raises(ValueError, match="state_bits=32 disagrees with storage.state_bits=8"):
+    dualoptax.dualoptim_plus(1e-3, storage=storage, state_bits=32)
+
+
+def test_storage_options_are_checked():
+  with pytest.raises(ValueError, match="state_bits=16"):
+    dualoptax.MomentStorage(state_bits=16)
+  with pytest.raises(ValueError, match="block_size"):
+    dualoptax.MomentStorage(block_size=0)
+  with pytest.raises(TypeError):  # keyword-only: no positional rebuild
+    dualoptax.MomentStorage(8)
+  # DualOptim has no base or deltas to choose from.
+  with pytest.raises(ValueError, match="quantize_base=False"):
+    dualoptax.dualoptim(1e-3, storage=dualoptax.MomentStorage(state_bits=8, quantize_base=False))

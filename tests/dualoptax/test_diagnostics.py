@@ -48,9 +48,7 @@ def _plus():
 
 
 def _plus_diag(state):
-  return dualoptax.dualoptim_plus_diagnostics(
-    state, b1=B1, b2=B2, base_b1=BB1, base_b2=BB2, eps=EPS
-  )
+  return dualoptax.dualoptim_plus_diagnostics(state)
 
 
 def _cos(x, y):
@@ -115,7 +113,7 @@ def test_bridging_shows_in_the_diagnostics():
 def test_dualoptim_diagnostics_are_the_adam_moments():
   tx = dualoptax.dualoptim(1e-2, b1=B1, b2=B2, eps=EPS)
   state = _run(tx, _grads("opposed"))
-  per_leaf, total = dualoptax.dualoptim_diagnostics(state, b1=B1, b2=B2, eps=EPS)
+  per_leaf, total = dualoptax.dualoptim_diagnostics(state)
   s = dualoptax.find_state(state, dualoptax.ScaleByDualOptimState)
   counts = np.asarray(s.objective_counts)
   m = {
@@ -159,7 +157,7 @@ def test_diagnostics_of_8bit_states_follow_the_fp32_ones(name):
   }[name]
   diagnose = {
     "dualoptim_plus": dualoptax.dualoptim_plus_diagnostics,
-    "dualoptim": lambda s: dualoptax.dualoptim_diagnostics(s, b1=B1, b2=B2),
+    "dualoptim": dualoptax.dualoptim_diagnostics,
   }[name]
   c = np.random.default_rng(5).normal(size=(64, 64))
 
@@ -175,9 +173,84 @@ def test_diagnostics_of_8bit_states_follow_the_fp32_ones(name):
       _, state = tx.update(grads_fn(t, rng), state, params)
     return state
 
-  per_leaf8, total8 = diagnose(run(make(state_bits=8, min_8bit_size=1024)))
+  per_leaf8, total8 = diagnose(
+    run(make(storage=dualoptax.MomentStorage(state_bits=8, min_8bit_size=1024)))
+  )
   _, total32 = diagnose(run(make()))
   assert float(total32.update_cosine) < -0.5
   np.testing.assert_allclose(total8.update_cosine, total32.update_cosine, atol=0.02)
   np.testing.assert_allclose(total8.update_norm, total32.update_norm, rtol=0.05)
   assert per_leaf8.update_cosine["w"].shape == ()
+
+
+# ---------------------------------------------------------------------------------------
+# The hyperparameters the diagnostics use come from the optimizer's state.
+
+
+def test_the_state_records_the_optimizers_hyperparameters():
+  params = {"w": jnp.ones((6, 5))}
+  plus = dualoptax.hyperparameters(_plus().init(params), dualoptax.ScaleByDualOptimPlusState)
+  assert plus == dict(b1=B1, b2=B2, base_b1=BB1, base_b2=BB2, eps=EPS)
+  dual = dualoptax.dualoptim(1e-2, b1=0.8, b2=0.99, eps=1e-6).init(params)
+  assert dualoptax.hyperparameters(dual, dualoptax.ScaleByDualOptimState) == dict(
+    b1=0.8, b2=0.99, eps=1e-6
+  )
+  adam = dualoptax.adamw(1e-2, b2=0.95).init(params)
+  assert dualoptax.hyperparameters(adam, optax.ScaleByAdamState)["b2"] == 0.95
+
+
+def test_the_record_takes_no_bytes_and_leaves_the_arrays_where_they_were():
+  """The alias's state holds the same arrays, under the same paths, as the chain it is
+  made of: checkpoints and ``state_nbytes`` do not see the record."""
+  params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}
+  alias = _plus().init(params)
+  chain = optax.chain(
+    dualoptax.scale_by_dualoptim_plus(B1, B2, BB1, BB2, EPS),
+    optax.add_decayed_weights(0.0),
+    dualoptax.scale_by_objective_learning_rate(1e-2),
+  ).init(params)
+  paths = lambda tree: [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(tree)]
+  assert paths(alias) == paths(chain)
+  assert dualoptax.state_nbytes(alias) == dualoptax.state_nbytes(chain)
+
+
+def test_diagnostics_of_a_hand_built_chain_need_its_hyperparameters():
+  """A chain of ``scale_by_*`` has no record: the diagnostics say so, and take the
+  hyperparameters explicitly; a state with a record refuses them."""
+  hp = dict(b1=B1, b2=B2, base_b1=BB1, base_b2=BB2, eps=EPS)
+  chain = optax.chain(
+    dualoptax.scale_by_dualoptim_plus(**hp), dualoptax.scale_by_objective_learning_rate(1e-2)
+  )
+  state = _run(chain, _grads("opposed"))
+  with pytest.raises(ValueError, match="record"):
+    dualoptax.dualoptim_plus_diagnostics(state)
+  _, explicit = dualoptax.dualoptim_plus_diagnostics(state, hyperparams=hp)
+  _, recorded = _plus_diag(_run(_plus(), _grads("opposed")))
+  np.testing.assert_allclose(explicit.update_cosine, recorded.update_cosine, rtol=1e-6)
+  with pytest.raises(ValueError, match="do not pass hyperparams"):
+    dualoptax.dualoptim_plus_diagnostics(_run(_plus(), _grads("opposed")), hyperparams=hp)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_diagnostics_under_inject_hyperparams_read_the_injected_values(jit):
+  exact = dict(b1=0.875, b2=0.9375, base_b1=0.75, base_b2=0.96875)  # exact in float32
+  injected = optax.inject_hyperparams(dualoptax.dualoptim_plus)(learning_rate=1e-2, **exact)
+  plain = dualoptax.dualoptim_plus(1e-2, **exact)
+  diagnose = jax.jit(_plus_diag) if jit else _plus_diag
+  _, got = diagnose(_run(injected, _grads("opposed")))
+  _, want = _plus_diag(_run(plain, _grads("opposed")))
+  np.testing.assert_allclose(got.update_cosine, want.update_cosine, rtol=1e-5)
+  np.testing.assert_allclose(got.preconditioned_cosine, want.preconditioned_cosine, rtol=1e-5)
+  # A value changed in the injected hyperparameters is the one the diagnostics use.
+  state = _run(injected, _grads("opposed"))
+  hp = dualoptax.hyperparameters(state, dualoptax.ScaleByDualOptimPlusState)
+  assert float(hp["base_b1"]) == 0.75
+  state.hyperparams["base_b1"] = jnp.float32(0.5)
+  _, changed = diagnose(state)
+  assert abs(float(changed.base_norm) / float(got.base_norm) - 1.0) > 0.01  # Bh changed
+
+
+def test_a_value_given_as_an_array_outside_inject_hyperparams_fails_clearly():
+  state = dualoptax.dualoptim_plus(1e-2, b1=jnp.float32(0.9)).init({"w": jnp.ones(3)})
+  with pytest.raises(ValueError, match="b1 of the ScaleByDualOptimPlusState was given as an"):
+    dualoptax.dualoptim_plus_diagnostics(state)

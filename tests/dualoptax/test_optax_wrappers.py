@@ -201,7 +201,7 @@ def test_inject_hyperparams_matches_plain_alias(name, betas):
   n = 10
   factory = {"dualoptim_plus": dualoptax.dualoptim_plus, "dualoptim": dualoptax.dualoptim}
   kw = {**HP, **(EXACT_BETAS[name] if betas == "exact" else {})}
-  injected = optax.inject_hyperparams(factory[name], static_args=("state_dtype",))(**kw)
+  injected = optax.inject_hyperparams(factory[name], static_args=("storage",))(**kw)
   plain = make(name, **COMMON) if betas == "default" else factory[name](**kw)
   grads = _grads(n, seed=11, objectives=_objectives((2, 3), n))
   got, want = run(injected, grads), run(plain, grads)
@@ -217,7 +217,7 @@ def test_inject_hyperparams_matches_plain_alias(name, betas):
 
 
 def test_inject_hyperparams_changes_take_effect_under_jit():
-  tx = optax.inject_hyperparams(dualoptax.dualoptim_plus, static_args=("state_dtype",))(**HP)
+  tx = optax.inject_hyperparams(dualoptax.dualoptim_plus, static_args=("storage",))(**HP)
   traces = [0]
 
   @jax.jit

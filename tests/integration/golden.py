@@ -98,9 +98,9 @@ def load_case(name: str) -> GoldenCase:
   return GoldenCase(name=name, kind=meta["kind"], meta=meta, data=data)
 
 
-def optimizer_for(case: GoldenCase, **overrides: Any) -> optax.GradientTransformationExtraArgs:
-  """The dualoptax optimizer configured with the case's hyperparameters (``overrides``
-  are further keyword arguments, e.g. ``update_in_chunks`` for the 8-bit cases)."""
+def optimizer_for(case: GoldenCase, **storage: Any) -> optax.GradientTransformationExtraArgs:
+  """The dualoptax optimizer configured with the case's hyperparameters (``storage`` holds
+  further ``dualoptax.MomentStorage`` fields, e.g. ``update_in_chunks`` for 8-bit cases)."""
   hp = case.meta["hyperparameters"]
   common = dict(
     eps=hp["eps"],
@@ -112,12 +112,13 @@ def optimizer_for(case: GoldenCase, **overrides: Any) -> optax.GradientTransform
   )
   betas = hp["betas"]
   if case.meta.get("min_8bit_size"):
-    common.update(
+    storage.update(
       state_bits=8,
       min_8bit_size=int(case.meta["min_8bit_size"]),
       block_size=int(case.meta["blocksize"]),
     )
-  common.update(overrides)
+  if storage:
+    common["storage"] = dualoptax.MomentStorage(**storage)
   if case.kind.startswith("dualoptim_plus"):
     return dualoptax.dualoptim_plus(
       hp["lr"], b1=betas[0], b2=betas[1], base_b1=betas[2], base_b2=betas[3], **common

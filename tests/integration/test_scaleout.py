@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent("""
     config = models.ModelConfig.from_hf(hf, dtype=jnp.float32)
     _, params = FunctionalModel.split(models.CausalLM(config, rngs=nnx.Rngs(0)), config)
     for bits in (32, 8):
-        tx = dualoptax.dualoptim_plus(1e-3, state_bits=bits, min_8bit_size=1024)
+        storage = dualoptax.MomentStorage(state_bits=bits, min_8bit_size=1024)
+        tx = dualoptax.dualoptim_plus(1e-3, storage=storage)
         state = {"params": params, "opt_state": tx.init(params)}
         layouts = {}
         for shape in ((1, 8), (2, 4)):

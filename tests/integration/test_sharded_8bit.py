@@ -31,8 +31,8 @@ SCRIPT = textwrap.dedent("""
                               + 0.2 * rng.normal(size=c.shape), jnp.float32), c)
         for t in range(6)]
     def run(place, update_in_chunks):
-        tx = dualoptax.dualoptim_plus(1e-2, state_bits=8, min_8bit_size=1024,
-                                      update_in_chunks=update_in_chunks)
+        tx = dualoptax.dualoptim_plus(1e-2, storage=dualoptax.MomentStorage(
+            state_bits=8, min_8bit_size=1024, update_in_chunks=update_in_chunks))
 
         @jax.jit
         def step(p, s, g):

@@ -13,7 +13,8 @@ from train.runtime.checkpointing import RunCheckpointer
 @pytest.mark.parametrize("state_bits", [32, 8])
 def test_round_trip_is_bit_exact(tmp_path, state_bits):
   params = {"w": jnp.arange(64 * 80, dtype=jnp.float32).reshape(64, 80) / 100, "b": jnp.ones(3)}
-  tx = dualoptax.dualoptim_plus(1e-3, state_bits=state_bits, min_8bit_size=1024)
+  storage = dualoptax.MomentStorage(state_bits=state_bits, min_8bit_size=1024)
+  tx = dualoptax.dualoptim_plus(1e-3, storage=storage)
   opt_state = tx.init(params)
   for t in range(3):
     updates, opt_state = tx.update(

@@ -20,7 +20,9 @@ def test_moments_follow_their_parameter_and_scalars_are_replicated():
   _, params = FunctionalModel.split(models.CausalLM(config, rngs=nnx.Rngs(0)), config)
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1))
   param_sh = sharding.param_shardings(params, mesh)
-  tx = dualoptax.dualoptim_plus(1e-3, state_bits=8, min_8bit_size=1024)
+  tx = dualoptax.dualoptim_plus(
+    1e-3, storage=dualoptax.MomentStorage(state_bits=8, min_8bit_size=1024)
+  )
   opt_state = tx.init(params)
   state_sh = sharding.state_shardings(opt_state, params, param_sh, mesh)
   inner = dualoptax.find_state(state_sh, dualoptax.ScaleByDualOptimPlusState)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -70,22 +69,14 @@ def optimizer_diagnostics_fn(
   One compiled program rather than eager per-leaf operations: on a mesh every eager
   operation is a multi-device launch, and hundreds of them queued behind a sharded step
   can exhaust XLA:CPU's per-device in-flight limit while that step waits in a collective.
-  ``jit_kwargs`` go to ``jax.jit`` (e.g. ``out_shardings``).
+  ``jit_kwargs`` go to ``jax.jit`` (e.g. ``out_shardings``). The decays and eps come from
+  the optimizer's state (``dualoptax.hyperparameters``), so they match the run's.
   """
-  if config.name == "dualoptim_plus":
-    diagnose = functools.partial(
-      dualoptax.dualoptim_plus_diagnostics,
-      b1=config.b1,
-      b2=config.b2,
-      base_b1=config.base_b1,
-      base_b2=config.base_b2,
-      eps=config.eps,
-    )
-  elif config.name == "dualoptim":
-    diagnose = functools.partial(
-      dualoptax.dualoptim_diagnostics, b1=config.b1, b2=config.b2, eps=config.eps
-    )
-  else:
+  diagnose = {
+    "dualoptim_plus": dualoptax.dualoptim_plus_diagnostics,
+    "dualoptim": dualoptax.dualoptim_diagnostics,
+  }.get(config.name)
+  if diagnose is None:
     return None
 
   def cosines(opt_state):
@@ -108,15 +99,15 @@ def adam_preconditioner(config: OptimizerConfig, opt_state: Any) -> Callable[[An
   not before, matters: an element with no gradient so far has ``nu = 0`` and would be
   scaled by ``1/eps``.
   """
+  del config  # b2 and eps come from the state, where the optimizer recorded them.
   state = dualoptax.find_state(opt_state, optax.ScaleByAdamState)
-  b2 = config.b2
+  hyperparams = dualoptax.hyperparameters(opt_state, optax.ScaleByAdamState)
+  b2, eps = hyperparams["b2"], hyperparams["eps"]
   correction = 1 - b2 ** (state.count + 1).astype(jnp.float32)
 
   def scale(g_forget, g_retain):
     return jax.tree.map(
-      lambda nu, f, r: (
-        1 / (jnp.sqrt((b2 * nu + (1 - b2) * jnp.square(f + r)) / correction) + config.eps)
-      ),
+      lambda nu, f, r: 1 / (jnp.sqrt((b2 * nu + (1 - b2) * jnp.square(f + r)) / correction) + eps),
       state.nu,
       g_forget,
       g_retain,

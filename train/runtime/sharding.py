@@ -2,11 +2,11 @@
 
 Parameters carry logical axis names (``models/sharding.py``). ``LOGICAL_AXIS_RULES`` maps
 each name to a mesh axis (or None: replicated along it). Optimizer states follow their
-parameter: a moment of a parameter leaf (same shape, or stacked per objective with a
-leading axis, or 8-bit codes in the parameter's shape) gets the parameter's placement;
-per-block absmax and code tables are split over ``fsdp``; counters are replicated.
-Batches are split over every mesh axis along the batch dimension (data parallel and FSDP
-both consume batch shards).
+parameters by ``dualoptax.state_shardings``: a moment (also stacked per objective, or as
+8-bit codes) gets its parameter's placement; per-block absmax and code tables are split
+over the axes that shard the parameters (``fsdp``); counters are replicated. Batches are
+split over every mesh axis along the batch dimension (data parallel and FSDP both consume
+batch shards).
 
 On one device every placement is trivial, and the same code runs on 8 GPUs or a TPU pod
 by changing the mesh sizes in the config.
@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import dualoptax
 from train.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp")
@@ -82,32 +83,11 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 def state_shardings(opt_state: Any, params: Any, param_sharding: Any, mesh: Mesh) -> Any:
   """NamedShardings for an optimizer state: each moment follows its parameter.
 
-  Leaves that belong to no single parameter (8-bit absmax, code tables) are split along
-  their last axis over ``fsdp`` when it divides them, so that FSDP divides the whole
-  state and not just the moments; XLA gathers what a step needs. Scalars (counters) and
-  indivisible leaves are replicated.
+  The rule is dualoptax's (:func:`dualoptax.state_shardings`): moments take their
+  parameter's placement, 8-bit absmax and code tables are split over the mesh axes that
+  shard the parameters when those divide them, and counters are replicated.
   """
-  by_path = {}
-  for (path, x), sharding in zip(
-    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sharding)
-  ):
-    by_path[jax.tree_util.keystr(path)] = (x.shape, sharding.spec)
-  replicated = NamedSharding(mesh, P())
-
-  def place(path, leaf):
-    key = jax.tree_util.keystr(path)
-    for param_path, (shape, spec) in by_path.items():
-      if param_path.removesuffix(".value") not in key:
-        continue
-      if leaf.shape == shape:
-        return NamedSharding(mesh, spec)
-      if leaf.shape[1:] == shape:  # stacked per objective
-        return NamedSharding(mesh, P(None, *spec))
-    if leaf.ndim and leaf.shape[-1] % mesh.shape["fsdp"] == 0:  # e.g. (K, blocks): blocks
-      return NamedSharding(mesh, P(*[None] * (leaf.ndim - 1), "fsdp"))
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(place, opt_state)
+  return dualoptax.state_shardings(opt_state, params, param_sharding, mesh)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:

@@ -1,0 +1,78 @@
+"""dualoptax.state_shardings: the optimizer state placed beside its sharded parameters."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import dualoptax
+
+# Abstract: the rule needs only the axis sizes, so 8 "devices" cost nothing here.
+MESH = jax.sharding.AbstractMesh((4, 2), ("fsdp", "tensor"))
+PARAMS = {
+  "w": jax.ShapeDtypeStruct((128, 64), jnp.float32),  # 32 blocks of 256
+  "v": jax.ShapeDtypeStruct((40, 64), jnp.float32),  # 10 blocks: fsdp (4) does not divide
+  "b": jax.ShapeDtypeStruct((64,), jnp.float32),  # small: float32 moments
+}
+SPECS = {"w": P("fsdp", "tensor"), "v": P("fsdp", None), "b": P(None)}
+STORAGE = dualoptax.MomentStorage(state_bits=8, min_8bit_size=1024)
+
+
+def _inner(tree, state_type=dualoptax.ScaleByDualOptimPlusState):
+  return dualoptax.find_state(tree, state_type)
+
+
+def test_moments_follow_their_parameter_and_absmax_its_axes():
+  tx = dualoptax.dualoptim_plus(1e-3, storage=STORAGE)
+  specs = _inner(dualoptax.state_shardings(jax.eval_shape(tx.init, PARAMS), PARAMS, SPECS, MESH))
+  assert specs.base_mu["w"].codes == P("fsdp", "tensor")
+  assert specs.base_mu["w"].absmax == P(("fsdp", "tensor"))  # 32 blocks over 4 x 2
+  assert specs.delta_nu["w"].codes == P(None, "fsdp", "tensor")  # K is never split
+  assert specs.delta_nu["w"].absmax == P(None, ("fsdp", "tensor"))
+  assert specs.delta_mu["v"].codes == P(None, "fsdp", None)
+  assert specs.delta_mu["v"].absmax == P()  # 10 blocks do not split 4 ways
+  assert specs.base_nu["b"] == P(None) and specs.delta_mu["b"] == P(None, None)
+  assert specs.count == P() and specs.objective_counts == P()
+  # The code tables: split over every axis that shards a parameter (256 and 65536 entries).
+  assert (
+    jax.tree.leaves(specs.tables, is_leaf=lambda x: isinstance(x, P)) == [P(("fsdp", "tensor"))] * 4
+  )
+
+
+@pytest.mark.parametrize(
+  "tx, state_type",
+  [
+    (dualoptax.dualoptim(1e-3), dualoptax.ScaleByDualOptimState),
+    (optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)), optax.ScaleByAdamState),
+  ],
+  ids=["dualoptim", "optax.adamw"],
+)
+def test_any_optax_state_with_moments_like_the_params(tx, state_type):
+  specs = dualoptax.state_shardings(jax.eval_shape(tx.init, PARAMS), PARAMS, SPECS, MESH)
+  inner = _inner(specs, state_type)
+  stacked = state_type is dualoptax.ScaleByDualOptimState
+  assert inner.mu["w"] == (P(None, "fsdp", "tensor") if stacked else P("fsdp", "tensor"))
+  assert inner.count == P()
+
+
+def test_named_shardings_in_named_shardings_out():
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  params = {"w": jnp.ones((64, 64))}
+  shardings = {"w": NamedSharding(mesh, P("fsdp", None))}
+  tx = dualoptax.dualoptim_plus(1e-3, state_bits=8)
+  state = tx.init(params)
+  placed = dualoptax.state_shardings(state, params, shardings)
+  assert all(isinstance(s, NamedSharding) for s in jax.tree.leaves(placed))
+  assert _inner(placed).delta_mu["w"].codes.spec == P(None, "fsdp", None)
+  moved = jax.device_put(state, placed)  # the shardings fit the state, leaf by leaf
+  assert jax.tree.structure(moved) == jax.tree.structure(state)
+
+
+def test_errors_name_the_problem():
+  state = dualoptax.dualoptim_plus(1e-3).init({"w": jnp.ones(4)})
+  with pytest.raises(ValueError, match="mesh="):
+    dualoptax.state_shardings(state, {"w": jnp.ones(4)}, {"w": P()})
+  with pytest.raises(ValueError, match="2 shardings for 1 parameters"):
+    dualoptax.state_shardings(state, {"w": jnp.ones(4)}, [P(), P()], MESH)
