@@ -44,7 +44,7 @@ class HyperparameterRecord:
   values: tuple[tuple[str, float | None], ...]
 
 
-def record(state_type: type, **values: Any) -> HyperparameterRecord:
+def make(state_type: type, **values: Any) -> HyperparameterRecord:
   """A record of ``values`` for the transform with state ``state_type``."""
 
   def static(value):
@@ -55,7 +55,7 @@ def record(state_type: type, **values: Any) -> HyperparameterRecord:
   return HyperparameterRecord(state_type, tuple((k, static(v)) for k, v in values.items()))
 
 
-def recording(
+def attach(
   tx: optax.GradientTransformation, hyperparams: HyperparameterRecord
 ) -> optax.GradientTransformation:
   """``tx``, a transformation without state (``optax.EmptyState``), with ``hyperparams``

@@ -59,7 +59,8 @@ _ARGS = {
 def _shared_args(fn: Callable) -> Callable:
   """Fills the ``{name}`` placeholders of ``fn``'s docstring from ``_ARGS``."""
   for name, text in _ARGS.items():
-    fn.__doc__ = fn.__doc__.replace("    {" + name + "}", text)
+    if fn.__doc__:  # None under python -OO
+      fn.__doc__ = fn.__doc__.replace("    {" + name + "}", text)
   return fn
 
 
@@ -83,9 +84,9 @@ def _decoupled_weight_decay(
   _checks.check_non_negative("weight_decay", weight_decay)
   decay = optax.add_decayed_weights(weight_decay)
   if callable(weight_decay):  # A schedule keeps a step count: the record goes beside it.
-    decay = optax.chain(decay, _record.recording(optax.identity(), hyperparams))
+    decay = optax.chain(decay, _record.attach(optax.identity(), hyperparams))
   else:  # Its state is empty: the record takes its place (see `_record`).
-    decay = _record.recording(decay, hyperparams)
+    decay = _record.attach(decay, hyperparams)
   return decay if mask is None else optax.masked(decay, mask)
 
 
@@ -183,7 +184,7 @@ def multi_objective_dualoptim_plus(
     objective_steps=objective_steps,
     storage=_storage(storage, state_bits),
   )
-  hyperparams = _record.record(
+  hyperparams = _record.make(
     transform.ScaleByDualOptimPlusState, b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2, eps=eps
   )
   return _lr_chain(
@@ -303,7 +304,7 @@ def multi_objective_dualoptim(
   direction = transform.scale_by_dualoptim(
     b1, b2, eps, objective_steps=objective_steps, storage=_storage(storage, state_bits)
   )
-  hyperparams = _record.record(transform.ScaleByDualOptimState, b1=b1, b2=b2, eps=eps)
+  hyperparams = _record.make(transform.ScaleByDualOptimState, b1=b1, b2=b2, eps=eps)
   return _lr_chain(
     direction,
     hyperparams,
@@ -407,7 +408,7 @@ def adamw(
   _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
   return _lr_chain(
     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-    _record.record(optax.ScaleByAdamState, b1=b1, b2=b2, eps=eps),
+    _record.make(optax.ScaleByAdamState, b1=b1, b2=b2, eps=eps),
     learning_rate,
     weight_decay,
     weight_decay_mask,
