@@ -23,8 +23,7 @@ import numpy as np
 
 from dualoptax import _numerics
 
-FORGET = 0
-RETAIN = 1
+FORGET, RETAIN = 0, 1
 """The unlearning objectives: ``FORGET`` pushes knowledge out, ``RETAIN`` keeps utility."""
 
 
