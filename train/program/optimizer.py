@@ -18,42 +18,27 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   learning_rate: Any = config.learning_rate
   if config.warmup_steps:
     learning_rate = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-  schedule = dict(
+  common = dict(
+    b1=config.b1,
+    b2=config.b2,
+    eps=config.eps,
+    weight_decay=config.weight_decay,
     forget_lr_ratio=config.forget_lr_ratio,
     retain_lr_ratio=config.retain_lr_ratio,
     forget_steps=config.forget_steps,
     retain_steps=config.retain_steps,
   )
   if config.name == "adam":
-    tx = dualoptax.adamw(
-      learning_rate,
-      b1=config.b1,
-      b2=config.b2,
-      eps=config.eps,
-      weight_decay=config.weight_decay,
-      **schedule,
-    )
+    tx = dualoptax.adamw(learning_rate, **common)
   elif config.name == "dualoptim":
-    tx = dualoptax.dualoptim(
-      learning_rate,
-      b1=config.b1,
-      b2=config.b2,
-      eps=config.eps,
-      weight_decay=config.weight_decay,
-      state_bits=config.state_bits,
-      **schedule,
-    )
+    tx = dualoptax.dualoptim(learning_rate, state_bits=config.state_bits, **common)
   else:
     tx = dualoptax.dualoptim_plus(
       learning_rate,
-      b1=config.b1,
-      b2=config.b2,
       base_b1=config.base_b1,
       base_b2=config.base_b2,
-      eps=config.eps,
-      weight_decay=config.weight_decay,
       state_bits=config.state_bits,
-      **schedule,
+      **common,
     )
   if config.clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
@@ -89,7 +74,7 @@ def optimizer_diagnostics_fn(
   return jax.jit(cosines, **jit_kwargs)
 
 
-def adam_preconditioner(config: OptimizerConfig, opt_state: Any) -> Callable[[Any, Any], Any]:
+def adam_preconditioner(opt_state: Any) -> Callable[[Any, Any], Any]:
   """``(g_forget, g_retain) -> 1 / (sqrt(v_hat) + eps)``: the per-element scale of Adam's
   next joint step on these gradients (its ``nu`` after seeing their sum, bias-corrected).
 
@@ -97,9 +82,9 @@ def adam_preconditioner(config: OptimizerConfig, opt_state: Any) -> Callable[[An
   two gradients through this one shared preconditioner; their cosine is Adam's point on
   the paper's Figure 2 (the momentum blends them further). Using ``nu`` after the step,
   not before, matters: an element with no gradient so far has ``nu = 0`` and would be
-  scaled by ``1/eps``.
+  scaled by ``1/eps``. ``b2`` and ``eps`` come from the state, where the optimizer
+  recorded them.
   """
-  del config  # b2 and eps come from the state, where the optimizer recorded them.
   state = dualoptax.find_state(opt_state, optax.ScaleByAdamState)
   hyperparams = dualoptax.hyperparameters(opt_state, optax.ScaleByAdamState)
   b2, eps = hyperparams["b2"], hyperparams["eps"]

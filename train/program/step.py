@@ -259,8 +259,8 @@ def compile_steps(
   Args:
     steps: The run's step functions (``steps.tx`` is the optimizer ``optimizer`` describes).
     shardings: Where the arguments live; results are laid out the same way.
-    optimizer: The optimizer's config (Adam's conflict diagnostic reads its state through
-      it, and DualOptim(+) have their own update cosines).
+    optimizer: The optimizer's config: its name picks the conflict diagnostic (Adam's
+      reads its preconditioner from its state) and DualOptim(+)'s own update cosines.
     alternating: Compile :meth:`TrainStep.alternating` (else :meth:`TrainStep.joint`).
 
   Returns:
@@ -279,7 +279,7 @@ def compile_steps(
   adam = optimizer.name == "adam"  # Adam's update terms: both gradients through its one nu
 
   def conflict(params, ref_params, forget, retain, opt_state):
-    precondition = adam_preconditioner(optimizer, opt_state) if adam else None
+    precondition = adam_preconditioner(opt_state) if adam else None
     return steps.gradient_conflict(params, ref_params, forget, retain, precondition)
 
   conflict_fn = jax.jit(
