@@ -92,6 +92,11 @@ class OptimizerConfig:
       ConfigError: naming ``<key>.<field>`` and the bad value.
     """
     _one_of(f"{key}.name", self.name, OPTIMIZERS)
+    # What the program adds around dualoptax's optimizer (warmup, clipping) it checks here.
+    if self.warmup_steps < 0:
+      raise ConfigError(f"{key}.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+    if self.clip_norm is not None and not self.clip_norm > 0:
+      raise ConfigError(f"{key}.clip_norm must be positive or null, got {self.clip_norm!r}")
     from train.program.optimizer import make_optimizer  # noqa: PLC0415 (it imports this module)
 
     try:
