@@ -5,8 +5,10 @@ DualOptim keeps a separate Adam state per objective; DualOptim+ keeps one shared
 state plus a per-objective delta, so objectives share momentum when they agree and are
 kept apart when they conflict. See ``dualoptim_plus`` for the optimizer, ``MomentStorage`` for 8-bit
 states, the ``scale_by_*`` transforms to compose your own, ``dualoptim_plus_diagnostics``
-for the conflict cosines of the paper's Figure 2, and ``state_shardings`` to place a
-state beside its sharded parameters.
+for the conflict cosines of the paper's Figure 2, ``state_shardings`` to place a
+state beside its sharded parameters, and ``multi_steps`` for gradient accumulation
+within one objective. ``update`` takes the objective as ``objective=`` (an int, or an
+int32 array under ``jit`` and ``vmap``).
 """
 
 from dualoptax._moments import MomentStorage
@@ -27,7 +29,13 @@ from dualoptax.diagnostics import (
   find_state,
   state_nbytes,
 )
-from dualoptax.objectives import FORGET, RETAIN, scheduled_objective
+from dualoptax.objectives import (
+  FORGET,
+  RETAIN,
+  MultiStepsObjectiveState,
+  multi_steps,
+  scheduled_objective,
+)
 from dualoptax.quantization import QuantizedArray
 from dualoptax.sharding import state_shardings
 from dualoptax.transform import (
@@ -46,6 +54,7 @@ __all__ = [
   "RETAIN",
   "ConflictDiagnostics",
   "MomentStorage",
+  "MultiStepsObjectiveState",
   "QuantizedArray",
   "ScaleByDualOptimPlusState",
   "ScaleByDualOptimState",
@@ -61,6 +70,7 @@ __all__ = [
   "hyperparameters",
   "multi_objective_dualoptim",
   "multi_objective_dualoptim_plus",
+  "multi_steps",
   "scale_by_dualoptim",
   "scale_by_dualoptim_plus",
   "scale_by_objective_learning_rate",

@@ -10,7 +10,8 @@ from dualoptax import _numerics
 
 
 def _reject_non_numbers(name: str, value: Any) -> None:
-  if isinstance(value, (str, bytes, bool)):
+  """Strings, bools and None are not numbers (optax would fail on them only at update)."""
+  if value is None or isinstance(value, (str, bytes, bool)):
     raise ValueError(f"{name} must be a number, got {name}={value!r}")
 
 

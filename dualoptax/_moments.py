@@ -79,6 +79,8 @@ class MomentStorage:
     # Under `optax.inject_hyperparams` the alias's `state_bits` arrives as an array:
     # concrete at init (the only place it is used) it becomes an int again; traced at
     # update it goes unused.
+    if _numerics.is_concrete_number(self.state_bits) and self.state_bits not in (8, 32):
+      raise ValueError(f"state_bits must be 8 or 32, got state_bits={self.state_bits!r}")
     for name, minimum in (("state_bits", 8), ("min_8bit_size", 0), ("block_size", 1)):
       value = getattr(self, name)
       if not _numerics.is_concrete_number(value):
@@ -86,8 +88,6 @@ class MomentStorage:
       if float(value) != int(float(value)) or int(float(value)) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
       object.__setattr__(self, name, int(float(value)))
-    if _numerics.is_concrete_number(self.state_bits) and self.state_bits not in (8, 32):
-      raise ValueError(f"state_bits must be 8 or 32, got state_bits={self.state_bits!r}")
     for name in ("quantize_base", "quantize_deltas"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")

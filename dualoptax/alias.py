@@ -8,6 +8,20 @@ Moments are stored as a :class:`MomentStorage` says (``state_bits=8`` is short f
 per objective for K objectives; the forget/retain forms are their K = 2 case with
 FORGET = 0, RETAIN = 1. Each alias records its decays and eps in its state (at zero
 bytes) for :func:`dualoptax.hyperparameters` and the conflict diagnostics.
+
+Keywords are named as in optax where they mean the same: ``b1, b2, eps, weight_decay,
+mask`` everywhere, and ``eps_root, mu_dtype, nesterov`` for :func:`adamw` and
+:func:`adam`, whose direction is ``optax.scale_by_adam``. The DualOptim aliases have no
+``eps_root`` or ``nesterov``, and no ``mu_dtype``: optax's sets the first moment's dtype
+alone, while ``storage=MomentStorage(dtype=...)`` sets every moment's. ``None`` is not a
+value for a learning rate, eps, ratio or weight decay (``ValueError`` at construction).
+
+A state holds several ``count`` fields (the direction's and the learning-rate scaler's;
+``optax.adamw`` with a schedule also has two), so ``optax.tree.get(state, "count")``
+raises ``KeyError``; name the state instead:
+``optax.tree.get(state, "ScaleByDualOptimPlusState").count`` or
+``dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState).count``. (Renaming a
+field would change the layout of saved checkpoints.)
 """
 
 from __future__ import annotations
@@ -35,9 +49,13 @@ _ARGS = {
     b1: decay of the first moments.
     b2: decay of the second moments.
     eps: added to the square root, after bias correction.""",
+  "adam_options": """\
+    eps_root: added to the second moment inside the square root (as ``optax.adam``).
+    mu_dtype: dtype of the first moment (None: that of the params), as in optax.""",
   "weight_decay": """\
     weight_decay: decoupled weight decay, scaled by the per-objective learning rate.
-    weight_decay_mask: optional mask (or function of params) choosing decayed leaves.""",
+    mask: optional tree of bools like the params (or a prefix of it, or a function of
+      the params returning one), True where weight decay applies; as in ``optax.adamw``.""",
   "forget_retain": """\
     forget_lr_ratio: forget learning rate = ``learning_rate * forget_lr_ratio``.
     retain_lr_ratio: retain learning rate = ``learning_rate * retain_lr_ratio``.
@@ -125,13 +143,13 @@ def _lr_chain(
   hyperparams: _record.HyperparameterRecord,
   learning_rate: ScalarOrSchedule,
   weight_decay: Any,
-  weight_decay_mask: MaskOrFn,
+  mask: MaskOrFn,
   objective_lr_ratios: Sequence[float],
   objective_steps: Sequence[int],
 ) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
     direction,
-    _decoupled_weight_decay(weight_decay, weight_decay_mask, hyperparams),
+    _decoupled_weight_decay(weight_decay, mask, hyperparams),
     transform.scale_by_objective_learning_rate(learning_rate, objective_lr_ratios, objective_steps),
   )
 
@@ -148,7 +166,7 @@ def multi_objective_dualoptim_plus(
   base_b2: float = 0.95,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
-  weight_decay_mask: MaskOrFn = None,
+  mask: MaskOrFn = None,
   storage: MomentStorage | None = None,
   state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -188,13 +206,7 @@ def multi_objective_dualoptim_plus(
     transform.ScaleByDualOptimPlusState, b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2, eps=eps
   )
   return _lr_chain(
-    direction,
-    hyperparams,
-    learning_rate,
-    weight_decay,
-    weight_decay_mask,
-    objective_lr_ratios,
-    objective_steps,
+    direction, hyperparams, learning_rate, weight_decay, mask, objective_lr_ratios, objective_steps
   )
 
 
@@ -208,7 +220,7 @@ def dualoptim_plus(
   base_b2: float = 0.95,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
-  weight_decay_mask: MaskOrFn = None,
+  mask: MaskOrFn = None,
   forget_lr_ratio: float = 1.0,
   retain_lr_ratio: float = 1.0,
   forget_steps: int = 1,
@@ -266,7 +278,7 @@ def dualoptim_plus(
     base_b2=base_b2,
     eps=eps,
     weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
+    mask=mask,
     storage=storage,
     state_bits=state_bits,
   )
@@ -282,7 +294,7 @@ def multi_objective_dualoptim(
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
-  weight_decay_mask: MaskOrFn = None,
+  mask: MaskOrFn = None,
   storage: MomentStorage | None = None,
   state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -306,13 +318,7 @@ def multi_objective_dualoptim(
   )
   hyperparams = _record.make(transform.ScaleByDualOptimState, b1=b1, b2=b2, eps=eps)
   return _lr_chain(
-    direction,
-    hyperparams,
-    learning_rate,
-    weight_decay,
-    weight_decay_mask,
-    objective_lr_ratios,
-    objective_steps,
+    direction, hyperparams, learning_rate, weight_decay, mask, objective_lr_ratios, objective_steps
   )
 
 
@@ -324,7 +330,7 @@ def dualoptim(
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
-  weight_decay_mask: MaskOrFn = None,
+  mask: MaskOrFn = None,
   forget_lr_ratio: float = 1.0,
   retain_lr_ratio: float = 1.0,
   forget_steps: int = 1,
@@ -367,7 +373,7 @@ def dualoptim(
     b2=b2,
     eps=eps,
     weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
+    mask=mask,
     storage=storage,
     state_bits=state_bits,
   )
@@ -380,8 +386,11 @@ def adamw(
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any | None = None,
   weight_decay: float = 1e-4,
-  weight_decay_mask: MaskOrFn = None,
+  mask: MaskOrFn = None,
+  nesterov: bool = False,
   forget_lr_ratio: float = 1.0,
   retain_lr_ratio: float = 1.0,
   forget_steps: int = 1,
@@ -390,13 +399,16 @@ def adamw(
   """AdamW baseline with the dualoptax interface: ONE Adam state for all objectives.
 
   The direction is ``optax.scale_by_adam``; only the learning rate depends on the
-  objective (through the ratios). With ratios of 1 it equals ``optax.adamw``. For the
-  paper's joint baseline, give it the gradient of the weighted sum of both losses.
+  objective (through the ratios). With ratios of 1 it equals ``optax.adamw`` with the
+  same keywords, bit for bit. For the paper's joint baseline, give it the gradient of
+  the weighted sum of both losses.
 
   Args:
     learning_rate: a float or an optax schedule of the total step count.
     {adam_decays}
+    {adam_options}
     {weight_decay}
+    nesterov: whether to use Nesterov momentum (as ``optax.adamw``).
     {forget_retain}
 
   Returns:
@@ -405,13 +417,19 @@ def adamw(
   _checks.check_decay("b1", b1)
   _checks.check_decay("b2", b2)
   _checks.check_non_negative("eps", eps)
+  _checks.check_non_negative("eps_root", eps_root)
+  if not isinstance(nesterov, bool):
+    raise ValueError(f"nesterov must be True or False, got nesterov={nesterov!r}")
   _check_forget_retain(forget_lr_ratio, retain_lr_ratio, forget_steps, retain_steps)
+  direction = optax.scale_by_adam(
+    b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
+  )
   return _lr_chain(
-    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-    _record.make(optax.ScaleByAdamState, b1=b1, b2=b2, eps=eps),
+    direction,
+    _record.make(optax.ScaleByAdamState, b1=b1, b2=b2, eps=eps, eps_root=eps_root),
     learning_rate,
     weight_decay,
-    weight_decay_mask,
+    mask,
     (forget_lr_ratio, retain_lr_ratio),
     (forget_steps, retain_steps),
   )
@@ -423,17 +441,26 @@ def adam(
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any | None = None,
+  nesterov: bool = False,
   forget_lr_ratio: float = 1.0,
   retain_lr_ratio: float = 1.0,
   forget_steps: int = 1,
   retain_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
-  """Adam baseline (no weight decay) with the dualoptax interface; see :func:`adamw`."""
+  """Adam baseline (no weight decay) with the dualoptax interface; see :func:`adamw`.
+
+  Equals ``optax.adam`` with the same keywords when the ratios are 1.
+  """
   return adamw(
     learning_rate,
     b1=b1,
     b2=b2,
     eps=eps,
+    eps_root=eps_root,
+    mu_dtype=mu_dtype,
+    nesterov=nesterov,
     weight_decay=0.0,
     forget_lr_ratio=forget_lr_ratio,
     retain_lr_ratio=retain_lr_ratio,
