@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -63,7 +63,14 @@ class MomentStorage:
       several devices (it partitions the loop by gathering the whole sharded state in
       every iteration: measured 14x slower on two CPU devices) and which suit GPUs and
       TPUs. None: chunks when the program runs on a CPU backend with a single device,
-      whole arrays otherwise.
+      whole arrays otherwise. On a mesh with explicit axes (``jax.make_mesh``'s default)
+      the moments keep their shardings either way; on automatic axes the loop's results
+      go where XLA puts them (replicated) unless the step's ``out_shardings`` say
+      otherwise (e.g. :func:`dualoptax.state_shardings`).
+
+  Moments are created where their parameters are: a parameter on a mesh gives its
+  moments its sharding (8-bit codes too; absmax split along its blocks), as
+  :func:`dualoptax.state_shardings` places them.
   """
 
   state_bits: int = 32
@@ -141,12 +148,16 @@ class MomentStorage:
     """A zero moment for ``param``, stacked K times when ``num_objectives`` is given."""
     lead = () if num_objectives is None else (num_objectives,)
     shape = lead + tuple(jnp.shape(param))
+    sharding = _split_sharding(param)
     if not quantize:
-      return jnp.zeros(shape, self.dtype or jnp.float32)
+      return _zeros(shape, self.dtype or jnp.float32, sharding, lead)
     blocks = quantization.num_blocks(int(jnp.size(param)), self.block_size)
+    absmax_sharding = None
+    if sharding is not None:
+      absmax_sharding = quantization._blocks_sharding(sharding, blocks)
     return quantization.QuantizedArray(
-      codes=jnp.zeros(shape, jnp.uint8),
-      absmax=jnp.zeros(lead + (blocks,), jnp.float32),
+      codes=_zeros(shape, jnp.uint8, sharding, lead),
+      absmax=_zeros(lead + (blocks,), jnp.float32, absmax_sharding, lead),
       block_size=self.block_size,
       signed=signed,
     )
@@ -155,11 +166,44 @@ class MomentStorage:
     self, params: Any, quantize: bool, signed: bool, num_objectives: int | None = None
   ) -> Any:
     """Zero moments like ``params`` (stacked K times if ``num_objectives``); 8-bit where
-    ``quantize`` and the leaf qualifies, with the ``signed`` (or unsigned) map."""
+    ``quantize`` and the leaf qualifies, with the ``signed`` (or unsigned) map.
+
+    Each moment takes its parameter's sharding (as ``jnp.zeros_like`` does), and an 8-bit
+    moment of a parameter wrapped in a variable (``flax.nnx.Param``) holds its codes and
+    absmax each in such a variable (see :func:`hoist_8bit`).
+    """
     which = self._quantized_leaves(params)
-    return jax.tree.map(
+    moments = jax.tree.map(
       lambda p, q: self.zeros(p, quantize and q, signed, num_objectives), params, which
     )
+    return hoist_8bit(moments)
+
+
+def _split_sharding(param: Any) -> Any:
+  """``param``'s ``NamedSharding``, for its moments to follow, or None (default placement).
+
+  Concrete arrays on a mesh tell their sharding; under ``jit`` only arrays split over
+  explicit mesh axes carry it in their type (elsewhere XLA chooses where moments go).
+  """
+  if isinstance(param, jax.core.Tracer):
+    if not quantization.explicit_mesh_axes(param):
+      return None
+    sharding = quantization._type_sharding(param)
+  else:
+    sharding = getattr(param, "sharding", None)
+  return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Any, lead: tuple[int, ...]) -> jax.Array:
+  """Zeros placed by ``sharding`` (a parameter's, or None: the default device), with the
+  per-objective axis of a stacked moment (``lead``) replicated in front."""
+  if sharding is None:
+    return jnp.zeros(shape, dtype)
+  spec = jax.sharding.PartitionSpec(*[None] * len(lead), *sharding.spec)
+  placed = jax.sharding.NamedSharding(sharding.mesh, spec)
+  if isinstance(sharding.mesh, jax.sharding.AbstractMesh):  # Traced (explicit axes).
+    return jnp.zeros(shape, dtype, out_sharding=placed)
+  return jnp.zeros(shape, dtype, device=placed)
 
 
 def contraction_guard(count: jax.Array) -> jax.Array:
@@ -205,6 +249,71 @@ def is_8bit(x: Any) -> bool:
   Pass as ``is_leaf`` to treat an 8-bit moment as one leaf in ``jax.tree`` functions.
   """
   return isinstance(x, quantization.QuantizedArray)
+
+
+def _is_variable(x: Any) -> bool:
+  """Whether ``x`` is a variable: a pytree node holding exactly one value, with a ``value``
+  or ``get_value`` attribute, such as ``flax.nnx.Variable`` (recognised by its shape, so
+  that dualoptax does not import flax)."""
+  if x is None or is_8bit(x) or isinstance(x, (Mapping, tuple, list, jax.Array)):
+    return False
+  if not (hasattr(type(x), "get_value") or hasattr(type(x), "value")):
+    return False
+  if jax.tree_util.all_leaves([x]):
+    return False  # Not a pytree node (e.g. an enum member, whose ``value`` is data).
+  children, _ = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+  return len(children) == 1
+
+
+def _variable_value(x: Any) -> tuple[Any, Any]:
+  """``(value, treedef)`` of a variable; ``treedef.unflatten([v])`` wraps ``v`` alike."""
+  children, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+  return children[0], treedef
+
+
+def unwrap_variables(tree: Any) -> Any:
+  """``tree`` with every variable (e.g. the ``nnx.OptArray`` and ``nnx.OptVariable`` of
+  an ``nnx.Optimizer``'s state) replaced by the value it holds."""
+  unwrap = lambda x: _variable_value(x)[0] if _is_variable(x) else x
+  return jax.tree.map(unwrap, tree, is_leaf=lambda x: _is_variable(x) or is_8bit(x))
+
+
+def hoist_8bit(moments: Any) -> Any:
+  """Turns ``variable(QuantizedArray(codes, absmax))`` into
+  ``QuantizedArray(variable(codes), variable(absmax))`` (the variable's metadata on both).
+
+  ``jax.tree.map`` over parameters wrapped in variables (``nnx.state(model)``) puts each
+  8-bit moment inside its parameter's variable. ``nnx.Optimizer`` would then hold the
+  moment as the value of one ``OptVariable``, and ``nnx.update`` replaces such a value by
+  an ``nnx.State`` of its leaves, losing the ``QuantizedArray``. With every array in a
+  variable of its own, NNX updates arrays and keeps the ``QuantizedArray`` node intact.
+  Moments without variables are returned as they are.
+  """
+
+  def hoist(x):
+    if not _is_variable(x):
+      return x
+    value, treedef = _variable_value(x)
+    if not is_8bit(value):
+      return x
+    wrap = lambda array: treedef.unflatten([array])
+    return dataclasses.replace(value, codes=wrap(value.codes), absmax=wrap(value.absmax))
+
+  return jax.tree.map(hoist, moments, is_leaf=lambda x: _is_variable(x) or is_8bit(x))
+
+
+def sink_8bit(moments: Any) -> Any:
+  """The inverse of :func:`hoist_8bit`: each 8-bit moment inside its parameter's variable
+  again, so that the moments have the structure of gradients wrapped in variables."""
+
+  def sink(x):
+    if not (is_8bit(x) and _is_variable(x.codes)):
+      return x
+    codes, treedef = _variable_value(x.codes)
+    absmax, _ = _variable_value(x.absmax)
+    return treedef.unflatten([dataclasses.replace(x, codes=codes, absmax=absmax)])
+
+  return jax.tree.map(sink, moments, is_leaf=is_8bit)
 
 
 def param_shapes(moments: Any, stacked: bool = False) -> Any:
@@ -390,8 +499,35 @@ def update_leaf(
     guard: int32 zero from :func:`contraction_guard`.
 
   Returns:
-    ``(direction, *new moments)``, the direction in ``g``'s dtype.
+    ``(direction, *new moments)``, the direction in ``g``'s dtype. On a mesh with
+    explicit axes the direction takes ``g``'s sharding and every moment keeps its own
+    (the leaf is updated with those axes automatic: see
+    :func:`~dualoptax.quantization.call_with_auto_axes`).
   """
+
+  def update(coefficients, g, moments, active, tables, guard):
+    return _update_leaf(rule, coefficients, g, moments, active, storage, tables, guard)
+
+  def out_sharding():  # On explicit axes: the direction like g, moments as they were.
+    return quantization._type_sharding(g), *(
+      jax.tree.map(quantization._type_sharding, m) for m in moments
+    )
+
+  args = (coefficients, g, tuple(moments), active, tables, guard)
+  return quantization.call_with_auto_axes(update, args, out_sharding)
+
+
+def _update_leaf(
+  rule: LeafRule,
+  coefficients: Any,
+  g: jax.Array,
+  moments: Sequence[Moment],
+  active: jax.Array,
+  storage: MomentStorage,
+  tables: StateTables | None,
+  guard: jax.Array,
+) -> tuple[jax.Array, ...]:
+  """:func:`update_leaf` (on automatic or no mesh axes)."""
   g32 = g.astype(jnp.float32)
   rounding = guard if any(is_8bit(m) for m in moments) else None
   if storage.chunked(moments):

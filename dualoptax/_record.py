@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import optax
 
-from dualoptax import _numerics
+from dualoptax import _moments, _numerics
 
 _INJECTED_STATES = tuple(
   getattr(optax, name)
@@ -93,7 +93,7 @@ def hyperparameters(opt_state: Any, state_type: type) -> dict[str, Any]:
 
   Args:
     opt_state: the state of a dualoptax alias, alone or inside any optax state (a chain,
-      ``optax.inject_hyperparams``, ...).
+      ``optax.inject_hyperparams``, ...), also as held by ``flax.nnx.Optimizer``.
     state_type: e.g. ``dualoptax.ScaleByDualOptimPlusState``, or
       ``optax.ScaleByAdamState`` for :func:`dualoptax.adamw`.
 
@@ -112,6 +112,8 @@ def hyperparameters(opt_state: Any, state_type: type) -> dict[str, Any]:
     >>> dualoptax.hyperparameters(state, dualoptax.ScaleByDualOptimState)['b2']
     0.99
   """
+  # An nnx.Optimizer's state holds injected hyperparameters in variables: read their values.
+  opt_state = _moments.unwrap_variables(opt_state)
   found = [(r, inj) for r, inj in _records(opt_state) if r.state_type is state_type]
   if len(found) != 1:
     raise ValueError(

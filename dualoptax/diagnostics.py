@@ -9,7 +9,8 @@ For DualOptim the terms are each objective's own ``m_o`` and ``m_o / (sqrt(v_o) 
 
 The functions read a state (a transform's own state or any optax state containing
 exactly one of them, e.g. the alias's chain state) and return per-leaf values, shaped like
-the params, and totals over all leaves. They are pure and jittable. The decays and eps
+the params, and totals over all leaves. They are pure and jittable, and accept the state
+of an ``nnx.Optimizer`` (``optimizer.opt_state``) as well. The decays and eps
 come from the record the alias keeps in its state (:func:`dualoptax.hyperparameters`),
 never from the caller, so they cannot disagree with the run.
 """
@@ -142,7 +143,8 @@ def dualoptim_plus_diagnostics(
 
   Args:
     opt_state: the state of :func:`dualoptax.dualoptim_plus` (or its multi-objective
-      form), alone or inside any optax state, e.g. a chain or ``inject_hyperparams``.
+      form), alone or inside any optax state, e.g. a chain or ``inject_hyperparams``,
+      also as held by ``flax.nnx.Optimizer`` (its variables are read as their values).
     a, b: the two objectives compared by the cosines.
     hyperparams: only for a state without a record (a chain you built from
       :func:`dualoptax.scale_by_dualoptim_plus`): ``b1, b2, base_b1, base_b2, eps``.
@@ -166,6 +168,7 @@ def dualoptim_plus_diagnostics(
     >>> bool(total.update_cosine < 1.0)
     True
   """
+  opt_state = _moments.unwrap_variables(opt_state)
   s = find_state(opt_state, transform.ScaleByDualOptimPlusState)
   hp = _hyperparameters(opt_state, transform.ScaleByDualOptimPlusState, hyperparams)
   counts = s.objective_counts
@@ -199,6 +202,7 @@ def dualoptim_diagnostics(
   Returns:
     ``(per_leaf, total)`` as :func:`dualoptim_plus_diagnostics`.
   """
+  opt_state = _moments.unwrap_variables(opt_state)
   s = find_state(opt_state, transform.ScaleByDualOptimState)
   hp = _hyperparameters(opt_state, transform.ScaleByDualOptimState, hyperparams)
   counts = s.objective_counts

@@ -246,6 +246,76 @@ def _check_block_size(block_size: Any) -> None:
     raise ValueError(f"block_size must be a positive Python int, got {block_size!r}")
 
 
+def _type_sharding(x: Any) -> Any:
+  """The sharding recorded in ``x``'s type (None for values without one)."""
+  try:
+    return jax.typeof(x).sharding
+  except (TypeError, AttributeError):
+    return None
+
+
+def _spec_axes(spec: Any) -> list[str]:
+  axes = []
+  for entry in spec:
+    for axis in entry if isinstance(entry, tuple) else (entry,):
+      if isinstance(axis, str) and axis not in axes:
+        axes.append(axis)
+  return axes
+
+
+def explicit_mesh_axes(tree: Any) -> tuple[str, ...]:
+  """The mesh axes of type ``Explicit`` that shard arrays of ``tree``.
+
+  Read from the arrays' types, so also under ``jit``. Arrays on a mesh with explicit axes
+  (``jax.make_mesh``'s default) carry their sharding in their type, and JAX rejects a
+  reshape that would move data between shards, such as splitting a sharded array into
+  blocks; see :func:`call_with_auto_axes`.
+  """
+  axes: list[str] = []
+  for leaf in jax.tree.leaves(tree):
+    sharding = _type_sharding(leaf)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None:
+      continue
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    for axis in _spec_axes(spec):
+      if types.get(axis) == jax.sharding.AxisType.Explicit and axis not in axes:
+        axes.append(axis)
+  return tuple(axes)
+
+
+def call_with_auto_axes(fn: Any, args: tuple, out_sharding: Any) -> Any:
+  """``fn(*args)``, with the explicit mesh axes that shard ``args`` made automatic inside.
+
+  Block-wise quantization reshapes arrays into blocks (and the 8-bit update loop walks
+  them flat). On explicit axes JAX rejects such reshapes of sharded arrays; with the axes
+  automatic, XLA partitions them as it does on a mesh with ``AxisType.Auto``, with the
+  same results. Without explicit axes (e.g. on one device) this is just ``fn(*args)``.
+
+  Args:
+    fn: the function.
+    args: its arguments (pytrees of arrays).
+    out_sharding: a function of nothing returning the shardings of ``fn``'s outputs (a
+      tree like them), called only when some axis is explicit.
+  """
+  axes = explicit_mesh_axes(args)
+  if not axes:
+    return fn(*args)
+  return jax.sharding.auto_axes(fn, axes=axes, out_sharding=out_sharding())(*args)
+
+
+def _blocks_sharding(sharding: Any, blocks: int) -> Any:
+  """The sharding of the per-block absmax of an array sharded by ``sharding``: split
+  along the blocks over the array's mesh axes when they divide them, else replicated (the
+  rule of :func:`dualoptax.state_shardings`)."""
+  axes = _spec_axes(sharding.spec)
+  ways = math.prod(sharding.mesh.shape[a] for a in axes)
+  if not axes or blocks % ways:
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  entry = axes[0] if len(axes) == 1 else tuple(axes)
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(entry))
+
+
 def _per_element(per_block: jax.Array, size: int, block_size: int) -> jax.Array:
   """Repeats each block's value over its ``block_size`` elements, cut to ``size``.
 
@@ -385,8 +455,16 @@ def quantize_blockwise(
   """
   _check_block_size(block_size)
   x = jnp.asarray(x, jnp.float32)
-  codes, absmax = _quantize_rows(x.reshape(1, -1), [tables], block_size)
-  return codes.reshape(x.shape), absmax[0]
+
+  def quantize_flat(x, tables):
+    codes, absmax = _quantize_rows(x.reshape(1, -1), [tables], block_size)
+    return codes.reshape(x.shape), absmax[0]
+
+  def out_sharding():
+    sharding = _type_sharding(x)
+    return sharding, _blocks_sharding(sharding, num_blocks(x.size, block_size))
+
+  return call_with_auto_axes(quantize_flat, (x, tables), out_sharding)
 
 
 def quantize_blockwise_stacked(
@@ -443,9 +521,15 @@ def dequantize_blockwise(
       f"absmax has shape {absmax.shape}, expected ({expected_blocks},) for "
       f"{codes.size} codes in blocks of {block_size}"
     )
-  flat = codes.reshape(-1).astype(jnp.int32)
-  values = jnp.take(jnp.asarray(tables.code_map, jnp.float32), flat, mode="clip")
-  return (values * _per_element(absmax, flat.size, block_size)).reshape(codes.shape)
+
+  def dequantize_flat(codes, absmax, code_map):
+    flat = codes.reshape(-1).astype(jnp.int32)
+    values = jnp.take(jnp.asarray(code_map, jnp.float32), flat, mode="clip")
+    return (values * _per_element(absmax, flat.size, block_size)).reshape(codes.shape)
+
+  return call_with_auto_axes(
+    dequantize_flat, (codes, absmax, tables.code_map), lambda: _type_sharding(codes)
+  )
 
 
 # ---------------------------------------------------------------------------------------

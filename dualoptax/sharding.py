@@ -84,6 +84,17 @@ def _specs_and_mesh(param_shardings: Any, mesh: Any) -> tuple[list[P], Any, bool
   return [s.spec if isinstance(s, NamedSharding) else s for s in leaves], mesh, bool(named)
 
 
+def _wrap_like(placed: Any, like: Any) -> Any:
+  """``placed`` (a tree like ``like`` with its variables unwrapped) with each variable of
+  ``like`` around its entry again."""
+  leaves, treedef = jax.tree.flatten(like, is_leaf=_moments._is_variable)
+  entries = treedef.flatten_up_to(placed)
+  wrap = lambda leaf, entry: _moments._variable_value(leaf)[1].unflatten([entry])
+  return treedef.unflatten(
+    [wrap(leaf, e) if _moments._is_variable(leaf) else e for leaf, e in zip(leaves, entries)]
+  )
+
+
 def state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Any = None) -> Any:
   """Shardings for an optimizer state whose parameters are sharded as given.
 
@@ -92,7 +103,8 @@ def state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Any
   Args:
     opt_state: the state, or its abstract form (e.g. from ``jax.eval_shape(tx.init,
       params)``), of any optax optimizer; dualoptax's 8-bit moments are placed too.
-    params: the parameters (arrays or ``jax.ShapeDtypeStruct``), as given to ``init``.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``), as given to ``init``;
+      variables around them (``nnx.State`` of ``nnx.Param``) are read as their values.
     param_shardings: one ``NamedSharding`` or ``PartitionSpec`` per parameter, in the
       parameters' leaf order (typically a tree like ``params``).
     mesh: the mesh, for the axis sizes; only needed with PartitionSpecs.
@@ -113,6 +125,10 @@ def state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Any
     (P(None, 'fsdp', None), P(None, 'fsdp'))
   """
   specs, mesh, named = _specs_and_mesh(param_shardings, mesh)
+  like = opt_state
+  # Variables (e.g. nnx.Param around parameters and moments) are read as their values;
+  # the result wraps each spec in its variable again, so that it matches ``opt_state``.
+  opt_state, params = _moments.unwrap_variables((opt_state, params))
   treedef = jax.tree.structure(params)
   if len(specs) != treedef.num_leaves:
     raise ValueError(
@@ -143,7 +159,7 @@ def state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Any
     placed = [_moment_spec(m, s, spec, sizes) for m, s, spec in zip(entries, shapes, specs)]
     return treedef.unflatten(placed)
 
-  placed = jax.tree.map(place, opt_state, is_leaf=is_unit)
+  placed = _wrap_like(jax.tree.map(place, opt_state, is_leaf=is_unit), like)
   if not named:
     return placed
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), placed, is_leaf=_is_spec)

@@ -337,18 +337,19 @@ def scale_by_dualoptim_plus(
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    _checks.check_tree_matches(updates, _moments.param_shapes(state.base_mu), "DualOptim+ state")
+    moments = _moments.sink_8bit((state.base_mu, state.base_nu, state.delta_mu, state.delta_nu))
+    _checks.check_tree_matches(updates, _moments.param_shapes(moments[0]), "DualOptim+ state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     count = optax.safe_increment(state.count)
     objective_counts = state.objective_counts.at[active].add(1)
     coefficients = _plus_coefficients(
       b1, b2, base_b1, base_b2, eps, count, objective_counts[active]
     )
-    moments = (state.base_mu, state.base_nu, state.delta_mu, state.delta_nu)
     guard = _moments.contraction_guard(state.count)
     direction, new = _update_leaves(
       _PLUS_RULE, coefficients, updates, moments, active, storage, state.tables, guard
     )
+    new = _moments.hoist_8bit(new)
     return direction, ScaleByDualOptimPlusState(count, objective_counts, *new, state.tables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -405,15 +406,17 @@ def scale_by_dualoptim(
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    shapes = _moments.param_shapes(state.mu, stacked=True)
+    moments = _moments.sink_8bit((state.mu, state.nu))
+    shapes = _moments.param_shapes(moments[0], stacked=True)
     _checks.check_tree_matches(updates, shapes, "DualOptim state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     objective_counts = state.objective_counts.at[active].add(1)
     coefficients = _adam_coefficients(b1, b2, eps, objective_counts[active])
     guard = _moments.contraction_guard(state.count)
     direction, (mu, nu) = _update_leaves(
-      _ADAM_RULE, coefficients, updates, (state.mu, state.nu), active, storage, state.tables, guard
+      _ADAM_RULE, coefficients, updates, moments, active, storage, state.tables, guard
     )
+    mu, nu = _moments.hoist_8bit((mu, nu))
     count = optax.safe_increment(state.count)
     return direction, ScaleByDualOptimState(count, objective_counts, mu, nu, state.tables)
 

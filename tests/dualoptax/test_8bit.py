@@ -309,3 +309,24 @@ def test_storage_options_are_checked():
   # DualOptim has no base or deltas to choose from.
   with pytest.raises(ValueError, match="quantize_base=False"):
     dualoptax.dualoptim(1e-3, storage=dualoptax.MomentStorage(state_bits=8, quantize_base=False))
+
+
+def test_8bit_moments_of_variables_hold_their_arrays_in_variables():
+  """Parameters in variables (nnx.State of nnx.Param, as the training program passes):
+  an 8-bit moment is a QuantizedArray whose codes and absmax are each in a variable, so
+  that nnx.Optimizer keeps it; updates with variables give the bits of plain arrays."""
+  nnx = pytest.importorskip("flax.nnx")
+  rng = np.random.default_rng(0)
+  raw = {"w": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32), "b": jnp.ones(8)}
+  wrapped = nnx.State({k: nnx.Param(v) for k, v in raw.items()})
+  tx = dualoptax.dualoptim_plus(1e-2, state_bits=8)
+  state, plain = tx.init(wrapped), tx.init(raw)
+  q = dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState).delta_mu["w"]
+  assert isinstance(q, dualoptax.QuantizedArray) and isinstance(q.codes, nnx.Param)
+  for t in range(3):
+    g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in raw.items()}
+    g_wrapped = nnx.State({k: nnx.Param(v) for k, v in g.items()})
+    updates, state = tx.update(g_wrapped, state, wrapped, objective=t % 2)
+    expected, plain = tx.update(g, plain, raw, objective=t % 2)
+    for a, b in zip(jax.tree.leaves((updates, state)), jax.tree.leaves((expected, plain))):
+      np.testing.assert_array_equal(a, b)

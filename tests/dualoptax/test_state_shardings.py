@@ -76,3 +76,41 @@ def test_errors_name_the_problem():
     dualoptax.state_shardings(state, {"w": jnp.ones(4)}, {"w": P()})
   with pytest.raises(ValueError, match="2 shardings for 1 parameters"):
     dualoptax.state_shardings(state, {"w": jnp.ones(4)}, [P(), P()], MESH)
+
+
+def test_init_places_moments_beside_their_parameters():
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  params = {
+    "w": jax.device_put(jnp.ones((64, 64)), NamedSharding(mesh, P("fsdp", None))),
+    "b": jax.device_put(jnp.ones((64,)), NamedSharding(mesh, P())),
+  }
+  state = _inner(dualoptax.dualoptim_plus(1e-3, state_bits=8).init(params))
+  # What state_shardings gives is where init already put them (as optax's zeros_like does).
+  expected = _inner(
+    dualoptax.state_shardings(state, params, jax.tree.map(lambda p: p.sharding, params))
+  )
+  for moments, specs in zip(
+    (state.base_mu, state.base_nu, state.delta_mu, state.delta_nu),
+    (expected.base_mu, expected.base_nu, expected.delta_mu, expected.delta_nu),
+  ):
+    for array, sharding in zip(jax.tree.leaves(moments), jax.tree.leaves(specs)):
+      assert array.sharding == sharding
+  assert state.delta_mu["w"].codes.sharding.spec == P(None, "fsdp", None)
+  assert state.delta_mu["w"].absmax.sharding.spec == P(None, "fsdp")
+
+
+def test_variables_around_parameters_and_moments():
+  """nnx.State parameters (nnx.Param variables): the shardings wrap each spec like the
+  state wraps its arrays, so that they fit the state leaf by leaf."""
+  nnx = pytest.importorskip("flax.nnx")
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  params = nnx.State({"w": nnx.Param(jnp.ones((64, 64))), "b": nnx.Param(jnp.ones(64))})
+  shardings = nnx.State(
+    {"w": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P(None))}
+  )
+  state = dualoptax.dualoptim_plus(1e-3, state_bits=8).init(params)
+  placed = dualoptax.state_shardings(state, params, shardings)
+  codes = _inner(placed).delta_mu["w"].codes
+  assert isinstance(codes, nnx.Param) and codes.get_value().spec == P(None, "fsdp", None)
+  moved = jax.device_put(state, placed)
+  assert jax.tree.structure(moved) == jax.tree.structure(state)
