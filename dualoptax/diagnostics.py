@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from dualoptax import _moments, _numerics, _record, objectives, transform
+from dualoptax import _moments, _numerics, _record, objectives, quantization, transform
 
 State = TypeVar("State")
 
@@ -171,6 +171,10 @@ def dualoptim_plus_diagnostics(
   opt_state = _moments.unwrap_variables(opt_state)
   s = find_state(opt_state, transform.ScaleByDualOptimPlusState)
   hp = _hyperparameters(opt_state, transform.ScaleByDualOptimPlusState, hyperparams)
+  return _on_auto_axes(_plus_diagnostics, s, hp, a, b)
+
+
+def _plus_diagnostics(s: transform.ScaleByDualOptimPlusState, hp: dict, a: int, b: int):
   counts = s.objective_counts
 
   def terms(base_mu, base_nu, delta_mu, delta_nu):
@@ -186,6 +190,24 @@ def dualoptim_plus_diagnostics(
   moments = (s.base_mu, s.base_nu, s.delta_mu, s.delta_nu)
   out = jax.tree.map(terms, *moments, is_leaf=_moments.is_8bit)
   return _diagnose(out, jax.tree.map(lambda m: 0, s.base_mu, is_leaf=_moments.is_8bit), a, b)
+
+
+def _on_auto_axes(diagnose: Any, s: Any, hp: dict, a: int, b: int):
+  """``diagnose(s, hp, a, b)``; for a state on explicit mesh axes, with those axes made
+  automatic (its reshapes and contractions over sharded axes are then XLA's to
+  partition) and replicated results."""
+
+  def replicated():
+    for leaf in jax.tree.leaves(s):
+      if quantization.explicit_mesh_axes(leaf):
+        mesh = quantization._type_sharding(leaf).mesh
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return None
+
+  # Python numbers stay static (as without a mesh); injected arrays become arguments.
+  arrays = {k: v for k, v in hp.items() if isinstance(v, jax.Array)}
+  run = lambda s, arrays: diagnose(s, {**hp, **arrays}, a, b)
+  return quantization.call_with_auto_axes(run, (s, arrays), replicated)
 
 
 def dualoptim_diagnostics(
@@ -205,6 +227,10 @@ def dualoptim_diagnostics(
   opt_state = _moments.unwrap_variables(opt_state)
   s = find_state(opt_state, transform.ScaleByDualOptimState)
   hp = _hyperparameters(opt_state, transform.ScaleByDualOptimState, hyperparams)
+  return _on_auto_axes(_adam_diagnostics, s, hp, a, b)
+
+
+def _adam_diagnostics(s: transform.ScaleByDualOptimState, hp: dict, a: int, b: int):
   counts = s.objective_counts
 
   def terms(mu, nu):

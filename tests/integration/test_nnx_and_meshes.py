@@ -190,6 +190,20 @@ MESH_SCRIPT = textwrap.dedent("""
         flat = jax.tree_util.tree_flatten_with_path(single)[0]
         for (path, a), b in zip(flat, jax.tree.leaves(multi)):
             np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+    # The diagnostics read the sharded state (sums over shards: float32 rounding apart).
+    expected = dualoptax.dualoptim_plus_diagnostics(single[1])[1]
+    got = jax.jit(dualoptax.dualoptim_plus_diagnostics)(state)[1]
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # quantize and dequantize on a sharded array, eagerly and under jit.
+    w = jax.device_put(params["w"], NamedSharding(mesh, specs["w"]))
+    q1 = dualoptax.quantization.quantize(params["w"])
+    for quantize in (dualoptax.quantization.quantize, jax.jit(dualoptax.quantization.quantize)):
+        q = quantize(w)
+        np.testing.assert_array_equal(q.codes, q1.codes)
+        np.testing.assert_array_equal(q.absmax, q1.absmax)
+        np.testing.assert_array_equal(jax.jit(lambda q: q.dequantize())(q), q1.dequantize())
     print("OK")
 """)
 
