@@ -168,15 +168,15 @@ class MomentStorage:
     """Zero moments like ``params`` (stacked K times if ``num_objectives``); 8-bit where
     ``quantize`` and the leaf qualifies, with the ``signed`` (or unsigned) map.
 
-    Each moment takes its parameter's sharding (as ``jnp.zeros_like`` does), and an 8-bit
-    moment of a parameter wrapped in a variable (``flax.nnx.Param``) holds its codes and
-    absmax each in such a variable (see :func:`hoist_8bit`).
+    Each moment takes its parameter's sharding (as ``jnp.zeros_like`` does). Of a
+    parameter wrapped in a variable (``flax.nnx.Param``), only moments of its shape keep
+    the variable (see :func:`strip_foreign_variables`).
     """
     which = self._quantized_leaves(params)
     moments = jax.tree.map(
       lambda p, q: self.zeros(p, quantize and q, signed, num_objectives), params, which
     )
-    return hoist_8bit(moments)
+    return strip_foreign_variables(moments, params)
 
 
 def _split_sharding(param: Any) -> Any:
@@ -278,42 +278,91 @@ def unwrap_variables(tree: Any) -> Any:
   return jax.tree.map(unwrap, tree, is_leaf=lambda x: _is_variable(x) or is_8bit(x))
 
 
-def hoist_8bit(moments: Any) -> Any:
-  """Turns ``variable(QuantizedArray(codes, absmax))`` into
-  ``QuantizedArray(variable(codes), variable(absmax))`` (the variable's metadata on both).
+def _wrapped(variable: Any, value: Any) -> Any:
+  """``value`` in a variable like ``variable`` (same type and metadata)."""
+  return _variable_value(variable)[1].unflatten([value])
+
+
+def _entries(tree: Any, like: Any) -> tuple[list[Any], list[Any], Any] | None:
+  """``like``'s leaves (its variables as leaves), ``tree``'s entries at their positions
+  and the structure; None if ``tree`` does not have ``like``'s structure."""
+  leaves, treedef = jax.tree.flatten(like, is_leaf=_is_variable)
+  try:
+    return leaves, treedef.flatten_up_to(tree), treedef
+  except (ValueError, TypeError):
+    return None
+
+
+def strip_foreign_variables(moments: Any, params: Any) -> Any:
+  """``moments`` (from ``jax.tree.map`` over ``params``) with a parameter's variable kept
+  only around arrays of the parameter's shape.
 
   ``jax.tree.map`` over parameters wrapped in variables (``nnx.state(model)``) puts each
-  8-bit moment inside its parameter's variable. ``nnx.Optimizer`` would then hold the
-  moment as the value of one ``OptVariable``, and ``nnx.update`` replaces such a value by
-  an ``nnx.State`` of its leaves, losing the ``QuantizedArray``. With every array in a
-  variable of its own, NNX updates arrays and keeps the ``QuantizedArray`` node intact.
-  Moments without variables are returned as they are.
+  moment in its parameter's variable, metadata included. Such metadata (e.g. a sharding
+  annotation) describes arrays of the parameter's shape, which stacked moments
+  ``(K, *shape)`` and per-block absmax are not: Flax would place them by it. And
+  ``nnx.Optimizer`` would hold an 8-bit moment as the value of one ``OptVariable``, which
+  ``nnx.update`` replaces by an ``nnx.State`` of its leaves, losing the
+  ``QuantizedArray``. So an 8-bit moment becomes ``QuantizedArray(variable(codes),
+  absmax)`` (codes of the parameter's shape) or bare, and a stacked moment bare; updates
+  wrap them again where the gradients have variables (:func:`align_with_updates`).
   """
+  found = _entries(moments, params)
+  if found is None:
+    return moments
+  leaves, entries, treedef = found
 
-  def hoist(x):
-    if not _is_variable(x):
-      return x
-    value, treedef = _variable_value(x)
-    if not is_8bit(value):
-      return x
-    wrap = lambda array: treedef.unflatten([array])
-    return dataclasses.replace(value, codes=wrap(value.codes), absmax=wrap(value.absmax))
+  def strip(param, moment):
+    if not _is_variable(param) or not _is_variable(moment):
+      return moment
+    shape = tuple(jnp.shape(_variable_value(param)[0]))
+    value = _variable_value(moment)[0]
+    if is_8bit(value):
+      if tuple(value.codes.shape) != shape:
+        return value
+      return dataclasses.replace(value, codes=_wrapped(moment, value.codes))
+    return moment if tuple(jnp.shape(value)) == shape else value
 
-  return jax.tree.map(hoist, moments, is_leaf=lambda x: _is_variable(x) or is_8bit(x))
+  return treedef.unflatten([strip(p, m) for p, m in zip(leaves, entries)])
 
 
-def sink_8bit(moments: Any) -> Any:
-  """The inverse of :func:`hoist_8bit`: each 8-bit moment inside its parameter's variable
-  again, so that the moments have the structure of gradients wrapped in variables."""
+def align_with_updates(moments: Any, updates: Any) -> Any:
+  """``moments`` with the structure of ``updates``: an entry is put in its update's
+  variable where the update has one and the entry not (an 8-bit moment whose codes are
+  in a variable goes in that variable whole). Unchanged if the structures differ."""
+  found = _entries(moments, updates)
+  if found is None:
+    return moments
+  leaves, entries, treedef = found
 
-  def sink(x):
-    if not (is_8bit(x) and _is_variable(x.codes)):
-      return x
-    codes, treedef = _variable_value(x.codes)
-    absmax, _ = _variable_value(x.absmax)
-    return treedef.unflatten([dataclasses.replace(x, codes=codes, absmax=absmax)])
+  def align(update, moment):
+    if not _is_variable(update) or _is_variable(moment):
+      return moment
+    if is_8bit(moment) and _is_variable(moment.codes):
+      codes = moment.codes
+      return _wrapped(codes, dataclasses.replace(moment, codes=_variable_value(codes)[0]))
+    return _wrapped(update, moment)
 
-  return jax.tree.map(sink, moments, is_leaf=is_8bit)
+  return treedef.unflatten([align(u, m) for u, m in zip(leaves, entries)])
+
+
+def unalign(new: Any, old: Any, updates: Any) -> Any:
+  """New moments (aligned with ``updates``) back in the layout of the ``old`` ones, so
+  that a state keeps its structure from step to step."""
+  found = _entries(old, updates)
+  if found is None:
+    return new
+  _, olds, treedef = found
+
+  def back(old, new):
+    if _is_variable(old) or not _is_variable(new):
+      return new
+    value = _variable_value(new)[0]
+    if is_8bit(old) and _is_variable(old.codes):
+      return dataclasses.replace(value, codes=_wrapped(old.codes, value.codes))
+    return value
+
+  return treedef.unflatten([back(o, n) for o, n in zip(olds, treedef.flatten_up_to(new))])
 
 
 def param_shapes(moments: Any, stacked: bool = False) -> Any:

@@ -337,7 +337,8 @@ def scale_by_dualoptim_plus(
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    moments = _moments.sink_8bit((state.base_mu, state.base_nu, state.delta_mu, state.delta_nu))
+    olds = (state.base_mu, state.base_nu, state.delta_mu, state.delta_nu)
+    moments = [_moments.align_with_updates(m, updates) for m in olds]
     _checks.check_tree_matches(updates, _moments.param_shapes(moments[0]), "DualOptim+ state")
     active = objectives.active_objective(state.count, objective, objective_steps)
     count = optax.safe_increment(state.count)
@@ -349,7 +350,7 @@ def scale_by_dualoptim_plus(
     direction, new = _update_leaves(
       _PLUS_RULE, coefficients, updates, moments, active, storage, state.tables, guard
     )
-    new = _moments.hoist_8bit(new)
+    new = [_moments.unalign(n, o, updates) for n, o in zip(new, olds)]
     return direction, ScaleByDualOptimPlusState(count, objective_counts, *new, state.tables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -406,7 +407,7 @@ def scale_by_dualoptim(
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
-    moments = _moments.sink_8bit((state.mu, state.nu))
+    moments = [_moments.align_with_updates(m, updates) for m in (state.mu, state.nu)]
     shapes = _moments.param_shapes(moments[0], stacked=True)
     _checks.check_tree_matches(updates, shapes, "DualOptim state")
     active = objectives.active_objective(state.count, objective, objective_steps)
@@ -416,7 +417,7 @@ def scale_by_dualoptim(
     direction, (mu, nu) = _update_leaves(
       _ADAM_RULE, coefficients, updates, moments, active, storage, state.tables, guard
     )
-    mu, nu = _moments.hoist_8bit((mu, nu))
+    mu, nu = (_moments.unalign(n, o, updates) for n, o in zip((mu, nu), (state.mu, state.nu)))
     count = optax.safe_increment(state.count)
     return direction, ScaleByDualOptimState(count, objective_counts, mu, nu, state.tables)
 

@@ -313,16 +313,22 @@ def test_storage_options_are_checked():
 
 def test_8bit_moments_of_variables_hold_their_arrays_in_variables():
   """Parameters in variables (nnx.State of nnx.Param, as the training program passes):
-  an 8-bit moment is a QuantizedArray whose codes and absmax are each in a variable, so
-  that nnx.Optimizer keeps it; updates with variables give the bits of plain arrays."""
+  an 8-bit moment is a QuantizedArray node (so that nnx.Optimizer keeps it), whose codes
+  keep the parameter's variable when they have its shape; stacked moments are bare (the
+  variable's metadata describes the parameter's shape). Updates with variables give the
+  bits of plain arrays and keep the state's structure."""
   nnx = pytest.importorskip("flax.nnx")
   rng = np.random.default_rng(0)
   raw = {"w": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32), "b": jnp.ones(8)}
   wrapped = nnx.State({k: nnx.Param(v) for k, v in raw.items()})
   tx = dualoptax.dualoptim_plus(1e-2, state_bits=8)
   state, plain = tx.init(wrapped), tx.init(raw)
-  q = dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState).delta_mu["w"]
+  inner = dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState)
+  q = inner.base_mu["w"]
   assert isinstance(q, dualoptax.QuantizedArray) and isinstance(q.codes, nnx.Param)
+  assert isinstance(q.absmax, jax.Array) and isinstance(inner.delta_mu["w"].codes, jax.Array)
+  assert isinstance(inner.base_mu["b"], nnx.Param) and isinstance(inner.delta_mu["b"], jax.Array)
+  structure = jax.tree.structure(state)
   for t in range(3):
     g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in raw.items()}
     g_wrapped = nnx.State({k: nnx.Param(v) for k, v in g.items()})
@@ -330,3 +336,4 @@ def test_8bit_moments_of_variables_hold_their_arrays_in_variables():
     expected, plain = tx.update(g, plain, raw, objective=t % 2)
     for a, b in zip(jax.tree.leaves((updates, state)), jax.tree.leaves((expected, plain))):
       np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(state) == structure

@@ -110,7 +110,11 @@ def test_variables_around_parameters_and_moments():
   )
   state = dualoptax.dualoptim_plus(1e-3, state_bits=8).init(params)
   placed = dualoptax.state_shardings(state, params, shardings)
-  codes = _inner(placed).delta_mu["w"].codes
-  assert isinstance(codes, nnx.Param) and codes.get_value().spec == P(None, "fsdp", None)
+  # Codes of the parameter's shape keep its variable; stacked codes (K, ...) do not.
+  codes = _inner(placed).base_mu["w"].codes
+  assert isinstance(codes, nnx.Param) and codes.get_value().spec == P("fsdp", None)
+  assert _inner(placed).delta_mu["w"].codes.spec == P(None, "fsdp", None)
+  assert _inner(placed).delta_mu["b"].spec == P(None, None)
+  assert _inner(placed).base_mu["b"].get_value().spec == P(None)
   moved = jax.device_put(state, placed)
   assert jax.tree.structure(moved) == jax.tree.structure(state)

@@ -1,6 +1,6 @@
 """dualoptax as a user meets it in the JAX ecosystem: ``flax.nnx.Optimizer`` with float32
-and 8-bit states (eager and under ``nnx.jit``), meshes with explicit and auto axes, and
-the conflict diagnostics on an NNX optimizer state.
+and 8-bit states (eager and under ``nnx.jit``), meshes with explicit and auto axes (plain
+jax and NNX), and the conflict diagnostics on an NNX optimizer state.
 
 Each NNX run is compared with the same steps written as a plain optax loop over the
 model's parameters: the results must be equal bit for bit. Mesh runs happen in fresh
@@ -211,4 +211,64 @@ MESH_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 def test_8bit_states_on_a_two_device_mesh_stay_sharded_and_match_one_device(axis_type):
   result = run_cli(["-c", MESH_SCRIPT, axis_type], devices=2)  # fails on a non-zero exit
+  assert "OK" in result.stdout, (result.stdout + result.stderr)[-3000:]
+
+
+NNX_MESH_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType
+    from flax import nnx
+    import dualoptax
+
+    assert jax.device_count() == 2, jax.devices()
+    mesh = jax.make_mesh((2,), ("model",), axis_types=(getattr(AxisType, sys.argv[1]),))
+
+    class Model(nnx.Module):
+        def __init__(self, rngs, partitioned):
+            init = nnx.initializers.lecun_normal()
+            if partitioned:
+                init = nnx.with_partitioning(init, (None, "model"))
+            self.linear = nnx.Linear(64, 128, kernel_init=init, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    def run(partitioned):
+        model = Model(nnx.Rngs(0), partitioned)
+        optimizer = nnx.Optimizer(
+            model, dualoptax.dualoptim_plus(1e-2, state_bits=8), wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(model, optimizer, x, objective):
+            grads = nnx.grad(lambda m: jnp.mean(jnp.tanh(m(x)) ** 2))(model)
+            optimizer.update(model, grads, objective=objective)
+
+        rng = np.random.default_rng(0)
+        for t in range(3):
+            x = jnp.asarray(rng.normal(size=(8, 64)), jnp.float32)
+            train_step(model, optimizer, x, jnp.int32(t % 2))
+        return model, optimizer
+
+    model, optimizer = run(False)
+    single = jax.device_get(nnx.as_pure((nnx.state(model), optimizer.opt_state)))
+    with jax.set_mesh(mesh):
+        model, optimizer = run(True)
+    state = nnx.as_pure(optimizer.opt_state)
+    plus = dualoptax.find_state(state, dualoptax.ScaleByDualOptimPlusState)
+    # Stacked moments (K, 64, 128) are split along the kernel's axis, not by the kernel's
+    # annotation applied to another shape.
+    delta = plus.delta_mu["linear"]["kernel"]
+    assert delta.codes.sharding.spec == jax.P(None, None, "model"), delta.codes.sharding
+    assert delta.absmax.sharding.spec == jax.P(None, "model"), delta.absmax.sharding
+    multi = jax.device_get(nnx.as_pure((nnx.state(model), optimizer.opt_state)))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
+        np.testing.assert_array_equal(a, b)
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_nnx_optimizer_with_8bit_states_on_a_two_device_mesh(axis_type):
+  result = run_cli(["-c", NNX_MESH_SCRIPT, axis_type], devices=2)
   assert "OK" in result.stdout, (result.stdout + result.stderr)[-3000:]
