@@ -36,7 +36,7 @@ in turn: 17 MiB instead of 110 for the full tree.) The project's recommended opt
 for ``copy(`` of the state); ``--compiler-option KEY=VALUE`` passes XLA options to every
 step. ``--devices N`` splits
 every array over an N-device ``fsdp`` mesh (simulated host devices on CPU) the way
-``train/sharding.py`` does: each matrix and its moments by rows, 8-bit absmax and code
+``train/runtime/sharding.py`` does: each matrix and its moments by rows, 8-bit absmax and code
 tables along their last axis.
 
 To add a variant, append an ``OptimizerSpec`` to ``OPTIMIZERS`` (or call ``register``):
@@ -224,7 +224,7 @@ def copy_tree(tree):
 
 def make_placer(devices: int, matrix_shape: tuple[int, int]) -> Callable:
   """``place(tree)``: the tree's arrays split over a ``devices``-wide ``fsdp`` mesh (the
-  identity for one device), as ``train/sharding.py`` places an FSDP-sharded model: the
+  identity for one device), as ``train/runtime/sharding.py`` places an FSDP-sharded model: the
   parameter matrices and every moment of their shape (stacked per objective too) by rows;
   other float arrays (8-bit absmax, code tables) along their last axis when it divides;
   integer counters replicated."""

@@ -1,4 +1,4 @@
-"""Unlearning losses (train/losses.py) against direct float64 NumPy computations.
+"""Unlearning losses (train/losses/) against direct float64 NumPy computations.
 
 Every reference below is written out loop by loop from the formula in the loss's docstring,
 on tiny random logits with hand-built label masks (prompt tokens, padding, a fully-masked
