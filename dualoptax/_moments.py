@@ -188,7 +188,7 @@ def _split_sharding(param: Any) -> Any:
   if isinstance(param, jax.core.Tracer):
     if not quantization.explicit_mesh_axes(param):
       return None
-    sharding = quantization._type_sharding(param)
+    sharding = quantization.type_sharding(param)
   else:
     sharding = getattr(param, "sharding", None)
   return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
@@ -558,8 +558,8 @@ def update_leaf(
     return _update_leaf(rule, coefficients, g, moments, active, storage, tables, guard)
 
   def out_sharding():  # On explicit axes: the direction like g, moments as they were.
-    return quantization._type_sharding(g), *(
-      jax.tree.map(quantization._type_sharding, m) for m in moments
+    return quantization.type_sharding(g), *(
+      jax.tree.map(quantization.type_sharding, m) for m in moments
     )
 
   args = (coefficients, g, tuple(moments), active, tables, guard)

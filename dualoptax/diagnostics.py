@@ -200,7 +200,7 @@ def _on_auto_axes(diagnose: Any, s: Any, hp: dict, a: int, b: int):
   def replicated():
     for leaf in jax.tree.leaves(s):
       if quantization.explicit_mesh_axes(leaf):
-        mesh = quantization._type_sharding(leaf).mesh
+        mesh = quantization.type_sharding(leaf).mesh
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return None
 

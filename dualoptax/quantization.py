@@ -246,7 +246,7 @@ def _check_block_size(block_size: Any) -> None:
     raise ValueError(f"block_size must be a positive Python int, got {block_size!r}")
 
 
-def _type_sharding(x: Any) -> Any:
+def type_sharding(x: Any) -> Any:
   """The sharding recorded in ``x``'s type (None for values without one)."""
   try:
     return jax.typeof(x).sharding
@@ -273,7 +273,7 @@ def explicit_mesh_axes(tree: Any) -> tuple[str, ...]:
   """
   axes: list[str] = []
   for leaf in jax.tree.leaves(tree):
-    sharding = _type_sharding(leaf)
+    sharding = type_sharding(leaf)
     mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
     if mesh is None or spec is None:
       continue
@@ -461,7 +461,7 @@ def quantize_blockwise(
     return codes.reshape(x.shape), absmax[0]
 
   def out_sharding():
-    sharding = _type_sharding(x)
+    sharding = type_sharding(x)
     return sharding, _blocks_sharding(sharding, num_blocks(x.size, block_size))
 
   return call_with_auto_axes(quantize_flat, (x, tables), out_sharding)
@@ -528,7 +528,7 @@ def dequantize_blockwise(
     return (values * _per_element(absmax, flat.size, block_size)).reshape(codes.shape)
 
   return call_with_auto_axes(
-    dequantize_flat, (codes, absmax, tables.code_map), lambda: _type_sharding(codes)
+    dequantize_flat, (codes, absmax, tables.code_map), lambda: type_sharding(codes)
   )
 
 
