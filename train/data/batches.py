@@ -13,9 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from train.data import tofu
 from train.data.prompting import EncodedAnswer, PromptTemplate, encode_answer, get_prompt_template
-
-IGNORE_INDEX = -100
-"""The label of tokens that are not scored (prompt and padding)."""
+from train.losses.tokens import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,6 @@ True
 ('NPO+GD', True, False)
 """
 
-from train.data.batches import IGNORE_INDEX
 from train.losses.forget import dpo_loss, ga_loss, idk_loss, me_loss, npo_loss, simnpo_loss
 from train.losses.objectives import combined_loss, forget_loss, retain_loss
 from train.losses.retain import ap_loss, gd_loss, kl_loss
@@ -70,6 +69,7 @@ from train.losses.spec import (
   parse_loss_spec,
 )
 from train.losses.tokens import (
+  IGNORE_INDEX,
   LMBatch,
   LogitsFn,
   as_batch,

@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.data.batches import IGNORE_INDEX
-
 Array = Any
 Params = Any
 LogitsFn = Callable[[Params, Array, Array], Array]
 """``logits_fn(params, input_ids, attention_mask) -> logits [B, T, V]``; must be traceable."""
+
+IGNORE_INDEX: int = -100
+"""Label of a position that is not scored: prompt and padding tokens (Hugging Face's and
+PyTorch's ``ignore_index``; :mod:`train.data` writes it, the losses skip it)."""
 
 
 @jax.tree_util.register_dataclass
