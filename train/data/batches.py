@@ -12,7 +12,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from train.data import tofu
-from train.data.prompting import EncodedAnswer, PromptTemplate, encode_answer, get_prompt_template
+from train.data.prompting import EncodedAnswer, PromptEncoder, Template, get_prompt_template
 from train.losses.tokens import IGNORE_INDEX
 
 
@@ -21,16 +21,19 @@ class TokenizationConfig:
   """How items become token sequences.
 
   Attributes:
-    template: A :class:`PromptTemplate` or a preset name (``"phi"``, ``"llama2-chat"``, ...).
+    template: A template (:class:`~train.data.prompting.PromptTemplate` or
+      :class:`~train.data.prompting.ChatTemplate`), a preset name (``"phi"``,
+      ``"llama2-chat"``, ...) or ``"chat"``: the tokenizer's own chat template.
     max_length: Sequences longer than this lose answer tokens from the end (counted in
       :attr:`QADataset.num_truncated`); ``None`` keeps every token.
     pad_to_multiple_of: Batches are padded to the longest row rounded up to a multiple of
       this, so a jitted step compiles for a few lengths only.
     pad_to_max_length: Pad every batch to exactly ``max_length`` (one compiled shape).
-    append_eos: End each answer with EOS (scored like the answer), as TOFU does.
+    append_eos: End each answer with EOS (scored like the answer), as TOFU does; with a
+      chat template, its end-of-turn token.
   """
 
-  template: str | PromptTemplate = "phi"
+  template: str | Template = "phi"
   max_length: int | None = None
   pad_to_multiple_of: int = 16
   pad_to_max_length: bool = False
@@ -154,12 +157,14 @@ class QADataset:
 
     Args:
       items: The questions and answers.
-      tokenizer: Any Hugging Face tokenizer (with EOS when ``config.append_eos``).
+      tokenizer: Any Hugging Face tokenizer (with EOS when ``config.append_eos``; with a
+        chat template when ``config.template`` is ``"chat"``).
       config: Template, lengths and padding.
       idk_answers: Answers that :meth:`batch` may substitute for the true ones.
 
     Raises:
-      ValueError: ``items`` is empty, or an item cannot be encoded (the message names it).
+      ValueError: ``items`` is empty, an item cannot be encoded (the message names it), or
+        the template cannot be used with the tokenizer (e.g. it has no chat template).
     """
     if not items:
       raise ValueError("a QADataset needs at least one item")
@@ -168,11 +173,12 @@ class QADataset:
     self.config = config
     self.idk_answers = tuple(idk_answers)
     self.template = get_prompt_template(config.template)
+    self.encoder = PromptEncoder.create(self.template, tokenizer)
     # Padding positions are masked out everywhere, so any id works when there is no pad.
     self.pad_id = next(
       (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
     )
-    self._prompts = tuple(self.template.prompt(item.question) for item in self.items)
+    self._prompts = tuple(self.encoder.prompt(item.question) for item in self.items)
     self._encoded = tuple(self._encode(i, item.answer) for i, item in enumerate(self.items))
     self._encoded_idk: dict[tuple[int, int], EncodedAnswer] = {}
     self.num_truncated = sum(e.truncated for e in self._encoded)
@@ -188,8 +194,7 @@ class QADataset:
 
   def _encode(self, index: int, answer: str) -> EncodedAnswer:
     try:
-      return encode_answer(
-        self.tokenizer,
+      return self.encoder.encode_answer(
         self._prompts[index],
         answer,
         append_eos=self.config.append_eos,

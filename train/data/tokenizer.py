@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from train.data import tofu
-from train.data.prompting import PromptTemplate, get_prompt_template
+from train.data.prompting import PromptTemplate, Template, get_prompt_template
 from train.data.splits import IDK_FILE_NAME
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
@@ -119,7 +119,7 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
 
 
 def tofu_corpus_texts(
-  data_dir: str | os.PathLike[str], template: str | PromptTemplate | None = None
+  data_dir: str | os.PathLike[str], template: str | Template | None = None
 ) -> list[str]:
   """Every string of the TOFU-format files in ``data_dir``, to train a tokenizer on.
 
@@ -131,7 +131,8 @@ def tofu_corpus_texts(
     data_dir: The TOFU-format folder.
     template: When given, questions enter the corpus as formatted prompts, so the
       template's tags (``"Question: "``, ``"Answer: "``) get tokens of their own instead
-      of being spelled out letter by letter in every sequence.
+      of being spelled out letter by letter in every sequence. A chat template (``"chat"``)
+      adds nothing: it comes with a tokenizer, not from the trained one.
 
   Raises:
     FileNotFoundError: ``data_dir`` holds no ``*.json`` file.
@@ -141,6 +142,8 @@ def tofu_corpus_texts(
   if not paths:
     raise FileNotFoundError(f"no *.json TOFU file in {data_dir!r}")
   prompt_template = None if template is None else get_prompt_template(template)
+  if not isinstance(prompt_template, PromptTemplate):
+    prompt_template = None  # a chat template: rendered by a tokenizer, which is being made
   texts: list[str] = []
   for path in paths:
     for _, row in tofu.iter_json_lines(path):

@@ -1,6 +1,7 @@
 """TOFU evaluation for any model and any TOFU-format data.
 
-* :mod:`~train.data.prompting`: prompt templates, answer tokenization and masking.
+* :mod:`~train.data.prompting`: prompt templates (presets or the tokenizer's chat template),
+  answer tokenization and masking.
 * :mod:`~train.evaluation.scoring`: the model interface and batched, jitted scoring and
   greedy generation.
 * :mod:`~train.evaluation.metrics`: the metric definitions as plain functions.
@@ -8,9 +9,13 @@
 """
 
 from train.data.prompting import (
+  CHAT_TEMPLATE_NAME,
   PROMPT_TEMPLATES,
+  ChatTemplate,
   EncodedAnswer,
+  PromptEncoder,
   PromptTemplate,
+  Template,
   encode_answer,
   encode_prompt,
   get_prompt_template,

@@ -25,7 +25,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from train.data import tofu
-from train.data.prompting import PromptTemplate, encode_answer, encode_prompt, get_prompt_template
+from train.data.prompting import PromptEncoder, Template
 from train.evaluation import metrics
 from train.evaluation.scoring import ScoringModel, as_scoring_model, generate_greedy, score_answers
 
@@ -226,6 +226,16 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
   return pad_id
 
 
+def _prompt_encoder(
+  template: str | Template | PromptEncoder, tokenizer: PreTrainedTokenizerBase
+) -> PromptEncoder:
+  if isinstance(template, PromptEncoder):
+    if template.tokenizer is not tokenizer:
+      raise ValueError("the PromptEncoder was made with another tokenizer than the one given")
+    return template
+  return PromptEncoder.create(template, tokenizer)
+
+
 def _load_items(spec: EvalSetSpec, config: EvalConfig) -> tuple[tofu.TofuItem, ...]:
   items = tuple(
     tofu.load_tofu(
@@ -251,7 +261,7 @@ def _scored_answers(item: tofu.TofuItem, paraphrase_based: bool) -> list[str]:
 
 def _answer_nlls(
   model: ScoringModel,
-  tokenizer: PreTrainedTokenizerBase,
+  encoder: PromptEncoder,
   spec: EvalSetSpec,
   items: Sequence[tofu.TofuItem],
   prompts: Sequence[str],
@@ -267,8 +277,8 @@ def _answer_nlls(
   paraphrase_based = spec.role in _PARAPHRASE_ROLES
   answers = [_scored_answers(item, paraphrase_based) for item in items]
   encoded = [
-    encode_answer(
-      tokenizer, prompts[k], text, append_eos=config.append_eos, max_length=config.max_length
+    encoder.encode_answer(
+      prompts[k], text, append_eos=config.append_eos, max_length=config.max_length
     )
     for k, texts in enumerate(answers)
     for text in texts
@@ -300,24 +310,25 @@ def _answer_nlls(
 
 def _generations(
   model: ScoringModel,
-  tokenizer: PreTrainedTokenizerBase,
+  encoder: PromptEncoder,
   spec: EvalSetSpec,
   prompts: Sequence[str],
   config: EvalConfig,
   pad_id: int,
 ) -> tuple[str, ...]:
-  """Greedy generations, decoded and stripped."""
+  """Greedy generations, cut at the template's end token or EOS, decoded and stripped."""
   new_tokens = generate_greedy(
     model,
-    [encode_prompt(tokenizer, p) for p in prompts],
+    [encoder.encode_prompt(p) for p in prompts],
     max_new_tokens=config.max_new_tokens,
-    eos_token_id=tokenizer.eos_token_id,
+    eos_token_id=encoder.stop_token_ids,
     pad_token_id=pad_id,
     batch_size=config.batch_size,
     length_multiple=config.length_multiple,
     progress_description=f"{spec.name}: generating" if config.show_progress else None,
   )
-  return tuple(tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens)
+  decode = encoder.tokenizer.decode
+  return tuple(decode(t, skip_special_tokens=True).strip() for t in new_tokens)
 
 
 def _extra_term_values(
@@ -343,18 +354,19 @@ def evaluate_set(
   tokenizer: PreTrainedTokenizerBase,
   spec: EvalSetSpec,
   *,
-  template: str | PromptTemplate = "phi",
+  template: str | Template | PromptEncoder = "phi",
   config: EvalConfig = EvalConfig(),
   extra_terms: Sequence[GenerationScorer] = (),
 ) -> SetResult:
-  """Scores and generates on one set (see :func:`evaluate`)."""
+  """Scores and generates on one set (see :func:`evaluate`; ``template`` may also be a
+  :class:`~train.data.prompting.PromptEncoder` made with ``tokenizer``)."""
   model = as_scoring_model(model)
-  template = get_prompt_template(template)
+  encoder = _prompt_encoder(template, tokenizer)
   pad_id = _pad_token_id(tokenizer)
   items = _load_items(spec, config)
-  prompts = [template.prompt(item.question) for item in items]
+  prompts = [encoder.prompt(item.question) for item in items]
   nll_answer, nll_paraphrased, nll_perturbed = _answer_nlls(
-    model, tokenizer, spec, items, prompts, config, pad_id
+    model, encoder, spec, items, prompts, config, pad_id
   )
   # Real authors / world facts have no paraphrase: the truth ratio uses the true answer.
   nll_base = nll_answer if nll_paraphrased is None else nll_paraphrased
@@ -374,7 +386,7 @@ def evaluate_set(
   generations = rouge = None
   extra: dict[str, np.ndarray] = {}
   if config.generate:
-    generations = _generations(model, tokenizer, spec, prompts, config, pad_id)
+    generations = _generations(model, encoder, spec, prompts, config, pad_id)
     rouge = metrics.rouge_l_recall(generations, [item.answer for item in items])
     extra = _extra_term_values(extra_terms, generations, items)
   elif extra_terms:
@@ -559,9 +571,12 @@ def summarize(
   *,
   retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
   config: EvalConfig | None = None,
-  template: PromptTemplate | None = None,
+  template: Template | PromptEncoder | None = None,
 ) -> dict[str, Any]:
-  """The summary JSON object: per-set scores and the aggregates (see :func:`evaluate`)."""
+  """The summary JSON object: per-set scores and the aggregates (see :func:`evaluate`).
+
+  ``template`` is recorded as its fields (an encoder's adds a chat template's end-of-turn
+  token)."""
   notes: list[str] = []
   summary: dict[str, Any] = {
     "format": SUMMARY_FORMAT,
@@ -577,7 +592,10 @@ def summarize(
   )
   summary["notes"] = notes
   summary["config"] = None if config is None else dataclasses.asdict(config)
-  summary["template"] = None if template is None else dataclasses.asdict(template)
+  if isinstance(template, PromptEncoder):
+    summary["template"] = template.describe()
+  else:
+    summary["template"] = None if template is None else dataclasses.asdict(template)
   return summary
 
 
@@ -586,7 +604,7 @@ def evaluate(
   tokenizer: PreTrainedTokenizerBase,
   eval_sets: Sequence[EvalSetSpec],
   *,
-  template: str | PromptTemplate = "phi",
+  template: str | Template = "phi",
   config: EvalConfig = EvalConfig(),
   retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
   forget_efficacy_terms: Sequence[GenerationScorer] = (),
@@ -600,8 +618,10 @@ def evaluate(
       token, else EOS).
     eval_sets: The sets (e.g. :func:`tofu_eval_sets`); names must be unique. The
       aggregates use the one set of each role.
-    template: A :class:`PromptTemplate` or a preset name (``"plain"``, ``"phi"``,
-      ``"llama2-chat"``, ``"phi3-chat"``).
+    template: A :class:`~train.data.prompting.PromptTemplate` or preset name (``"plain"``,
+      ``"phi"``, ``"llama2-chat"``, ``"phi3-chat"``), or a
+      :class:`~train.data.prompting.ChatTemplate` or ``"chat"``: the tokenizer's chat
+      template (answers end with its end-of-turn token; generations stop at it).
     config: Batch size, generation length, ``max_items`` cap, progress bars...
     retain_reference: For forget quality: a retain-only model's per-item file (or its
       forget-set truth ratios). Without it forget quality is ``None``.
@@ -618,7 +638,7 @@ def evaluate(
   names = [s.name for s in eval_sets]
   if len(set(names)) != len(names):
     raise ValueError(f"set names must be unique, got {names}")
-  template = get_prompt_template(template)
+  encoder = PromptEncoder.create(template, tokenizer)
   model = as_scoring_model(model)
   results = {}
   for spec in eval_sets:
@@ -626,11 +646,11 @@ def evaluate(
       model,
       tokenizer,
       spec,
-      template=template,
+      template=encoder,
       config=config,
       extra_terms=forget_efficacy_terms if spec.role == "forget" else (),
     )
-  summary = summarize(results, retain_reference=retain_reference, config=config, template=template)
+  summary = summarize(results, retain_reference=retain_reference, config=config, template=encoder)
   return EvaluationResult(sets=results, summary=summary)
 
 

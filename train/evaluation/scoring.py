@@ -230,18 +230,29 @@ def score_answers(
   return nll
 
 
+def _stop_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+  if eos_token_id is None:
+    return frozenset()
+  if isinstance(eos_token_id, (int, np.integer)):
+    return frozenset({int(eos_token_id)})
+  return frozenset(int(t) for t in eos_token_id)
+
+
 def generate_greedy(
   model: ScoringModel,
   prompts: Sequence[Sequence[int]],
   *,
   max_new_tokens: int,
-  eos_token_id: int | None,
+  eos_token_id: int | Sequence[int] | None,
   pad_token_id: int,
   batch_size: int,
   length_multiple: int,
   progress_description: str | None = None,
 ) -> list[list[int]]:
   """Greedy continuations of token-id prompts, cut before the first EOS.
+
+  ``eos_token_id`` may be several ids (a chat template's end-of-turn token and the
+  tokenizer's EOS): a row ends at the first of any of them; ``None`` cuts nothing.
 
   Prompts are left-padded to a multiple of ``length_multiple`` in batches of
   ``batch_size`` rows (sorted by length; results come back in prompt order).
@@ -255,6 +266,7 @@ def generate_greedy(
   lengths = np.array([len(p) for p in prompts])
   if lengths.min() == 0:
     raise ValueError(f"prompt {int(lengths.argmin())} has no token")
+  stop_ids = _stop_ids(eos_token_id)
   for rows, length in _length_sorted_batches(
     lengths, batch_size, length_multiple, progress_description
   ):
@@ -271,7 +283,6 @@ def generate_greedy(
       )
     for r, i in enumerate(rows):
       tokens = new_tokens[r].tolist()
-      if eos_token_id is not None and eos_token_id in tokens:
-        tokens = tokens[: tokens.index(eos_token_id)]
-      outputs[i] = tokens
+      end = next((k for k, t in enumerate(tokens) if t in stop_ids), len(tokens))
+      outputs[i] = tokens[:end]
   return outputs
