@@ -1,5 +1,9 @@
 """Hugging Face checkpoint I/O: config.json + (sharded) safetensors <-> `CausalLM`.
 
+Loading also reads GGUF files (`models/gguf.py` presents them as HF-named
+tensors); both formats fill the model through `fill_parameters`. Saving always
+writes Hugging Face safetensors.
+
 Each of our parameters corresponds to one HF tensor, or to a slice along the
 last axis of one (GPT-2's fused `c_attn`). `_hf_spec` states that
 correspondence per family; load and save are its two directions.
@@ -9,12 +13,13 @@ PyTorch `nn.Linear` stores weights (out, in) and is transposed; GPT-2's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +28,7 @@ import safetensors
 import safetensors.flax
 from flax import nnx
 
+from models import gguf as gguf_checkpoint
 from models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from models.layers import Dense
 from models.transformer import CausalLM
@@ -172,13 +178,136 @@ def _weight_files(path: Path) -> dict[str, Path]:
   raise FileNotFoundError(f"No weights in {path}: expected {single_file} or {index_file}.")
 
 
+class TensorSource(Protocol):
+  """HF-named tensors in HF layout, from some checkpoint format."""
+
+  def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape (without reading the data)."""
+    ...
+
+  def read(self, name: str) -> Any:
+    """One tensor's values (an array in HF layout)."""
+    ...
+
+  def label(self, name: str) -> str:
+    """How to name the tensor in an error message."""
+    ...
+
+
+class _SafetensorsSource:
+  """The tensors of a (possibly sharded) safetensors folder; files opened on first use."""
+
+  def __init__(self, files: dict[str, Path]):
+    self._files = files
+    self._handles: dict[Path, Any] = {}
+
+  def _handle(self, name: str) -> Any:
+    file = self._files[name]
+    if file not in self._handles:
+      self._handles[file] = safetensors.safe_open(str(file), framework="flax").__enter__()
+    return self._handles[file]
+
+  def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(self._handle(n).get_slice(n).get_shape()) for n in self._files}
+
+  def read(self, name: str) -> Any:
+    return self._handle(name).get_tensor(name)
+
+  def label(self, name: str) -> str:
+    return name
+
+  def close(self) -> None:
+    for handle in self._handles.values():
+      handle.__exit__(None, None, None)
+    self._handles.clear()
+
+
+class _GGUFSource:
+  """A GGUF file's tensors under HF names; errors also give the GGUF names."""
+
+  def __init__(self, checkpoint: gguf_checkpoint.GGUFCheckpoint):
+    self._checkpoint = checkpoint
+    self.tensor_shapes = checkpoint.tensor_shapes
+    self.read = checkpoint.read
+    self.close = checkpoint.close
+
+  def label(self, name: str) -> str:
+    gguf_name = self._checkpoint.gguf_name(name)
+    return name if gguf_name is None or gguf_name == name else f"{gguf_name} ({name})"
+
+
+def _check_tensor_names(
+  config: ModelConfig, expected: set[str], shapes: dict[str, Any], source: TensorSource, where: Any
+) -> None:
+  """Raises if the checkpoint lacks tensors the model needs or has others."""
+  ignored = {n for n in shapes if any(r.search(n) for r in _IGNORED)}
+  if config.tie_word_embeddings:
+    ignored.add("lm_head.weight")  # some tied checkpoints store it anyway
+  missing = sorted(expected - set(shapes))
+  unexpected = sorted(set(shapes) - expected - ignored)
+  if missing or unexpected:
+    raise ValueError(
+      f"Checkpoint {where} does not match the {config.model_type} model: "
+      f"missing tensors {[source.label(n) for n in missing]}, "
+      f"unexpected tensors {[source.label(n) for n in unexpected]}."
+    )
+
+
+def fill_parameters(model: CausalLM, config: ModelConfig, source: TensorSource, where: Any) -> None:
+  """Sets every base parameter of `model` from `source`, one HF tensor at a time.
+
+  Args:
+    model: The model (e.g. built by `nnx.eval_shape`); filled in place.
+    config: Its config (selects the name mapping and the parameter dtype).
+    source: The checkpoint's tensors under HF names, in HF layout.
+    where: The checkpoint's location, for error messages.
+
+  Raises:
+    ValueError: Missing or unexpected tensors (listing them), or a shape
+      mismatch (naming the tensor).
+  """
+  variables = _param_variables(model)
+  specs_by_name: dict[str, list[TensorSpec]] = {}
+  for p in variables:
+    spec = _hf_spec(config, p)
+    specs_by_name.setdefault(spec.hf_name, []).append(spec)
+  file_shapes = source.tensor_shapes()
+  _check_tensor_names(config, set(specs_by_name), file_shapes, source, where)
+
+  shapes = {p: tuple(v.get_value().shape) for p, v in variables.items()}
+  for hf_name, specs in specs_by_name.items():
+    actual, expected = tuple(file_shapes[hf_name]), _hf_shape(specs, shapes)
+    if actual != expected:
+      raise ValueError(
+        f"Shape mismatch for tensor {source.label(hf_name)!r}: checkpoint has {actual}, "
+        f"the model expects {expected}."
+      )
+    tensor = source.read(hf_name)
+    for spec in specs:
+      value = tensor
+      if spec.fused_part is not None:
+        index, count = spec.fused_part
+        width = value.shape[-1] // count
+        value = value[..., index * width : (index + 1) * width]
+      if spec.transpose:
+        value = value.T
+      variables[spec.path].set_value(jnp.asarray(value, dtype=config.param_dtype))
+    del tensor  # one checkpoint tensor alive at a time
+
+
 def load_pretrained(
   path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None
 ) -> tuple[CausalLM, ModelConfig]:
-  """Loads an HF causal LM folder (config.json + safetensors) into a `CausalLM`.
+  """Loads an HF causal LM folder or a GGUF file into a `CausalLM`.
 
   Args:
-    path: Local folder written by `save_pretrained` (ours or transformers').
+    path: A folder written by `save_pretrained` (ours or transformers':
+      config.json + safetensors); or a GGUF file (llama.cpp's format:
+      llama, gpt2 or phi2, dequantized to float32 then cast to
+      `param_dtype`); or a folder holding exactly one `*.gguf` and no
+      config.json / safetensors. A model loaded from GGUF gets a full HF
+      config (`config.hf_config`), so `save_pretrained` writes a folder
+      transformers reads.
     dtype: Compute dtype.
     param_dtype: Parameter dtype; defaults to `dtype`.
 
@@ -187,59 +316,24 @@ def load_pretrained(
 
   Raises:
     FileNotFoundError: config.json or the weights are missing.
-    ValueError: Unsupported model type, a shape mismatch (naming the tensor),
-      or missing / unexpected tensors (listing them).
+    ValueError: Unsupported model type or GGUF architecture, a GGUF tensor
+      type that cannot be dequantized, a file that is not GGUF, a shape
+      mismatch (naming the tensor), or missing / unexpected tensors (listing
+      them).
   """
   path = Path(path)
-  config = ModelConfig.from_hf(_read_config(path), dtype=dtype, param_dtype=param_dtype)
-  files = _weight_files(path)
+  gguf_file = gguf_checkpoint.find_gguf_file(path)
+  if gguf_file is not None:
+    checkpoint = gguf_checkpoint.GGUFCheckpoint(gguf_file)
+    hf_config, source = checkpoint.hf_config, _GGUFSource(checkpoint)
+  else:
+    hf_config = _read_config(path)
+    source = _SafetensorsSource(_weight_files(path))
+  config = ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
   # Build the module tree without initialising weights, then fill it in.
   model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-  variables = _param_variables(model)
-  specs_by_name: dict[str, list[TensorSpec]] = {}
-  for p in variables:
-    spec = _hf_spec(config, p)
-    specs_by_name.setdefault(spec.hf_name, []).append(spec)
-
-  ignored = {n for n in files if any(r.search(n) for r in _IGNORED)}
-  if config.tie_word_embeddings:
-    ignored.add("lm_head.weight")  # some tied checkpoints store it anyway
-  missing = sorted(set(specs_by_name) - set(files))
-  unexpected = sorted(set(files) - set(specs_by_name) - ignored)
-  if missing or unexpected:
-    raise ValueError(
-      f"Checkpoint {path} does not match the {config.model_type} model: "
-      f"missing tensors {missing}, unexpected tensors {unexpected}."
-    )
-
-  shapes = {p: tuple(v.get_value().shape) for p, v in variables.items()}
-  open_files: dict[Path, Any] = {}
-  try:
-    for hf_name, specs in specs_by_name.items():
-      file = files[hf_name]
-      if file not in open_files:
-        open_files[file] = safetensors.safe_open(str(file), framework="flax").__enter__()
-      handle = open_files[file]
-      actual = tuple(handle.get_slice(hf_name).get_shape())
-      expected = _hf_shape(specs, shapes)
-      if actual != expected:
-        raise ValueError(
-          f"Shape mismatch for tensor {hf_name!r}: checkpoint has {actual}, "
-          f"the model expects {expected}."
-        )
-      tensor = handle.get_tensor(hf_name)
-      for spec in specs:
-        value = tensor
-        if spec.fused_part is not None:
-          index, count = spec.fused_part
-          width = value.shape[-1] // count
-          value = value[..., index * width : (index + 1) * width]
-        if spec.transpose:
-          value = value.T
-        variables[spec.path].set_value(jnp.asarray(value, dtype=config.param_dtype))
-  finally:
-    for handle in open_files.values():
-      handle.__exit__(None, None, None)
+  with contextlib.closing(source):
+    fill_parameters(model, config, source, gguf_file or path)
   return model, config
 
 
@@ -319,7 +413,19 @@ def save_pretrained(
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-  """The tokenizer saved in `path`, via `transformers.AutoTokenizer`."""
+  """The tokenizer of a checkpoint, via `transformers.AutoTokenizer`.
+
+  Args:
+    path: A folder saved by `save_pretrained` (tokenizer files), or a GGUF
+      file / a folder holding one (as for `load_pretrained`): transformers
+      then builds the tokenizer from the GGUF metadata (vocabulary, merges,
+      special tokens and `tokenizer.chat_template`).
+  """
   import transformers
 
+  gguf_file = gguf_checkpoint.find_gguf_file(path)
+  if gguf_file is not None:
+    return transformers.AutoTokenizer.from_pretrained(
+      str(gguf_file.parent), gguf_file=gguf_file.name
+    )
   return transformers.AutoTokenizer.from_pretrained(str(path))
