@@ -1,5 +1,6 @@
 """Unlearning training data: splits, masking, shuffling, the samplers' schedule and resumption."""
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -12,6 +13,7 @@ import pytest
 
 from train import data
 from train.data import synthetic, tofu
+from train.data import tokenizer as tokenizer_lib
 
 REAL_DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -214,6 +216,43 @@ def test_a_stream_without_idk_answers_fails_clearly(splits, trained_tokenizer):
   dataset = data.QADataset(splits.forget, trained_tokenizer)
   with pytest.raises(ValueError, match="with_idk=True but the dataset has no IDK answers"):
     data.BatchStream(dataset, data.BatchingConfig(4), with_idk=True)
+
+
+CHATML = (
+  "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_chat_template_name_streams_answers_ending_with_the_end_of_turn_token(
+  splits, trained_tokenizer, data_dir
+):
+  tokenization = data.TokenizationConfig("chat", max_length=96, pad_to_max_length=True)
+  with pytest.raises(ValueError, match=r"'chat' needs a tokenizer with a chat template"):
+    data.QADataset(splits.forget, trained_tokenizer, tokenization)
+  chat_tokenizer = copy.deepcopy(trained_tokenizer)
+  chat_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+  chat_tokenizer.chat_template = CHATML
+  forget, _ = data.make_batch_streams(
+    splits, chat_tokenizer, tokenization, data.BatchingConfig(4, seed=0)
+  )
+  batch = next(forget)
+  assert batch.answers.length == 96
+  for qa, answers in ((batch.answers, None), (batch.idk, splits.idk_answers)):
+    for row, index in enumerate(qa.item_indices):
+      item = splits.forget[int(index)]
+      scored = chat_tokenizer.decode(qa.labels[row][qa.loss_mask[row]])
+      assert scored.endswith("<|im_end|>") and scored.count("<|im_end|>") == 1
+      assert scored[: -len("<|im_end|>")] in (answers or (item.answer,))
+      prompt = qa.input_ids[row][(~qa.loss_mask[row]) & (qa.attention_mask[row] == 1)]
+      assert chat_tokenizer.decode(prompt) == (
+        f"<|im_start|>user\n{item.question}<|im_end|>\n<|im_start|>assistant\n"
+      )
+      assert chat_tokenizer.bos_token_id not in qa.input_ids[row]  # ChatML has no BOS
+  # A chat template formats no corpus text (it comes with a tokenizer, not a trained one).
+  assert tokenizer_lib.tofu_corpus_texts(data_dir, "chat") == tokenizer_lib.tofu_corpus_texts(
+    data_dir
+  )
 
 
 # --- Shuffling ---------------------------------------------------------------------------
