@@ -10,9 +10,14 @@ With no arguments it generates a small fictitious-author benchmark, trains a tin
 it, unlearns the forget split with Adam, DualOptim, DualOptim+ and DualOptim+ 8-bit from
 the same start, evaluates all of them and prints a comparison table (see
 ``train/experiment.py``). The subcommands run one stage on any model and data:
-``model.path`` is a local Hugging Face folder (e.g. a Phi-1.5 fine-tuned on TOFU),
+``model.path`` is a local Hugging Face folder (e.g. a Phi-1.5 fine-tuned on TOFU) or GGUF file,
 ``data.path`` a TOFU-format folder. Settings are described in ``train/config.py``;
 ``unlearn`` resumes from the run folder's latest checkpoint.
+
+LoRA (``unlearn`` only): ``model.lora.enabled=true`` trains adapters (rank 8, alpha 32,
+dropout 0.05 by default, the paper's setting) on the frozen model, which also serves as the
+reference model; checkpoints hold the adapters and their optimizer state, and the exported
+``model/`` has the adapters merged into its weights.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ def _stage(command: str, config: RunConfig) -> None:
   from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
   from train.runtime import distributed  # noqa: PLC0415
 
+  if command == "finetune" and config.model.lora.enabled:
+    raise ConfigError("model.lora.enabled applies to unlearn; finetune trains every weight")
   out = pathlib.Path(config.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   if distributed.is_primary():
@@ -54,7 +61,7 @@ def _stage(command: str, config: RunConfig) -> None:
     )
   else:
     result = program.unlearn(config, model, params, params, forget_stream, retain_stream, out)
-    params = result.params
+    model, params = result.model, result.params  # with LoRA: the adapted model
     print(
       f"unlearned {config.training.steps} steps in {result.seconds:.1f} s; "
       f"optimizer state {result.state_bytes:,} bytes; metrics in {out / 'metrics.jsonl'}"

@@ -27,21 +27,81 @@ class ConfigError(ValueError):
   """A configuration key or value is invalid; the message names it."""
 
 
+# Projection names that LoRA can adapt (``models.lora``): attention, MLP and untied LM heads.
+LORA_TARGETS = (
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+  "down_proj",
+  "lm_head",
+)
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+  """Low-rank adapters for the unlearning stage (off by default).
+
+  With ``enabled``, unlearning trains only adapters ``dropout(x) @ A @ B * alpha / rank``
+  added to the ``targets`` projections; the base weights stay frozen and also serve as the
+  reference model of NPO / DPO / KL. The defaults are the paper's setting: rank 8, alpha 32,
+  dropout 0.05 (``model.lora.enabled=true`` turns it on), on every attention and MLP
+  projection a family has (gate_proj exists only in gated MLPs).
+  """
+
+  enabled: bool = False
+  rank: int = 8
+  alpha: float = 32.0
+  dropout: float = 0.05  # on the adapters' input, in training steps only
+  targets: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+  )
+
+  def validate(self, key: str) -> None:
+    _positive(key, self, ("rank", "alpha"))
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout!r}")
+    if not self.targets:
+      raise ConfigError(f"{key}.targets must name at least one of {list(LORA_TARGETS)}")
+    unknown = [t for t in self.targets if t not in LORA_TARGETS]
+    if unknown or len(set(self.targets)) != len(self.targets):
+      raise ConfigError(
+        f"{key}.targets must be distinct names among {list(LORA_TARGETS)}, got "
+        f"{list(self.targets)!r}"
+      )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Which model to train: a local Hugging Face folder, or a tiny one built from scratch."""
+  """Which model to train: a local Hugging Face folder or GGUF file, or a tiny one built from
+  scratch; optional LoRA adapters and rematerialisation."""
 
-  path: str | None = None  # local HF checkpoint folder; None: the tiny default model
+  path: str | None = None  # HF checkpoint folder or .gguf file; None: the tiny default model
   family: str = "llama"  # for the tiny model: llama | phi | gpt2
   hidden_size: int = 128
   num_layers: int = 2
   num_heads: int = 4
   dtype: str = "float32"  # compute/param dtype: float32 | bfloat16
+  # Rematerialisation of each decoder block in the backward pass: none | full (recompute
+  # the block) | dots (save matmul outputs only); trades compute for activation memory.
+  remat: str = "none"
+  lora: LoRASection = LoRASection()
 
   def validate(self, key: str) -> None:
     _one_of(f"{key}.family", self.family, ("llama", "phi", "gpt2"))
     _one_of(f"{key}.dtype", self.dtype, ("float32", "bfloat16"))
+    _one_of(f"{key}.remat", self.remat, REMAT_POLICIES)
     _positive(key, self, ("hidden_size", "num_layers", "num_heads"))
+    self.lora.validate(f"{key}.lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +270,12 @@ class RunConfig:
     return self
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """Plain values (tuples as lists), as YAML writes and :func:`load_config` reads them."""
+    return dataclasses.asdict(self, dict_factory=_plain_dict)
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
 
 def _one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -242,6 +307,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
       return float(value)
     except ValueError:
       pass
+  if typing.get_origin(hint) is tuple:  # tuple[str, ...]: a YAML list of items
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key} must be a list, got {value!r} ({type(value).__name__})")
+    item = typing.get_args(hint)[0]
+    return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
   if hint in (int, float, str, bool) and (type(value) is not hint):
     raise ConfigError(f"{key} must be a {hint.__name__}, got {value!r} ({type(value).__name__})")
   return value

@@ -109,7 +109,7 @@ def _unlearn_variant(config, label, model, target, splits, tokenizer, data_dir, 
   streams = program.make_streams(config, splits, tokenizer, config.loss.build())
   result = program.unlearn(config, model, target, target, *streams, run_dir, resume=False)
   summary = program.evaluate_params(
-    config, model, result.params, tokenizer, data_dir, run_dir / "eval", reference
+    config, result.model, result.params, tokenizer, data_dir, run_dir / "eval", reference
   )
   row = report.row(label, summary, seconds=result.seconds, state_bytes=result.state_bytes)
   return row, result.history

@@ -33,9 +33,31 @@ def test_int_is_accepted_for_float_fields():
 
 
 def test_round_trip(tmp_path):
-  config = load_config(overrides=["optimizer.state_bits=8", "mesh.fsdp=4"])
+  config = load_config(
+    overrides=["optimizer.state_bits=8", "mesh.fsdp=4", "model.lora.targets=[q_proj, o_proj]"]
+  )
   save_config(config, tmp_path / "c.yaml")
   assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_lora_section_is_off_by_default_with_the_papers_setting(tmp_path):
+  lora = RunConfig().model.lora
+  assert not lora.enabled
+  assert (lora.rank, lora.alpha, lora.dropout) == (8, 32.0, 0.05)
+  assert RunConfig().model.remat == "none"
+  path = tmp_path / "lora.yaml"
+  path.write_text("model:\n  remat: dots\n  lora:\n    enabled: true\n    targets: [q_proj]\n")
+  config = load_config(path, ["model.lora.rank=4", "model.lora.alpha=16"])
+  assert config.model.lora.enabled and config.model.lora.targets == ("q_proj",)
+  assert (config.model.lora.rank, config.model.lora.alpha) == (4, 16.0)
+  assert config.model.remat == "dots"
+
+
+def test_finetune_refuses_lora(capsys, tmp_path):
+  from train.cli import main
+
+  assert main(["finetune", f"output_dir={tmp_path}", "model.lora.enabled=true"]) == 2
+  assert "model.lora" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -56,6 +78,16 @@ def test_round_trip(tmp_path):
     ("loss.name=XX+GD", "loss"),
     ("loss.beta=-1.0", "loss"),
     ("mesh.fsdp=0", "mesh.fsdp"),
+    ("model.lora.rank=0", "model.lora.rank"),
+    ("model.lora.rank=2.5", "model.lora.rank"),
+    ("model.lora.alpha=-1", "model.lora.alpha"),
+    ("model.lora.dropout=1.0", "model.lora.dropout"),
+    ("model.lora.targets=[q_proj, qkv]", "model.lora.targets"),
+    ("model.lora.targets=[]", "model.lora.targets"),
+    ("model.lora.targets=q_proj", "model.lora.targets"),
+    ("model.lora.targets=[v_proj, v_proj]", "model.lora.targets"),
+    ("model.lora.rnk=4", "model.lora.rnk"),
+    ("model.remat=partial", "model.remat"),
     ("optimizer", "optimizer"),
   ],
 )
@@ -86,3 +118,18 @@ def test_cli_reports_bad_settings_and_accepts_overrides_without_a_command(capsys
   assert "optimizer.name" in capsys.readouterr().err
   assert main(["training.steps=0"]) == 2  # the default experiment, with an override
   assert "training.steps" in capsys.readouterr().err
+
+
+def test_model_path_may_be_a_file_and_a_missing_one_is_named(tmp_path, monkeypatch, capsys):
+  import models
+  from train.config import ModelConfig
+  from train.program import modeling
+
+  with pytest.raises(FileNotFoundError, match="model.path does not exist: .*nowhere"):
+    modeling.build_model(ModelConfig(path=str(tmp_path / "nowhere")), tokenizer=None)
+  gguf = tmp_path / "m.gguf"
+  gguf.write_bytes(b"GGUF")
+  loaded = []
+  monkeypatch.setattr(models, "load_pretrained", lambda path, **kw: loaded.append(path) or (1, 2))
+  assert modeling.build_model(ModelConfig(path=str(gguf)), tokenizer=None) == (1, 2)
+  assert loaded == [str(gguf)]

@@ -1,5 +1,6 @@
 """The training step: accumulation equals one big batch; one compilation serves both
-objectives; the gradient-conflict diagnostic matches a direct computation."""
+objectives; the gradient-conflict diagnostic matches a direct computation; with LoRA only
+the adapters train, the reference is the base model and dropout acts in training only."""
 
 import jax
 import jax.numpy as jnp
@@ -151,7 +152,9 @@ def test_compile_steps_jits_the_step_functions(name, alternating):
   batch = (_inputs(1), jnp.int32(dualoptax.FORGET)) if alternating else (_inputs(1), _inputs(2))
   pure = step.alternating if alternating else step.joint
   expected = pure(params, step.tx.init(params), params, *batch)
-  got = compiled.train(jax.tree.map(jnp.copy, params), step.tx.init(params), params, *batch)
+  got = compiled.train(
+    jax.tree.map(jnp.copy, params), step.tx.init(params), params, *batch, jnp.int32(0)
+  )
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   opt_state = got[1]
@@ -163,3 +166,97 @@ def test_compile_steps_jits_the_step_functions(name, alternating):
     assert compiled.diagnostics is None
   else:
     assert set(compiled.diagnostics(opt_state)) == {"update_cosine", "preconditioned_cosine"}
+
+
+def _tiny_lora(dropout):
+  """A tiny llama, split, and the same with rank-2 adapters on q_proj and v_proj."""
+  from flax import nnx
+
+  import models
+  from train.config import ModelConfig
+  from train.program.modeling import FunctionalModel, tiny_hf_config
+
+  section = ModelConfig(hidden_size=16, num_layers=1, num_heads=2)
+  config = models.ModelConfig.from_hf(tiny_hf_config(section, V, 0, 1, 2, max_positions=16))
+  base_model, params = FunctionalModel.split(models.CausalLM(config, rngs=nnx.Rngs(0)), config)
+  lora = models.LoRAConfig(rank=2, alpha=4.0, dropout=dropout, targets=("q_proj", "v_proj"))
+  model, weights = base_model.with_lora(params, lora)
+  return base_model, params, model, weights
+
+
+def test_lora_step_trains_only_the_adapters():
+  """The optimizer state holds moments of the adapters only; the base (read, not donated)
+  is unchanged; the step is a function of its number (dropout keys), so a resumed run
+  repeats it."""
+  from train.program.modeling import join_adapters
+
+  _, params, model, weights = _tiny_lora(dropout=0.5)
+  base_copy = jax.tree.map(np.array, params)
+  tx = make_optimizer(OptimizerConfig(name="dualoptim_plus", learning_rate=1e-2))
+  step = TrainStep(
+    model.logits,
+    tx,
+    losses.LossConfig.from_spec("NPO+GD"),
+    join=join_adapters,
+    train_logits_fn=model.train_logits,
+  )
+  train = jax.jit(step.alternating, donate_argnums=(0, 1))
+  adapters, opt_state = weights.adapters, tx.init(weights.adapters)
+  adapter_shapes = {x.shape for x in jax.tree.leaves(adapters)}
+  moment_shapes = {x.shape for x in jax.tree.leaves(opt_state) if x.size > 2}  # not counters
+  stacked = {(2, *s) for s in adapter_shapes}  # DualOptim+'s per-objective moments
+  assert moment_shapes and moment_shapes <= adapter_shapes | stacked
+  fresh = jax.tree.map(jnp.copy, adapters)
+  for t, objective in enumerate((dualoptax.FORGET, dualoptax.RETAIN, dualoptax.RETAIN)):
+    args = (weights.base, _inputs(t), jnp.int32(objective), jnp.int32(t))
+    before = jax.tree.map(jnp.copy, (adapters, opt_state))
+    adapters, opt_state, _ = train(adapters, opt_state, *args)
+    again = train(*jax.tree.map(jnp.copy, before), *args)[0]
+    other = train(*jax.tree.map(jnp.copy, before), *args[:-1], jnp.int32(t + 7))[0]
+    _assert_trees(np.testing.assert_array_equal, again, adapters)
+    assert any(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(adapters))
+    )
+  b_leaves = [x for p, x in jax.tree_util.tree_leaves_with_path(adapters) if "'b'" in str(p)]
+  assert b_leaves and all(np.abs(b).max() > 0 for b in b_leaves)  # b starts at zero
+  assert any(
+    not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(adapters))
+  )
+  _assert_trees(np.testing.assert_array_equal, weights.base, base_copy)
+
+
+def _assert_trees(check, a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    check(x, y)
+
+
+def test_lora_reference_is_the_base_model_and_dropout_acts_in_training_only():
+  base_model, params, model, weights = _tiny_lora(dropout=0.5)
+  rng = np.random.default_rng(0)
+  weights = weights._replace(
+    adapters=jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype), weights.adapters)
+  )
+  ids = jnp.asarray(rng.integers(0, V, size=(2, T)), jnp.int32)
+  mask = jnp.ones_like(ids)
+  base = base_model.logits(params, ids, mask)
+  np.testing.assert_array_equal(model.logits(weights.base, ids, mask), base)
+  np.testing.assert_array_equal(
+    model.train_logits(weights.base, ids, mask, jax.random.key(0)), base
+  )
+  adapted = model.logits(weights, ids, mask)
+  assert np.abs(adapted - base).max() > 1e-3  # the adapters count
+  np.testing.assert_array_equal(model.logits(weights, ids, mask), adapted)  # no dropout
+  train = [model.train_logits(weights, ids, mask, jax.random.key(k)) for k in (0, 0, 1)]
+  np.testing.assert_array_equal(train[0], train[1])
+  assert np.abs(train[0] - train[2]).max() > 1e-3 and np.abs(train[0] - adapted).max() > 1e-3
+  # The exported (merged) model computes what the adapted model does, without dropout.
+  merged = models_merged_logits(model, weights, ids, mask)
+  np.testing.assert_allclose(merged, adapted, rtol=1e-5, atol=1e-5)
+
+
+def models_merged_logits(model, weights, ids, mask):
+  import models
+
+  module = model.module(jax.tree.map(jnp.copy, weights))  # merge_lora edits it in place
+  return models.merge_lora(module)(ids, attention_mask=mask)

@@ -3,13 +3,18 @@
 Training is functional: parameters are a pytree passed through jitted steps. An NNX model
 is split once into (graph, params, other state); ``logits_fn(params, ids, mask)`` merges
 them back inside the traced computation, so the weights are arguments, never constants.
+
+LoRA: :meth:`FunctionalModel.with_lora` adds adapters to a model and returns the adapted
+model with :class:`AdaptedParams` (the base weights, unchanged and not copied, and the
+adapters). The adapted model runs plain parameters as the model without adapters, which is
+how the frozen base serves as the reference model of NPO / DPO / KL.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +22,7 @@ import transformers
 from flax import nnx
 
 import models
+from train.config import LoRASection
 from train.config import ModelConfig as ModelSection
 from train.runtime import distributed
 
@@ -66,11 +72,19 @@ def dtype_of(name: str) -> Any:
 def build_model(
   section: ModelSection, tokenizer: Any, seed: int = 0
 ) -> tuple[models.CausalLM, models.ModelConfig]:
-  """The model of ``section``: loaded from ``section.path`` or a fresh tiny one."""
+  """The model of ``section``: loaded from ``section.path`` (a Hugging Face folder or a GGUF
+  file) or a fresh tiny one.
+
+  Raises:
+    FileNotFoundError: If ``section.path`` does not exist.
+  """
   dtype = dtype_of(section.dtype)
   if section.path is not None:
-    if not os.path.isdir(section.path):
-      raise FileNotFoundError(f"model.path is not a folder: {section.path}")
+    if not os.path.exists(section.path):
+      raise FileNotFoundError(
+        f"model.path does not exist: {section.path} (expected a Hugging Face folder or a "
+        ".gguf file)"
+      )
     return models.load_pretrained(section.path, dtype=dtype)
   hf = tiny_hf_config(
     section,
@@ -83,31 +97,120 @@ def build_model(
   return models.CausalLM(config, rngs=nnx.Rngs(seed)), config
 
 
+def lora_config(section: LoRASection) -> models.LoRAConfig:
+  """The ``models.LoRAConfig`` of a ``model.lora`` section."""
+  return models.LoRAConfig(
+    rank=section.rank, alpha=section.alpha, dropout=section.dropout, targets=section.targets
+  )
+
+
+class AdaptedParams(NamedTuple):
+  """The parameters of a model with LoRA adapters.
+
+  Attributes:
+    base: The base model's weights (an ``nnx.State`` like the model's without adapters).
+    adapters: The adapter weights (an ``nnx.State`` of ``models.LoRAParam``).
+  """
+
+  base: Any
+  adapters: Any
+
+
+def join_adapters(adapters: Any, base: Any) -> AdaptedParams:
+  """The trained model's weights from the trained adapters and the frozen base (the step's
+  ``join``: what it trains, and the fixed weights it also reads as the reference)."""
+  return AdaptedParams(base=base, adapters=adapters)
+
+
 @dataclasses.dataclass(frozen=True)
 class FunctionalModel:
   """An NNX model as pure functions of its parameters.
 
   Attributes:
-    graphdef: The model's structure.
-    rest: Non-parameter state (kept fixed).
+    graphdef: The model's structure (in evaluation mode: no adapter dropout).
+    rest: Non-parameter state (kept fixed; with adapters, their dropout RNG streams).
     config: The model's ``models.ModelConfig``.
+    base: With adapters: the same model without them, which runs plain (non-adapted)
+      parameters. None otherwise.
+    train_graphdef: With adapters: the structure in training mode (adapter dropout on).
   """
 
   graphdef: Any
   rest: Any
   config: models.ModelConfig
+  base: FunctionalModel | None = None
+  train_graphdef: Any = None
 
   @classmethod
   def split(cls, model: models.CausalLM, config: models.ModelConfig) -> tuple[FunctionalModel, Any]:
-    """``(functional_model, params)`` of ``model``."""
+    """``(functional_model, params)`` of ``model`` (a model without adapters)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return cls(graphdef, rest, config), params
 
+  def with_lora(
+    self, params: Any, lora: models.LoRAConfig, seed: int = 0
+  ) -> tuple[FunctionalModel, AdaptedParams]:
+    """This model with fresh adapters (``b = 0``: same outputs) on ``lora.targets``.
+
+    Args:
+      params: This model's weights; they become the frozen base, as they are (not copied).
+      lora: The adapters' rank, alpha, dropout and targets.
+      seed: Seeds the adapters' ``a`` and their dropout streams.
+
+    Returns:
+      ``(adapted_model, AdaptedParams(params, adapters))``.
+
+    Raises:
+      ValueError: If no projection of the model is among ``lora.targets``.
+    """
+    if self.base is not None:
+      raise ValueError("this model already has adapters")
+    module = self.module(params)
+    models.apply_lora(module, lora, nnx.Rngs(params=seed, dropout=seed + 1))
+    train_graphdef, adapters, _, rest = nnx.split(module, models.LoRAParam, nnx.Param, ...)
+    # Static attributes: evaluation (and the reference model) never drop adapter inputs.
+    graphdef = nnx.split(nnx.view(module, deterministic=True), models.LoRAParam, nnx.Param, ...)[0]
+    adapted = FunctionalModel(graphdef, rest, self.config, base=self, train_graphdef=train_graphdef)
+    return adapted, AdaptedParams(base=params, adapters=adapters)
+
   def module(self, params: Any) -> models.CausalLM:
+    """The NNX model of ``params``; plain parameters of an adapted model give its base."""
+    if isinstance(params, AdaptedParams):
+      return nnx.merge(self.graphdef, params.adapters, params.base, self.rest)
+    if self.base is not None:
+      return self.base.module(params)
     return nnx.merge(self.graphdef, params, self.rest)
 
   def logits(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Evaluation-mode logits (no dropout)."""
     return self.module(params)(input_ids, attention_mask=attention_mask)
+
+  def train_logits(
+    self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, key: jax.Array
+  ) -> jax.Array:
+    """Training-mode logits: adapter dropout on, its masks drawn from ``key``. Without
+    adapters (also plain parameters of an adapted model) the same as :meth:`logits`."""
+    if not isinstance(params, AdaptedParams) or self.train_graphdef is None:
+      return self.logits(params, input_ids, attention_mask)
+    rest = _reseeded(self.rest, key)
+    module = nnx.merge(self.train_graphdef, params.adapters, params.base, rest)
+    return module(input_ids, attention_mask=attention_mask)
+
+
+def _reseeded(rest: Any, key: jax.Array) -> Any:
+  """``rest`` with every RNG stream keyed from ``key`` (one key per stream) and its count
+  reset; other state kept. Built anew rather than by ``nnx.reseed``, which would mutate the
+  fixed ``rest`` (a constant of the traced step)."""
+  is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  leaves, treedef = jax.tree.flatten(rest, is_leaf=is_variable)
+  fresh = []
+  for i, leaf in enumerate(leaves):
+    if isinstance(leaf, nnx.RngKey):
+      leaf = leaf.replace(jax.random.fold_in(key, i))
+    elif isinstance(leaf, nnx.RngCount):
+      leaf = leaf.replace(jnp.zeros_like(leaf.get_value()))
+    fresh.append(leaf)
+  return jax.tree.unflatten(treedef, fresh)
 
 
 class ScoringAdapter:
@@ -135,6 +238,9 @@ class ScoringAdapter:
 
 def save_model(model: FunctionalModel, params: Any, path: str, tokenizer: Any) -> None:
   """Writes the model as a Hugging Face folder (config, safetensors, tokenizer).
+
+  Adapters are merged into the weights they adapt (``models.save_pretrained``): a kernel
+  is written as ``base + a @ b * alpha / rank``.
 
   In a multi-process run every process must call this (the weights are gathered from all
   of them); process 0 writes.

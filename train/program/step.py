@@ -15,6 +15,14 @@ Gradient accumulation: every batch array has a leading micro-batch axis of size
 The conflict diagnostics step computes BOTH objectives' gradients at the same parameters
 and reports their cosine similarity, over all parameters and per leaf.
 
+What trains and what stays fixed: the step differentiates, updates and returns ``params``
+only; ``ref_params`` is read, never written (and never donated). ``TrainStep.join`` forms
+the trained model's weights from both: by default the trained weights are ``params`` and
+``ref_params`` is a separate reference model; with LoRA, ``params`` are the adapters and
+``ref_params`` the frozen base, which is also the reference model (one copy of the
+weights). Dropout (LoRA's) draws its masks from the step number, so a resumed run repeats
+them.
+
 The step functions are pure; :func:`compile_steps` wraps them in ``jax.jit`` with the
 run's shardings, donation and compiler options.
 """
@@ -22,6 +30,7 @@ run's shardings, donation and compiler options.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -37,6 +46,14 @@ from train.program.optimizer import adam_preconditioner, optimizer_diagnostics_f
 from train.runtime.compiler import step_compiler_options
 
 LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+# ``(weights, input_ids, attention_mask, key) -> logits`` in training mode (dropout from key).
+TrainLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def trained_weights(params: Any, ref_params: Any) -> Any:
+  """The default ``TrainStep.join``: the trained weights are ``params`` themselves."""
+  del ref_params
+  return params
 
 
 class StepInputs(NamedTuple):
@@ -74,11 +91,13 @@ def _objective_loss(
 
 
 def _accumulate(grad_fn, micro_batches: Any, params: Any):
-  """Mean of ``grad_fn(params, micro_batch)`` over the leading axis of ``micro_batches``."""
+  """Mean of ``grad_fn(params, micro_batch, index)`` over the leading axis of
+  ``micro_batches`` (``index`` numbers the micro-batch)."""
   num = jax.tree.leaves(micro_batches)[0].shape[0]
 
-  def body(carry, micro):
-    (loss, aux), grads = grad_fn(params, micro)
+  def body(carry, indexed):
+    index, micro = indexed
+    (loss, aux), grads = grad_fn(params, micro, index)
     acc_grads, acc_loss, acc_aux = carry
     return (
       jax.tree.map(jnp.add, acc_grads, grads),
@@ -88,8 +107,11 @@ def _accumulate(grad_fn, micro_batches: Any, params: Any):
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  aux_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[0][1])
-  (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), aux_zeros), micro_batches)
+  aux_zeros = jax.tree.map(
+    jnp.zeros_like, jax.eval_shape(grad_fn, params, first, jnp.int32(0))[0][1]
+  )
+  indexed = (jnp.arange(num, dtype=jnp.int32), micro_batches)
+  (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), aux_zeros), indexed)
   scale = 1.0 / num
   return (
     jax.tree.map(lambda g: g * scale, grads),
@@ -100,36 +122,74 @@ def _accumulate(grad_fn, micro_batches: Any, params: Any):
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
-  """The step functions of one run (pure; jit them with :func:`compile_steps`)."""
+  """The step functions of one run (pure; jit them with :func:`compile_steps`).
+
+  Attributes:
+    logits_fn: Evaluation-mode logits of some weights (the diagnostics', and the training
+      steps' when there is no ``train_logits_fn`` or no step number).
+    tx: The optimizer of ``params``.
+    loss_config: The forget and retain losses.
+    join: ``(params, ref_params) -> weights`` of the trained model (see the module doc).
+    train_logits_fn: Training-mode logits with a dropout key, or None (no dropout).
+    dropout_seed: With the step number, seeds the dropout keys.
+  """
 
   logits_fn: LogitsFn
   tx: optax.GradientTransformation
   loss_config: losses.LossConfig
+  join: Callable[[Any, Any], Any] = trained_weights
+  train_logits_fn: TrainLogitsFn | None = None
+  dropout_seed: int = 0
 
-  def alternating(self, params, opt_state, ref_params, inputs: StepInputs, objective):
-    """One step on ``objective`` (0 forget, 1 retain): ``(params, opt_state, metrics)``."""
-    grad_fn = jax.value_and_grad(
-      lambda p, micro: _objective_loss(
-        self.loss_config, self.logits_fn, p, ref_params, micro, objective
-      ),
-      has_aux=True,
-    )
+  def _loss_grad(self, ref_params, objective, step):
+    """``value_and_grad`` of ``(params, micro_batch, index) -> (loss, (nll, tokens))`` on
+    ``objective`` (a traced int; ``jnp.int32`` constant for the joint step's halves)."""
+
+    def loss(params, micro, index):
+      logits_fn = self._logits_fn(step, index)
+      weights = self.join(params, ref_params)
+      return _objective_loss(self.loss_config, logits_fn, weights, ref_params, micro, objective)
+
+    return jax.value_and_grad(loss, has_aux=True)
+
+  def _logits_fn(self, step, index) -> LogitsFn:
+    """The logits the loss of micro-batch ``index`` of step ``step`` uses: training mode
+    with a key for each call (distinct dropout masks per forward pass), or ``logits_fn``."""
+    if step is None or self.train_logits_fn is None:
+      return self.logits_fn
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.dropout_seed), step), index)
+    calls = itertools.count()  # counted while tracing: the same keys in every trace
+
+    def logits(weights, input_ids, attention_mask):
+      call_key = jax.random.fold_in(key, next(calls))
+      return self.train_logits_fn(weights, input_ids, attention_mask, call_key)
+
+    return logits
+
+  def alternating(self, params, opt_state, ref_params, inputs: StepInputs, objective, step=None):
+    """One step on ``objective`` (0 forget, 1 retain): ``(params, opt_state, metrics)``.
+
+    ``step`` (the step number) turns dropout on; None leaves it off."""
+    grad_fn = self._loss_grad(ref_params, objective, step)
     grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
     updates, opt_state = self.tx.update(grads, opt_state, params, objective=objective)
     params = optax.apply_updates(params, updates)
     metrics = dict(loss=loss, nll=nll, tokens=tokens, grad_norm=optax.tree.norm(grads))
     return params, opt_state, metrics
 
-  def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs):
+  def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs, step=None):
     """One step on ``forget_coeff * L_f + retain_coeff * L_r``."""
 
-    def loss_fn(p, micro):
+    def loss_fn(p, micro, index):
       f_micro, r_micro = micro
+      weights = self.join(p, ref_params)
       f_loss, (f_nll, f_tokens) = _objective_loss(
-        self.loss_config, self.logits_fn, p, ref_params, f_micro, jnp.int32(0)
+        self.loss_config, self._logits_fn(step, index), weights, ref_params, f_micro, jnp.int32(0)
       )
+      # The retain half's dropout keys differ from the forget half's (index offset).
+      r_logits = self._logits_fn(step, index + _JOINT_OFFSET)
       r_loss, (r_nll, r_tokens) = _objective_loss(
-        self.loss_config, self.logits_fn, p, ref_params, r_micro, jnp.int32(1)
+        self.loss_config, r_logits, weights, ref_params, r_micro, jnp.int32(1)
       )
       return f_loss + r_loss, (f_nll, r_nll, f_tokens + r_tokens)
 
@@ -159,16 +219,11 @@ class TrainStep:
 
     Returns:
       ``(total, per_leaf)``, plus the preconditioned total when ``precondition`` is given.
+      Dropout is off (evaluation-mode logits).
     """
 
     def grads_of(inputs, objective):
-      grad_fn = jax.value_and_grad(
-        lambda p, micro: _objective_loss(
-          self.loss_config, self.logits_fn, p, ref_params, micro, objective
-        ),
-        has_aux=True,
-      )
-      return _accumulate(grad_fn, inputs, params)[0]
+      return _accumulate(self._loss_grad(ref_params, objective, None), inputs, params)[0]
 
     g_f = grads_of(forget, jnp.int32(dualoptax.FORGET))
     g_r = grads_of(retain, jnp.int32(dualoptax.RETAIN))
@@ -180,6 +235,10 @@ class TrainStep:
       jax.tree.map(jnp.multiply, g_f, scale), jax.tree.map(jnp.multiply, g_r, scale)
     )
     return total, per_leaf, scaled_total
+
+
+# Micro-batch indices of a joint step's retain half start here (distinct dropout keys).
+_JOINT_OFFSET = 1 << 16
 
 
 def _tree_cosine(a: Any, b: Any) -> tuple[jax.Array, Any]:
@@ -216,30 +275,38 @@ class StepShardings(NamedTuple):
   """Where a step's arguments and results live on the mesh.
 
   Attributes:
-    params: The parameters' shardings (a tree like them; also the reference model's).
+    params: The trained parameters' shardings (a tree like them).
     opt_state: The optimizer state's shardings (a tree like it).
     batch: The sharding of every ``[grad_accum, B, T]`` batch array.
-    replicated: A replicated sharding (scalars: the objective, metrics, cosines).
+    replicated: A replicated sharding (scalars: the objective, step, metrics, cosines).
+    ref_params: The fixed weights' shardings (the reference model's, or LoRA's frozen
+      base); None: the same as ``params``.
   """
 
   params: Any
   opt_state: Any
   batch: jax.sharding.Sharding
   replicated: jax.sharding.Sharding
+  ref_params: Any = None
 
   def inputs(self) -> StepInputs:
     """The shardings of one objective's :class:`StepInputs`."""
     lm = losses.LMBatch(self.batch, self.batch, self.batch)
     return StepInputs(answers=lm, idk=lm)
 
+  def fixed(self) -> Any:
+    """The shardings of the step's ``ref_params``."""
+    return self.params if self.ref_params is None else self.ref_params
+
 
 class CompiledSteps(NamedTuple):
   """A run's jitted programs (each compiles on its first call).
 
   Attributes:
-    train: ``(params, opt_state, ref_params, *batch) -> (params, opt_state, metrics)``,
-      donating ``params`` and ``opt_state``; ``batch`` is ``(inputs, objective)`` in the
-      alternating mode and ``(forget_inputs, retain_inputs)`` in the joint one.
+    train: ``(params, opt_state, ref_params, *batch, step) -> (params, opt_state,
+      metrics)``, donating ``params`` and ``opt_state``; ``batch`` is ``(inputs,
+      objective)`` in the alternating mode and ``(forget_inputs, retain_inputs)`` in the
+      joint one; ``step`` (an int32, the step number) seeds dropout.
     conflict: ``(params, ref_params, forget, retain, opt_state) -> (cosine, per_leaf)``
       (:meth:`TrainStep.gradient_conflict`), plus Adam's update cosine for Adam.
     diagnostics: ``opt_state -> {name: cosine}``, the optimizer's own update cosines, or
@@ -267,12 +334,13 @@ def compile_steps(
     The jitted train step (with the XLA:CPU options of :mod:`train.runtime.compiler`),
     conflict diagnostic and optimizer diagnostics.
   """
-  inputs, replicated = shardings.inputs(), shardings.replicated
+  inputs, replicated, fixed = shardings.inputs(), shardings.replicated, shardings.fixed()
   batch = (inputs, replicated) if alternating else (inputs, inputs)
   train = jax.jit(
     steps.alternating if alternating else steps.joint,
+    # The fixed weights (ref_params) are read only: never donated, so a caller's stay valid.
     donate_argnums=(0, 1),
-    in_shardings=(shardings.params, shardings.opt_state, shardings.params, *batch),
+    in_shardings=(shardings.params, shardings.opt_state, fixed, *batch, replicated),
     out_shardings=(shardings.params, shardings.opt_state, replicated),
     compiler_options=step_compiler_options(),
   )
@@ -284,7 +352,7 @@ def compile_steps(
 
   conflict_fn = jax.jit(
     conflict,
-    in_shardings=(shardings.params, shardings.params, inputs, inputs, shardings.opt_state),
+    in_shardings=(shardings.params, fixed, inputs, inputs, shardings.opt_state),
     out_shardings=replicated,
   )
   diagnostics = optimizer_diagnostics_fn(optimizer, out_shardings=replicated)

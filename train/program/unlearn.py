@@ -6,6 +6,15 @@ placing the state on the mesh (:func:`place_on_mesh`), the compiled steps
 (:func:`train.program.step.compile_steps`), the batches of each step (:class:`StepBatches`),
 resuming (:func:`restore`), the diagnostics record (:func:`diagnostics_record`) and the
 metric logs (:class:`train.runtime.metrics.MetricsLogger`).
+
+With ``model.lora.enabled`` only LoRA adapters train (:func:`trained_part`): the jitted step
+takes the adapters (donated, updated) and the frozen base weights (read only, not donated,
+not copied), which also run as the reference model. The optimizer is built over the
+adapters alone, so its state has moments for them only, and checkpoints hold the adapters
+and that state (plus the step and the sampler's position; dropout keys derive from the
+step). Masking the optimizer instead (``mask=``) would still differentiate every weight,
+pass the base's raw gradients through unmasked leaves, clip by the whole model's gradient
+norm and donate and checkpoint the whole model.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +33,7 @@ import dualoptax
 from train import data as data_lib
 from train.config import MeshConfig, RunConfig, TrainingConfig
 from train.program import step as step_lib
-from train.program.modeling import FunctionalModel
+from train.program.modeling import FunctionalModel, join_adapters, lora_config
 from train.program.optimizer import make_optimizer
 from train.runtime import distributed
 from train.runtime import sharding as sharding_lib
@@ -34,11 +43,61 @@ from train.runtime.metrics import MetricsLogger
 
 @dataclasses.dataclass
 class UnlearnResult:
+  """What an unlearning run gives back.
+
+  Attributes:
+    model: The model ``params`` belong to (with LoRA: the adapted model).
+    params: The unlearned weights (with LoRA: ``AdaptedParams``, the unchanged base and the
+      trained adapters; ``save_model`` merges them).
+    opt_state: The optimizer state (over the trained weights only).
+    history: The logged metrics, one dict per step.
+    seconds: Wall time of the steps.
+    state_bytes: Bytes of ``opt_state``.
+  """
+
+  model: FunctionalModel
   params: Any
   opt_state: Any
   history: list[dict[str, Any]]
   seconds: float
   state_bytes: int
+
+
+class TrainedPart(NamedTuple):
+  """What a run trains and what it only reads.
+
+  Attributes:
+    model: The model trained (with LoRA: ``model`` with adapters).
+    params: The weights the optimizer updates (all of them, or the adapters).
+    fixed: The weights the step reads only: the reference model (without LoRA) or the
+      frozen base, which is also the reference (with LoRA).
+    join: ``(params, fixed) -> weights`` of the trained model (``TrainStep.join``).
+  """
+
+  model: FunctionalModel
+  params: Any
+  fixed: Any
+  join: Any
+
+
+def trained_part(
+  config: RunConfig, model: FunctionalModel, params: Any, ref_params: Any
+) -> TrainedPart:
+  """Splits a run's weights into what trains and what stays fixed (see the module doc).
+
+  Raises:
+    ValueError: With LoRA, if ``ref_params`` is another model than ``params`` (the reference
+      is the base model itself).
+  """
+  if not config.model.lora.enabled:
+    # The step donates params: work on a copy, so the caller's (often the target, also the
+    # reference model) stay alive.
+    return TrainedPart(model, jax.tree.map(jnp.copy, params), ref_params, step_lib.trained_weights)
+  if ref_params is not None and ref_params is not params:
+    raise ValueError("with model.lora the reference model is the base model: pass params")
+  lora = lora_config(config.model.lora)
+  adapted, weights = model.with_lora(params, lora, seed=config.training.seed)
+  return TrainedPart(adapted, weights.adapters, weights.base, join_adapters)
 
 
 def unlearn(
@@ -54,19 +113,20 @@ def unlearn(
   """Unlearns with the configured optimizer and losses; checkpoints and resumes exactly.
 
   Writes ``metrics.jsonl`` (one line per logged step), TensorBoard scalars under
-  ``tensorboard/`` and checkpoints under ``run_dir``.
+  ``tensorboard/`` and checkpoints under ``run_dir``. With ``config.model.lora`` enabled,
+  ``params`` stay frozen (adapters train) and ``ref_params`` must be ``params`` or None.
   """
   opt_config, train_config = config.optimizer, config.training
   tx = make_optimizer(opt_config)
-  # The step donates params and state: work on a copy so the caller's (often the target,
-  # also the reference model) stay alive.
-  params = jax.tree.map(jnp.copy, params)
-  shardings, params, ref_params, opt_state = place_on_mesh(
-    config.mesh, params, ref_params, tx.init(params)
+  part = trained_part(config, model, params, ref_params)
+  shardings, params, fixed, opt_state = place_on_mesh(
+    config.mesh, part.params, part.fixed, tx.init(part.params)
   )
-  steps = step_lib.TrainStep(model.logits, tx, config.loss.build())
   compiled = step_lib.compile_steps(
-    steps, shardings, opt_config, alternating=train_config.mode == "alternating"
+    _train_step(part, tx, config),
+    shardings,
+    opt_config,
+    alternating=train_config.mode == "alternating",
   )
   batches = StepBatches(make_sampler(config, forget_stream, retain_stream), shardings, train_config)
   checkpointer = RunCheckpointer(run_dir / "checkpoints", train_config.keep_checkpoints)
@@ -78,10 +138,11 @@ def unlearn(
   progress = _progress(start, train_config.steps, opt_config.name)
   for step in progress:
     objective, batch = batches.next()
-    params, opt_state, metrics = compiled.train(params, opt_state, ref_params, *batch)
+    number = jax.device_put(np.int32(step), shardings.replicated)
+    params, opt_state, metrics = compiled.train(params, opt_state, fixed, *batch, number)
     record = {"step": step + 1, "objective": objective, **{k: float(v) for k, v in metrics.items()}}
     if (step + 1) % train_config.diagnostics_every == 0:
-      record.update(diagnostics_record(compiled, batches, params, ref_params, opt_state))
+      record.update(diagnostics_record(compiled, batches, params, fixed, opt_state))
     logger.log(record)
     progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
     if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == train_config.steps:
@@ -91,8 +152,21 @@ def unlearn(
   logger.close()
   jax.block_until_ready(params)
   seconds = time.perf_counter() - began
-  return UnlearnResult(
-    params, opt_state, logger.history, seconds, dualoptax.state_nbytes(opt_state)
+  weights = part.join(params, fixed)
+  state_bytes = dualoptax.state_nbytes(opt_state)
+  return UnlearnResult(part.model, weights, opt_state, logger.history, seconds, state_bytes)
+
+
+def _train_step(part: TrainedPart, tx: Any, config: RunConfig) -> step_lib.TrainStep:
+  """The step functions of ``part``: with LoRA, training-mode logits (adapter dropout)."""
+  dropout = config.model.lora.enabled and config.model.lora.dropout > 0
+  return step_lib.TrainStep(
+    part.model.logits,
+    tx,
+    config.loss.build(),
+    join=part.join,
+    train_logits_fn=part.model.train_logits if dropout else None,
+    dropout_seed=config.training.seed,
   )
 
 
@@ -101,23 +175,34 @@ def place_on_mesh(
 ) -> tuple[step_lib.StepShardings, Any, Any, Any]:
   """Lays out a run's arrays on the configured mesh by the logical-axis rules.
 
+  Args:
+    mesh_config: The mesh sizes.
+    params: The trained weights.
+    ref_params: The fixed weights (the reference model, or LoRA's frozen base).
+    opt_state: The optimizer state of ``params``.
+
   Returns:
     ``(shardings, params, ref_params, opt_state)``: the step's shardings (see
     :mod:`train.runtime.sharding`) and the arrays placed by them.
   """
   mesh = sharding_lib.make_mesh(mesh_config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   param_sh = sharding_lib.param_shardings(params, mesh)
+  # No reference model (None): any sharding will do for an empty tree.
+  ref_sh = replicated if ref_params is None else sharding_lib.param_shardings(ref_params, mesh)
   shardings = step_lib.StepShardings(
     params=param_sh,
     opt_state=sharding_lib.state_shardings(opt_state, params, param_sh, mesh),
     batch=sharding_lib.batch_sharding(mesh),
-    replicated=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    replicated=replicated,
+    ref_params=ref_sh,
   )
-  params, opt_state = (
+  return (
+    shardings,
     jax.device_put(params, param_sh),
+    jax.device_put(ref_params, ref_sh),
     jax.device_put(opt_state, shardings.opt_state),
   )
-  return shardings, params, jax.device_put(ref_params, param_sh), opt_state
 
 
 def make_sampler(
