@@ -161,6 +161,8 @@ def find_gguf_file(path: str | Path) -> Path | None:
 @functools.cache
 def can_dequantize(tensor_type: gguf.GGMLQuantizationType) -> bool:
   """Whether `gguf.quants.dequantize` implements `tensor_type` (tried on one zero block)."""
+  if tensor_type not in gguf.GGML_QUANT_SIZES:
+    return False
   _, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
   try:
     gguf.quants.dequantize(np.zeros(block_bytes, np.uint8), tensor_type)
