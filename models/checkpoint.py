@@ -179,7 +179,10 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 class TensorSource(Protocol):
-  """HF-named tensors in HF layout, from some checkpoint format."""
+  """HF-named tensors in HF layout, from some checkpoint format.
+
+  Implemented by `_SafetensorsSource` and `models.gguf.GGUFCheckpoint`.
+  """
 
   def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape (without reading the data)."""
@@ -220,20 +223,6 @@ class _SafetensorsSource:
     for handle in self._handles.values():
       handle.__exit__(None, None, None)
     self._handles.clear()
-
-
-class _GGUFSource:
-  """A GGUF file's tensors under HF names; errors also give the GGUF names."""
-
-  def __init__(self, checkpoint: gguf_checkpoint.GGUFCheckpoint):
-    self._checkpoint = checkpoint
-    self.tensor_shapes = checkpoint.tensor_shapes
-    self.read = checkpoint.read
-    self.close = checkpoint.close
-
-  def label(self, name: str) -> str:
-    gguf_name = self._checkpoint.gguf_name(name)
-    return name if gguf_name is None or gguf_name == name else f"{gguf_name} ({name})"
 
 
 def _check_tensor_names(
@@ -325,7 +314,7 @@ def load_pretrained(
   gguf_file = gguf_checkpoint.find_gguf_file(path)
   if gguf_file is not None:
     checkpoint = gguf_checkpoint.GGUFCheckpoint(gguf_file)
-    hf_config, source = checkpoint.hf_config, _GGUFSource(checkpoint)
+    hf_config, source = checkpoint.hf_config, checkpoint
   else:
     hf_config = _read_config(path)
     source = _SafetensorsSource(_weight_files(path))

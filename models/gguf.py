@@ -278,6 +278,11 @@ class GGUFCheckpoint:
       }
     return self._gguf_names.get(hf_name)
 
+  def label(self, hf_name: str) -> str:
+    """The tensor's name for error messages: "<gguf name> (<hf name>)" where known."""
+    gguf_name = self.gguf_name(hf_name)
+    return hf_name if gguf_name is None or gguf_name == hf_name else f"{gguf_name} ({hf_name})"
+
   def close(self) -> None:
     """Drops the cached dequantized tensor (the file stays memory-mapped until freed)."""
     self._cached = None
