@@ -264,18 +264,18 @@ class GGUFCheckpoint:
     return value
 
   def gguf_name(self, hf_name: str) -> str | None:
-    """The GGUF tensor an HF tensor name comes from in this architecture, if any."""
-    if self._gguf_names is None:
+    """The GGUF tensor an HF tensor comes (or would come) from, if any."""
+    if hf_name in self._conversions:
+      return self._conversions[hf_name].gguf_name
+    if self._gguf_names is None:  # llama.cpp's usual names (Phi-2: separate q, k, v)
       layers = int(self.arch_value("block_count"))
-      kinds = [*_BLOCK_NAMES[self.architecture], "attn_qkv"]
       candidates = [*_GLOBAL_NAMES[self.architecture]]
-      candidates += [f"blk.{i}.{kind}" for i in range(layers) for kind in kinds]
+      candidates += [
+        f"blk.{i}.{kind}" for i in range(layers) for kind in _BLOCK_NAMES[self.architecture]
+      ]
       names = [f"{c}.{leaf}" for c in candidates for leaf in ("weight", "bias")]
-      self._gguf_names = {
-        hf: gguf_name
-        for gguf_name, hfs in _hf_names(self.architecture, names).items()
-        for hf in hfs
-      }
+      by_gguf_name = _hf_names(self.architecture, names)
+      self._gguf_names = {hf: g for g, hf_names in by_gguf_name.items() for hf in hf_names}
     return self._gguf_names.get(hf_name)
 
   def label(self, hf_name: str) -> str:
