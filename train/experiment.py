@@ -4,7 +4,8 @@
 2. fine-tune a tiny model on every fact (the TARGET model to unlearn from) and another on
    the retain facts only (the ORACLE, for forget quality);
 3. from the same target, unlearn the forget split with Adam (joint loss), DualOptim,
-   DualOptim+ and DualOptim+ 8-bit (alternating 1 forget step : 5 retain steps);
+   DualOptim+ and DualOptim+ 8-bit (alternating 1 forget step : 5 retain steps); with
+   ``model.lora.enabled`` each of them trains LoRA adapters on the frozen target;
 4. evaluate every model and print a comparison table; write the report and plots.
 """
 

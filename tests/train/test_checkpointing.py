@@ -1,9 +1,11 @@
-"""Run checkpoints: params + optimizer state (fp32 and 8-bit) + metadata round trip."""
+"""Run checkpoints: params + optimizer state (fp32 and 8-bit) + metadata round trip; LoRA
+adapters and their state."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import dualoptax
@@ -46,3 +48,36 @@ def test_keeps_the_newest_and_errors_when_empty(tmp_path):
   assert meta == {"step": 2}
   with pytest.raises(ValueError, match="max_to_keep"):
     RunCheckpointer(tmp_path / "other", max_to_keep=0)
+
+
+def test_lora_adapters_and_their_state_round_trip(tmp_path):
+  """What a LoRA run checkpoints: the adapters (an nnx.State of LoRAParam) and the
+  optimizer state over them; nothing of the base."""
+  from flax import nnx
+
+  import models
+  from train.config import ModelConfig
+  from train.program.modeling import FunctionalModel, tiny_hf_config
+
+  section = ModelConfig(hidden_size=16, num_layers=1, num_heads=2)
+  config = models.ModelConfig.from_hf(tiny_hf_config(section, 32, 0, 1, 2, max_positions=16))
+  model, params = FunctionalModel.split(models.CausalLM(config, rngs=nnx.Rngs(0)), config)
+  lora = models.LoRAConfig(rank=2, targets=("q_proj", "down_proj"))
+  _, weights = model.with_lora(params, lora)
+  tx = dualoptax.dualoptim_plus(1e-2)
+  adapters, opt_state = weights.adapters, tx.init(weights.adapters)
+  grads = jax.tree.map(jnp.ones_like, adapters)
+  updates, opt_state = tx.update(grads, opt_state, adapters, objective=dualoptax.FORGET)
+  state = {"params": optax.apply_updates(adapters, updates), "opt_state": opt_state}
+  checkpointer = RunCheckpointer(tmp_path / "ckpt")
+  checkpointer.save(1, state, {"step": 1})
+  _, restored, _ = checkpointer.restore(jax.tree.map(jnp.zeros_like, state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  checkpointer.close()
+  raw = ocp.StandardCheckpointer().restore(tmp_path / "ckpt" / "1" / "state")
+  paths = [
+    jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(raw["params"])[0]
+  ]
+  assert len(paths) == 4 and all("['lora']" in p for p in paths)

@@ -120,7 +120,7 @@ def test_cli_reports_bad_settings_and_accepts_overrides_without_a_command(capsys
   assert "training.steps" in capsys.readouterr().err
 
 
-def test_model_path_may_be_a_file_and_a_missing_one_is_named(tmp_path, monkeypatch, capsys):
+def test_model_path_may_be_a_file_and_a_missing_one_is_named(tmp_path, monkeypatch):
   import models
   from train.config import ModelConfig
   from train.program import modeling

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import dualoptax
 from train import data as data_lib
-from train.config import MeshConfig, RunConfig, TrainingConfig
+from train.config import ConfigError, MeshConfig, RunConfig, TrainingConfig
 from train.program import step as step_lib
 from train.program.modeling import FunctionalModel, join_adapters, lora_config
 from train.program.optimizer import make_optimizer
@@ -88,6 +88,7 @@ def trained_part(
   Raises:
     ValueError: With LoRA, if ``ref_params`` is another model than ``params`` (the reference
       is the base model itself).
+    ConfigError: If no projection of the model is among ``model.lora.targets``.
   """
   if not config.model.lora.enabled:
     # The step donates params: work on a copy, so the caller's (often the target, also the
@@ -95,8 +96,11 @@ def trained_part(
     return TrainedPart(model, jax.tree.map(jnp.copy, params), ref_params, step_lib.trained_weights)
   if ref_params is not None and ref_params is not params:
     raise ValueError("with model.lora the reference model is the base model: pass params")
-  lora = lora_config(config.model.lora)
-  adapted, weights = model.with_lora(params, lora, seed=config.training.seed)
+  try:
+    lora = lora_config(config.model.lora)
+    adapted, weights = model.with_lora(params, lora, seed=config.training.seed)
+  except ValueError as e:  # no projection of this model is among the targets
+    raise ConfigError(f"model.lora.targets: {e}") from e
   return TrainedPart(adapted, weights.adapters, weights.base, join_adapters)
 
 

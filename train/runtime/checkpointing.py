@@ -3,7 +3,9 @@
 One orbax ``CheckpointManager`` per run folder. A checkpoint holds two items: ``state``,
 any pytree of arrays (restored with the shardings of an abstract target, so a checkpoint
 saved under one mesh restores under another), and ``meta``, a JSON dict for the plain
-Python values a resume needs (the data sampler's position, the step, the config). Saves
+Python values a resume needs (the data sampler's position, the step, the config). An
+unlearning run saves what it trains: the trained weights (with LoRA, the adapters only; the
+frozen base is read again from ``model.path``) and their optimizer state. Saves
 are atomic (orbax writes to a temporary folder and renames), so a run killed mid-save
 leaves the previous checkpoint intact.
 """
