@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import sharding
-from models.layers import Dense, LayerNorm, dense_group, materialized_transpose
+from models.layers import Dense, LayerNorm, dense_group, dot, materialized_transpose
 from models.rotary import apply_rotary
 
 
@@ -36,14 +36,22 @@ class KVCache(NamedTuple):
     return cls(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
 
 
+def _einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+  """`jnp.einsum` accumulated in float32 and returned in `out_dtype`."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
 def _attention_fwd(
   q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+  # Scores, softmax and probabilities stay float32 for 16-bit q/k/v (HF Llama
+  # rounds the scores to the compute dtype first); only the probabilities
+  # that multiply v are cast to v's dtype, as HF does.
+  scores = _einsum("bhqd,bhkd->bhqk", q, k, jnp.float32) * scale
   # A finite fill keeps fully-masked rows (padding queries) NaN-free.
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+  out = _einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, v.dtype)
   return out, (q, k, v, mask, probs)
 
 
@@ -51,15 +59,15 @@ def _attention_bwd(
   scale: float, residuals: tuple[jax.Array, ...], g: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, None]:
   q, k, v, mask, probs = residuals
-  g_probs = jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32)
+  g_probs = _einsum("bhqd,bhkd->bhqk", g, v, jnp.float32)
   # Softmax backward; masked scores got a constant fill, so no gradient.
   g_scores = probs * (g_probs - (g_probs * probs).sum(-1, keepdims=True))
   g_scores = jnp.where(mask, g_scores * scale, 0.0)
-  g_q = jnp.einsum("bhqk,bhkd->bhqd", g_scores.astype(k.dtype), k)
+  g_q = _einsum("bhqk,bhkd->bhqd", g_scores.astype(k.dtype), k, q.dtype)
   # Key/value gradients contract the query axis: transpose the narrow
   # [.., q, head_dim] operand instead of the [.., q, k] one.
-  g_k = materialized_transpose(materialized_transpose(q) @ g_scores.astype(q.dtype))
-  g_v = materialized_transpose(materialized_transpose(g) @ probs.astype(g.dtype))
+  g_k = materialized_transpose(dot(materialized_transpose(q), g_scores.astype(q.dtype)))
+  g_v = materialized_transpose(dot(materialized_transpose(g), probs.astype(g.dtype)))
   return g_q, g_k, g_v, None
 
 

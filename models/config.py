@@ -15,6 +15,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("phi", "llama", "gpt2")
+REMAT_OPTIONS = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,22 @@ class ModelConfig:
     tie_word_embeddings: LM head reuses the token embedding matrix.
     bos_token_id, eos_token_id, pad_token_id: Special token ids from the HF
       config (eos may be a tuple of ids).
-    dtype: Compute dtype of activations and matmuls.
+    dtype: Compute dtype of activations and matmuls. With bfloat16, norms,
+      RoPE, the attention softmax and the logits are still computed in
+      float32 (as Hugging Face Llama does).
     param_dtype: Storage dtype of the parameters.
+    remat: Rematerialization of each decoder block in the backward pass of a
+      training forward (no KV cache): "none" stores every activation the
+      backward pass needs; "full" stores only each block's input and
+      recomputes the block; "dots" also stores the outputs of the block's
+      weight matmuls (the projections) and recomputes the rest (norms,
+      activations, attention scores and probabilities). Results are the same
+      numbers up to float rounding (~1e-7 in float32); only memory and time
+      change. On XLA:CPU the saving needs the memory-optimized scheduler
+      (compiler option `xla_cpu_scheduler_type:
+      CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`): XLA:CPU drops the optimization
+      barriers that delay the recomputation before it schedules, and its
+      default scheduler then runs the recomputation inside the forward pass.
     hf_config: The original HF config as a dict, written back on save. Not
       part of equality/hash, so configs stay usable as static jit arguments.
   """
@@ -89,9 +104,16 @@ class ModelConfig:
   pad_token_id: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: Literal["none", "full", "dots"] = "none"
   hf_config: dict[str, Any] | None = dataclasses.field(
     default=None, compare=False, hash=False, repr=False
   )
+
+  def __post_init__(self):
+    if self.remat not in REMAT_OPTIONS:
+      raise ValueError(
+        f"remat must be one of {', '.join(map(repr, REMAT_OPTIONS))}, got remat={self.remat!r}"
+      )
 
   def replace(self, **changes: Any) -> ModelConfig:
     """Returns a copy with `changes` applied (e.g. another dtype)."""

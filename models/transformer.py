@@ -48,6 +48,32 @@ class DecoderBlock(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
+def _run_block(
+  block: DecoderBlock, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array] | None
+) -> jax.Array:
+  """One block of a forward pass without a cache (what `ModelConfig.remat` wraps)."""
+  return block(x, mask, rope)[0]
+
+
+# What each `ModelConfig.remat` option saves for the backward pass of a block
+# (everything else is recomputed from the block's input). The hand-written
+# backward passes (`jax.custom_vjp`) compose with this: under autodiff their
+# forward rules are inlined, so the policy sees their matmuls and recomputes
+# their residuals like any other value. `prevent_cse` stays on: the blocks are
+# an unrolled Python loop, not a `scan`, so XLA could otherwise merge the
+# recomputation with the forward pass and keep the activations alive.
+_REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  # The projections' outputs (dots without batch dimensions), not the
+  # [batch, heads, q, k] attention scores (batched dots).
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_REMAT_BLOCKS = {
+  name: nnx.remat(_run_block, policy=policy, prevent_cse=True)
+  for name, policy in _REMAT_POLICIES.items()
+}
+
+
 def default_positions(attention_mask: jax.Array) -> jax.Array:
   """Position of each token counting only real tokens (0 for left padding).
 
@@ -60,7 +86,13 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 class CausalLM(nnx.Module):
   """Decoder-only language model for every `ModelConfig` family.
 
+  With `config.dtype` bfloat16 the residual stream, activations and matmul
+  operands are bfloat16 (as in HF), every matmul accumulates in float32, and
+  norm statistics, RoPE, attention scores and softmax, and the logits are
+  float32. `config.remat` is read at call time (see `set_remat`).
+
   Attributes:
+    config: The model's `ModelConfig` (static: part of the graph definition).
     embed: Token embedding ("vocab", "embed").
     pos_embed: Learned absolute positions (GPT-2) or None.
     layers: The decoder blocks.
@@ -102,6 +134,16 @@ class CausalLM(nnx.Module):
         **kw,
       )
 
+  def set_remat(self, remat: str) -> None:
+    """Switches the rematerialization of the blocks (`ModelConfig.remat`).
+
+    Example: `model.set_remat("full")` before `nnx.split` or `jax.jit`.
+
+    Raises:
+      ValueError: If `remat` is not "none", "full" or "dots".
+    """
+    self.config = self.config.replace(remat=remat)
+
   def __call__(
     self,
     input_ids: jax.Array,
@@ -117,7 +159,8 @@ class CausalLM(nnx.Module):
       positions: [batch, seq] position ids; default counts real tokens only.
 
     Returns:
-      [batch, seq, vocab] float32 logits (garbage at padding positions).
+      [batch, seq, vocab] float32 logits, whatever `config.dtype` (garbage at
+      padding positions).
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -160,17 +203,26 @@ class CausalLM(nnx.Module):
     else:
       rope = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta)
 
-    new_caches = [] if caches is not None else None
-    for i, layer in enumerate(self.layers):
-      x, cache = layer(x, mask, rope, None if caches is None else caches[i], cache_index)
-      if new_caches is not None:
+    if caches is None:
+      # Only a forward pass without a cache is differentiated (training), so
+      # only it is rematerialized.
+      run_block = _REMAT_BLOCKS.get(self.config.remat, _run_block)
+      for layer in self.layers:
+        x = run_block(layer, x, mask, rope)
+      new_caches = None
+    else:
+      new_caches = []
+      for layer, cache in zip(self.layers, caches, strict=True):
+        x, cache = layer(x, mask, rope, cache, cache_index)
         new_caches.append(cache)
 
     x = self.final_norm(x)
+    # The LM head accumulates and returns float32 even for a bfloat16 model:
+    # bfloat16 logits of magnitude 16-32 would be rounded to steps of 1/8.
     if self.lm_head is not None:
-      logits = self.lm_head(x)
+      logits = self.lm_head(x, out_dtype=jnp.float32)
     else:
-      logits = self.embed.attend(x)
+      logits = self.embed.attend(x, out_dtype=jnp.float32)
       if self.lm_head_bias is not None:
-        logits = logits + self.lm_head_bias[...].astype(logits.dtype)
-    return logits.astype(jnp.float32), new_caches
+        logits = logits + self.lm_head_bias[...].astype(jnp.float32)
+    return logits, new_caches
