@@ -121,6 +121,8 @@ def test_cli_reports_bad_settings_and_accepts_overrides_without_a_command(capsys
 
 
 def test_model_path_may_be_a_file_and_a_missing_one_is_named(tmp_path, monkeypatch):
+  from flax import nnx
+
   import models
   from train.config import ModelConfig
   from train.program import modeling
@@ -129,7 +131,15 @@ def test_model_path_may_be_a_file_and_a_missing_one_is_named(tmp_path, monkeypat
     modeling.build_model(ModelConfig(path=str(tmp_path / "nowhere")), tokenizer=None)
   gguf = tmp_path / "m.gguf"
   gguf.write_bytes(b"GGUF")
+  section = ModelConfig(hidden_size=8, num_layers=1, num_heads=2)
+  tiny = models.ModelConfig.from_hf(modeling.tiny_hf_config(section, 8, 0, 1, 2, max_positions=8))
   loaded = []
-  monkeypatch.setattr(models, "load_pretrained", lambda path, **kw: loaded.append(path) or (1, 2))
-  assert modeling.build_model(ModelConfig(path=str(gguf)), tokenizer=None) == (1, 2)
+
+  def load_pretrained(path, **kwargs):
+    loaded.append(path)
+    return models.CausalLM(tiny, rngs=nnx.Rngs(0)), tiny
+
+  monkeypatch.setattr(models, "load_pretrained", load_pretrained)
+  module, config = modeling.build_model(ModelConfig(path=str(gguf), remat="dots"), None)
   assert loaded == [str(gguf)]
+  assert config.remat == module.config.remat == "dots"

@@ -168,7 +168,7 @@ def test_compile_steps_jits_the_step_functions(name, alternating):
     assert set(compiled.diagnostics(opt_state)) == {"update_cosine", "preconditioned_cosine"}
 
 
-def _tiny_lora(dropout):
+def _tiny_lora(dropout, remat="none"):
   """A tiny llama, split, and the same with rank-2 adapters on q_proj and v_proj."""
   from flax import nnx
 
@@ -178,7 +178,9 @@ def _tiny_lora(dropout):
 
   section = ModelConfig(hidden_size=16, num_layers=1, num_heads=2)
   config = models.ModelConfig.from_hf(tiny_hf_config(section, V, 0, 1, 2, max_positions=16))
-  base_model, params = FunctionalModel.split(models.CausalLM(config, rngs=nnx.Rngs(0)), config)
+  module = models.CausalLM(config, rngs=nnx.Rngs(0))
+  module.set_remat(remat)
+  base_model, params = FunctionalModel.split(module, module.config)
   lora = models.LoRAConfig(rank=2, alpha=4.0, dropout=dropout, targets=("q_proj", "v_proj"))
   model, weights = base_model.with_lora(params, lora)
   return base_model, params, model, weights
@@ -260,3 +262,27 @@ def models_merged_logits(model, weights, ids, mask):
 
   module = model.module(jax.tree.map(jnp.copy, weights))  # merge_lora edits it in place
   return models.merge_lora(module)(ids, attention_mask=mask)
+
+
+def test_rematerialized_lora_step_computes_the_same_update():
+  """``model.remat`` (an ``nnx.remat`` inside the model) works in the step's ``lax.cond``
+  branches, with adapters and their dropout, and changes no number."""
+  from train.program.modeling import join_adapters
+
+  tx = make_optimizer(OptimizerConfig(name="dualoptim_plus", learning_rate=1e-2))
+  results = []
+  for remat in ("none", "full", "dots"):
+    _, _, model, weights = _tiny_lora(dropout=0.5, remat=remat)
+    step = TrainStep(
+      model.logits,
+      tx,
+      losses.LossConfig.from_spec("NPO+GD"),
+      join=join_adapters,
+      train_logits_fn=model.train_logits,
+    )
+    args = (weights.base, _inputs(0), jnp.int32(dualoptax.FORGET), jnp.int32(1))
+    results.append(jax.jit(step.alternating)(weights.adapters, tx.init(weights.adapters), *args))
+  for other in results[1:]:
+    _assert_trees(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), other[:2], results[0][:2]
+    )

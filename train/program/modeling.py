@@ -73,7 +73,7 @@ def build_model(
   section: ModelSection, tokenizer: Any, seed: int = 0
 ) -> tuple[models.CausalLM, models.ModelConfig]:
   """The model of ``section``: loaded from ``section.path`` (a Hugging Face folder or a GGUF
-  file) or a fresh tiny one.
+  file) or a fresh tiny one, with ``section.remat``'s rematerialisation.
 
   Raises:
     FileNotFoundError: If ``section.path`` does not exist.
@@ -85,16 +85,19 @@ def build_model(
         f"model.path does not exist: {section.path} (expected a Hugging Face folder or a "
         ".gguf file)"
       )
-    return models.load_pretrained(section.path, dtype=dtype)
-  hf = tiny_hf_config(
-    section,
-    len(tokenizer),
-    tokenizer.bos_token_id or 0,
-    tokenizer.eos_token_id,
-    tokenizer.pad_token_id,
-  )
-  config = models.ModelConfig.from_hf(hf, dtype=dtype)
-  return models.CausalLM(config, rngs=nnx.Rngs(seed)), config
+    module, config = models.load_pretrained(section.path, dtype=dtype)
+  else:
+    hf = tiny_hf_config(
+      section,
+      len(tokenizer),
+      tokenizer.bos_token_id or 0,
+      tokenizer.eos_token_id,
+      tokenizer.pad_token_id,
+    )
+    config = models.ModelConfig.from_hf(hf, dtype=dtype)
+    module = models.CausalLM(config, rngs=nnx.Rngs(seed))
+  module.set_remat(section.remat)  # before the split: the graph carries it
+  return module, module.config
 
 
 def lora_config(section: LoRASection) -> models.LoRAConfig:
@@ -176,10 +179,10 @@ class FunctionalModel:
   def module(self, params: Any) -> models.CausalLM:
     """The NNX model of ``params``; plain parameters of an adapted model give its base."""
     if isinstance(params, AdaptedParams):
-      return nnx.merge(self.graphdef, params.adapters, params.base, self.rest)
+      return _merge(self.graphdef, params.adapters, params.base, self.rest)
     if self.base is not None:
       return self.base.module(params)
-    return nnx.merge(self.graphdef, params, self.rest)
+    return _merge(self.graphdef, params, self.rest)
 
   def logits(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Evaluation-mode logits (no dropout)."""
@@ -193,8 +196,16 @@ class FunctionalModel:
     if not isinstance(params, AdaptedParams) or self.train_graphdef is None:
       return self.logits(params, input_ids, attention_mask)
     rest = _reseeded(self.rest, key)
-    module = nnx.merge(self.train_graphdef, params.adapters, params.base, rest)
+    module = _merge(self.train_graphdef, params.adapters, params.base, rest)
     return module(input_ids, attention_mask=attention_mask)
+
+
+def _merge(graphdef: Any, *states: Any) -> models.CausalLM:
+  """The module of ``states``, with Variables of its own (sharing the arrays, not copying
+  them): NNX transforms inside the model (``nnx.remat`` of ``model.remat``) write back to
+  the Variables they see, which fails for a state closed over from an outer trace (the
+  step's ``lax.cond`` branches)."""
+  return nnx.merge(graphdef, *states, copy=True)
 
 
 def _reseeded(rest: Any, key: jax.Array) -> Any:
