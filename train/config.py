@@ -112,13 +112,18 @@ class DataConfig:
   forget_split: str = "forget10"
   retain_split: str | None = None  # None: the complement of forget_split
   task_id: int | None = None  # continual unlearning: which forget task
-  template: str = "plain"  # prompt template preset
+  # A prompt template preset (plain | phi | llama2-chat | phi3-chat), or "chat": the
+  # model tokenizer's own chat template (answers end with its end-of-turn token).
+  template: str = "plain"
   max_length: int = 128
   batch_size: int = 8
   seed: int = 0
 
   def validate(self, key: str) -> None:
     _positive(key, self, ("max_length", "batch_size"))
+    from train.data import prompting  # deferred: it imports transformers
+
+    _one_of(f"{key}.template", self.template, prompting.template_names())
 
 
 OPTIMIZERS = ("adam", "dualoptim", "dualoptim_plus")
@@ -267,6 +272,12 @@ class RunConfig:
       value = getattr(self, field.name)
       if dataclasses.is_dataclass(value):
         value.validate(field.name)
+    if self.data.template == "chat" and self.model.path is None:
+      raise ConfigError(
+        "data.template='chat' renders prompts with the model's own chat template, but the "
+        "tiny default model's tokenizer has none: set model.path to a chat model, or pick a "
+        "preset template"
+      )
     return self
 
   def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from train.config import ConfigError, RunConfig, load_config, save_config
+from train.config import ConfigError, DataConfig, ModelConfig, RunConfig, load_config, save_config
 
 
 def test_defaults_are_a_valid_config():
@@ -143,3 +143,14 @@ def test_model_path_may_be_a_file_and_a_missing_one_is_named(tmp_path, monkeypat
   module, config = modeling.build_model(ModelConfig(path=str(gguf), remat="dots"), None)
   assert loaded == [str(gguf)]
   assert config.remat == module.config.remat == "dots"
+
+
+def test_an_unknown_template_is_named():
+  with pytest.raises(ConfigError, match=r"data.template must be one of .*'chat'.*got 'chatml'"):
+    RunConfig(data=DataConfig(template="chatml")).validate()
+
+
+def test_the_chat_template_needs_a_real_model():
+  with pytest.raises(ConfigError, match="data.template='chat'.*model.path"):
+    RunConfig(data=DataConfig(template="chat")).validate()
+  RunConfig(model=ModelConfig(path="/models/x.gguf"), data=DataConfig(template="chat")).validate()

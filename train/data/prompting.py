@@ -145,6 +145,11 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
 """Preset templates by name; see :func:`get_prompt_template`."""
 
 
+def template_names() -> tuple[str, ...]:
+  """Every name :func:`get_prompt_template` accepts: the presets, then ``"chat"``."""
+  return (*PROMPT_TEMPLATES, CHAT_TEMPLATE_NAME)
+
+
 def get_prompt_template(name_or_template: str | Template) -> Template:
   """Returns a preset template by name, or ``ChatTemplate()`` for ``"chat"`` (a template is
   returned as is).

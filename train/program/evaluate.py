@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 from train.config import RunConfig
+from train.data.prompting import PromptEncoder
 from train.evaluation import EvalConfig, evaluate, tofu_eval_sets
 from train.program.modeling import FunctionalModel, ScoringAdapter
 
@@ -21,7 +22,9 @@ def evaluate_params(
   retain_reference: str | None = None,
 ) -> dict[str, Any]:
   """Evaluates ``params`` on the TOFU-format sets of ``data_dir``; writes the JSON files."""
-  scoring = ScoringAdapter(model, params, tokenizer.eos_token_id, tokenizer.pad_token_id)
+  # A chat template's turn ends with its own token (Phi-3's <|end|> is not its EOS).
+  stop_ids = PromptEncoder.create(config.data.template, tokenizer).stop_token_ids
+  scoring = ScoringAdapter(model, params, stop_ids, tokenizer.pad_token_id)
   eval_sets = tofu_eval_sets(
     data_dir, forget_split=config.data.forget_split, task_id=config.data.task_id
   )

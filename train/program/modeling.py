@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -227,7 +228,10 @@ def _reseeded(rest: Any, key: jax.Array) -> Any:
 class ScoringAdapter:
   """``train.evaluation``'s ``ScoringModel`` for fixed parameters of a functional model."""
 
-  def __init__(self, model: FunctionalModel, params: Any, eos_token_id: int, pad_token_id: int):
+  def __init__(
+    self, model: FunctionalModel, params: Any, eos_token_id: int | Sequence[int], pad_token_id: int
+  ):
+    """``eos_token_id``: the token(s) that end a generation (e.g. end-of-turn, then EOS)."""
     self._model, self._params = model, params
     self._eos, self._pad = eos_token_id, pad_token_id
     self._logits = jax.jit(model.logits)
