@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -51,27 +54,78 @@ class DecoderBlock(nnx.Module):
 def _run_block(
   block: DecoderBlock, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array] | None
 ) -> jax.Array:
-  """One block of a forward pass without a cache (what `ModelConfig.remat` wraps)."""
+  """One block of a forward pass without a cache."""
   return block(x, mask, rope)[0]
 
 
-# What each `ModelConfig.remat` option saves for the backward pass of a block
-# (everything else is recomputed from the block's input). The hand-written
-# backward passes (`jax.custom_vjp`) compose with this: under autodiff their
-# forward rules are inlined, so the policy sees their matmuls and recomputes
-# their residuals like any other value. `prevent_cse` stays on: the blocks are
-# an unrolled Python loop, not a `scan`, so XLA could otherwise merge the
-# recomputation with the forward pass and keep the activations alive.
+# What each `ModelConfig.remat` option saves for the backward pass of a block;
+# everything else is recomputed from the block's input and parameters.
 _REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
   # The projections' outputs (dots without batch dimensions), not the
   # [batch, heads, q, k] attention scores (batched dots).
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-_REMAT_BLOCKS = {
-  name: nnx.remat(_run_block, policy=policy, prevent_cse=True)
-  for name, policy in _REMAT_POLICIES.items()
-}
+
+
+def _after(tree: Any, g: jax.Array) -> Any:
+  """`tree` with every float array made to depend on `g` (adds 0 * one element of g).
+
+  Exact for finite `g` (x + 0 == x; a NaN in g makes the block's gradient NaN
+  anyway). XLA does not fold `0 * g` for floats, so the dependency survives.
+  """
+  zero = jnp.zeros((), g.dtype) * g.reshape(-1)[0]
+  return jax.tree.map(
+    lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r, tree
+  )
+
+
+def _remat_block(
+  policy: Any,
+  block: DecoderBlock,
+  x: jax.Array,
+  mask: jax.Array,
+  rope: tuple[jax.Array, jax.Array] | None,
+) -> jax.Array:
+  """`_run_block` whose backward pass recomputes what `policy` did not save.
+
+  `jax.checkpoint` alone saves no memory on XLA:CPU here: the optimization
+  barriers that should hold the recomputation back until the block's output
+  gradient exists are removed before scheduling, and XLA:CPU then recomputes
+  during the forward pass (the default scheduler always, the memory-optimized
+  one for some models). So the checkpointed block sits in a `custom_vjp`
+  whose backward pass makes the saved values depend on the incoming gradient.
+  Non-parameter state the block updates (LoRA dropout's RNG counts) is
+  returned and written back; the recomputation reads the same state as the
+  forward pass, so dropout masks match.
+  """
+  graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+  def forward(params, x, rope, rest, mask):
+    # Fresh variables (copy): NNX refuses to mutate variables, such as the RNG
+    # counts, that belong to an outer trace.
+    module = nnx.merge(graphdef, params, rest, copy=True)
+    return module(x, mask, rope)[0], nnx.state(module, nnx.Not(nnx.Param))
+
+  @jax.custom_vjp
+  def run(params, x, rope, rest, mask):
+    return forward(params, x, rope, rest, mask)
+
+  def run_fwd(params, x, rope, rest, mask):
+    checkpointed = jax.checkpoint(
+      lambda p, y, r: forward(p, y, r, rest, mask), policy=policy, prevent_cse=True
+    )
+    out, vjp_fn, new_rest = jax.vjp(checkpointed, params, x, rope, has_aux=True)
+    return (out, new_rest), vjp_fn
+
+  def run_bwd(vjp_fn, cotangents):
+    g = cotangents[0]
+    return (*_after(vjp_fn, g)(g), None, None)
+
+  run.defvjp(run_fwd, run_bwd)
+  out, new_rest = run(params, x, rope, rest, mask)
+  nnx.update(block, new_rest)
+  return out
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -206,7 +260,8 @@ class CausalLM(nnx.Module):
     if caches is None:
       # Only a forward pass without a cache is differentiated (training), so
       # only it is rematerialized.
-      run_block = _REMAT_BLOCKS.get(self.config.remat, _run_block)
+      policy = _REMAT_POLICIES.get(self.config.remat)
+      run_block = _run_block if policy is None else functools.partial(_remat_block, policy)
       for layer in self.layers:
         x = run_block(layer, x, mask, rope)
       new_caches = None
