@@ -127,7 +127,7 @@ def unlearn(
     config.mesh, part.params, part.fixed, tx.init(part.params)
   )
   compiled = step_lib.compile_steps(
-    _train_step(part, tx, config),
+    make_train_step(part, tx, config),
     shardings,
     opt_config,
     alternating=train_config.mode == "alternating",
@@ -161,7 +161,7 @@ def unlearn(
   return UnlearnResult(part.model, weights, opt_state, logger.history, seconds, state_bytes)
 
 
-def _train_step(part: TrainedPart, tx: Any, config: RunConfig) -> step_lib.TrainStep:
+def make_train_step(part: TrainedPart, tx: Any, config: RunConfig) -> step_lib.TrainStep:
   """The step functions of ``part``: with LoRA, training-mode logits (adapter dropout)."""
   dropout = config.model.lora.enabled and config.model.lora.dropout > 0
   return step_lib.TrainStep(
