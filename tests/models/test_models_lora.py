@@ -7,9 +7,10 @@ import optax
 import pytest
 import transformers
 from flax import nnx
-from hf_support import ONE_PER_FAMILY, padded_batch, save_hf_model, torch_logits
+from hf_support import HF_CONFIGS, ONE_PER_FAMILY, padded_batch, save_hf_model, torch_logits
 
 import models
+from models.lora import LoRAAdapter, draw_dropout_masks
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -127,3 +128,99 @@ def test_adapter_dropout_only_in_train_mode(tmp_path):
   np.testing.assert_array_equal(first, second)
   model.train()
   assert np.abs(_logits(model, ids, mask) - first).max() > 1e-3
+
+
+def _adapted_llama(num_layers=2, dropout=0.25):
+  hf = HF_CONFIGS["llama-mha-untied"]()
+  hf.num_hidden_layers = num_layers
+  model = models.CausalLM(models.ModelConfig.from_hf(hf), rngs=nnx.Rngs(0))
+  lora = models.LoRAConfig(rank=2, dropout=dropout, targets=ALL_PROJECTIONS)
+  models.apply_lora(model, lora, rngs=nnx.Rngs(1), b_init=nnx.initializers.normal(0.2))
+  return model
+
+
+def _adapters(model):
+  return [node for _, node in nnx.iter_graph(model) if isinstance(node, LoRAAdapter)]
+
+
+def test_drawn_dropout_masks_are_per_adapter_and_a_function_of_the_key():
+  model = _adapted_llama(dropout=0.25)
+  ids, mask = padded_batch(2, 8, "right")
+
+  def draw(seed):
+    draw_dropout_masks(model, jax.random.key(seed), ids.shape)
+    return [np.asarray(adapter.dropout_mask.get_value()) for adapter in _adapters(model)]
+
+  first, again, other = draw(0), draw(0), draw(1)
+  adapters = _adapters(model)
+  assert len(first) == 14
+  for adapter, keep in zip(adapters, first):
+    assert keep.dtype == bool and keep.shape == (*ids.shape, adapter.a.shape[0])
+  for a, b, c in zip(first, again, other):
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+  # Each adapter its own mask (q/k/v and gate/up see the same input).
+  columns = [keep[..., :64].ravel() for keep in first]
+  assert len({c.tobytes() for c in columns}) == len(columns)
+  dropped = 1.0 - np.concatenate([keep.ravel() for keep in first]).mean()
+  assert abs(dropped - 0.25) < 0.03  # ~8500 draws: 5 standard deviations
+
+  # The adapter applies its mask (kept inputs scaled by 1 / (1 - rate)) until redrawn.
+  adapter = adapters[0]
+  x = jax.random.normal(jax.random.key(5), (*ids.shape, adapter.a.shape[0]))
+  dropped_x = np.where(first[0], np.asarray(x) / 0.75, 0.0)
+  expected = dropped_x @ np.asarray(adapter.a[...]) @ np.asarray(adapter.b[...]) * adapter.scaling
+  draw(0)
+  np.testing.assert_allclose(adapter(x), expected, rtol=1e-5, atol=1e-6)
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  np.testing.assert_array_equal(model(ids, mask), model(ids, mask))
+  eval_logits = nnx.view(model, deterministic=True)(ids, mask)
+  assert np.abs(model(ids, mask) - eval_logits).max() > 1e-3
+
+
+def test_evaluation_mode_draws_no_masks():
+  model = _adapted_llama()
+  ids, mask = padded_batch(2, 8, "right")
+  evaluation = nnx.view(model, deterministic=True)
+  draw_dropout_masks(evaluation, jax.random.key(0), ids.shape)
+  assert all(adapter.dropout_mask is None for adapter in _adapters(evaluation))
+  no_dropout = _adapted_llama(dropout=0.0)
+  draw_dropout_masks(no_dropout, jax.random.key(0), ids.shape)
+  assert all(adapter.dropout_mask is None for adapter in _adapters(no_dropout))
+
+
+def _random_ops(num_layers):
+  """Counts of random-bit generators and threefry hashes in a training forward and
+  backward pass with masks drawn by `draw_dropout_masks`."""
+  graphdef, params, rest = nnx.split(_adapted_llama(num_layers), models.LoRAParam, ...)
+  ids = jnp.zeros((2, 8), jnp.int32)
+
+  def loss(params, key):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    draw_dropout_masks(model, key, ids.shape)
+    return model(ids).sum()
+
+  text = jax.jit(jax.grad(loss)).lower(params, jax.random.key(0)).as_text()
+  return text.count("stablehlo.rng_bit_generator"), text.count("call @threefry")
+
+
+def test_masks_are_one_random_bits_call_however_many_adapters():
+  # XLA:CPU compiles a threefry loop (and a Philox expansion) per random call: per-adapter
+  # draws made a 420-adapter step compile 5-7x slower than without dropout.
+  one_layer, three_layers = _random_ops(1), _random_ops(3)
+  assert one_layer == three_layers
+  assert one_layer[0] == 1
+
+
+def test_drawn_masks_follow_each_adapters_rate():
+  hf = HF_CONFIGS["llama-mha-untied"]()
+  model = models.CausalLM(models.ModelConfig.from_hf(hf), rngs=nnx.Rngs(0))
+  for rate, targets in ((0.5, ("q_proj",)), (0.1, ("up_proj", "down_proj"))):
+    models.apply_lora(model, models.LoRAConfig(dropout=rate, targets=targets), nnx.Rngs(1))
+  draw_dropout_masks(model, jax.random.key(0), (4, 16))
+  dropped = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, LoRAAdapter):
+      dropped.setdefault(path[-2], []).append(1.0 - node.dropout_mask.get_value().mean())
+  assert np.allclose(dropped["q_proj"], 0.5, atol=0.05)  # 4096 draws per adapter
+  assert np.allclose(dropped["up_proj"] + dropped["down_proj"], 0.1, atol=0.03)

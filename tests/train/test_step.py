@@ -47,19 +47,28 @@ def test_accumulated_gradient_equals_the_mean_over_micro_batches():
   params = _params()
   whole = _inputs(1, micro=2)
   step = _step()
-  accumulated = step.alternating(params, step.tx.init(params), None, whole, jnp.int32(1))[0]
+  accumulated, _, metrics = step.alternating(
+    params, step.tx.init(params), None, whole, jnp.int32(1)
+  )
   halves = [jax.tree.map(lambda x, i=i: x[i : i + 1], whole) for i in range(2)]
-  grads = [
-    jax.grad(
+  losses_and_grads = [
+    jax.value_and_grad(
       lambda p, h=h: losses.gd_loss(
         _logits_fn(p, h.answers.input_ids[0], None), jax.tree.map(lambda x: x[0], h.answers)
       )
     )(params)
     for h in halves
   ]
+  grads = [g for _, g in losses_and_grads]
   expected = jax.tree.map(lambda p, a, b: p - 0.1 * (a + b) / 2, params, *grads)
   for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The metrics (auxiliary outputs) are micro-batch means too.
+  mean_loss = sum(float(loss) for loss, _ in losses_and_grads) / 2
+  np.testing.assert_allclose(metrics["loss"], mean_loss, rtol=1e-6)
+  np.testing.assert_allclose(metrics["nll"], mean_loss, rtol=1e-6)
+  tokens = [float((h.answers.labels != losses.IGNORE_INDEX).sum()) for h in halves]
+  assert float(metrics["tokens"]) == sum(tokens) / 2
 
 
 def test_one_compilation_serves_both_objectives():
@@ -168,7 +177,7 @@ def test_compile_steps_jits_the_step_functions(name, alternating):
     assert set(compiled.diagnostics(opt_state)) == {"update_cosine", "preconditioned_cosine"}
 
 
-def _tiny_lora(dropout, remat="none"):
+def _tiny_lora(dropout, remat="none", num_layers=1):
   """A tiny llama, split, and the same with rank-2 adapters on q_proj and v_proj."""
   from flax import nnx
 
@@ -176,7 +185,7 @@ def _tiny_lora(dropout, remat="none"):
   from train.config import ModelConfig
   from train.program.modeling import FunctionalModel, tiny_hf_config
 
-  section = ModelConfig(hidden_size=16, num_layers=1, num_heads=2)
+  section = ModelConfig(hidden_size=16, num_layers=num_layers, num_heads=2)
   config = models.ModelConfig.from_hf(tiny_hf_config(section, V, 0, 1, 2, max_positions=16))
   module = models.CausalLM(config, rngs=nnx.Rngs(0))
   module.set_remat(remat)
@@ -286,3 +295,29 @@ def test_rematerialized_lora_step_computes_the_same_update():
     _assert_trees(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), other[:2], results[0][:2]
     )
+
+
+def test_lora_step_draws_dropout_masks_once_per_training_forward_pass():
+  """However many adapters: one random-bits call per training forward pass (NPO+GD: the
+  forget and the retain branch's), the same threefry key derivations. XLA:CPU compiles a
+  threefry loop per random call: per-adapter draws made a 420-adapter step compile 5-7x
+  slower than without dropout."""
+  from train.program.modeling import join_adapters
+
+  tx = make_optimizer(OptimizerConfig(name="dualoptim_plus", learning_rate=1e-2))
+  counts = []
+  for num_layers in (1, 3):
+    _, _, model, weights = _tiny_lora(dropout=0.1, num_layers=num_layers)
+    step = TrainStep(
+      model.logits,
+      tx,
+      losses.LossConfig.from_spec("NPO+GD"),
+      join=join_adapters,
+      train_logits_fn=model.train_logits,
+    )
+    args = (weights.base, _inputs(0), jnp.int32(dualoptax.FORGET), jnp.int32(1))
+    text = jax.jit(step.alternating).lower(weights.adapters, tx.init(weights.adapters), *args)
+    text = text.as_text()
+    counts.append((text.count("stablehlo.rng_bit_generator"), text.count("call @threefry")))
+  assert counts[0] == counts[1]
+  assert counts[0][0] == 2

@@ -23,6 +23,7 @@ import transformers
 from flax import nnx
 
 import models
+from models.lora import draw_dropout_masks
 from train.config import LoRASection
 from train.config import ModelConfig as ModelSection
 from train.runtime import distributed
@@ -132,7 +133,8 @@ class FunctionalModel:
 
   Attributes:
     graphdef: The model's structure (in evaluation mode: no adapter dropout).
-    rest: Non-parameter state (kept fixed; with adapters, their dropout RNG streams).
+    rest: Non-parameter state (kept fixed; with adapters, their dropout RNG streams, which
+      training does not use: :meth:`train_logits` draws the masks from its key).
     config: The model's ``models.ModelConfig``.
     base: With adapters: the same model without them, which runs plain (non-adapted)
       parameters. None otherwise.
@@ -192,12 +194,14 @@ class FunctionalModel:
   def train_logits(
     self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, key: jax.Array
   ) -> jax.Array:
-    """Training-mode logits: adapter dropout on, its masks drawn from ``key``. Without
-    adapters (also plain parameters of an adapted model) the same as :meth:`logits`."""
+    """Training-mode logits: adapter dropout on, every adapter's mask drawn from ``key`` in
+    one call (``models.lora.draw_dropout_masks``: distinct masks per adapter, a function of
+    ``key`` only). Without adapters (also plain parameters of an adapted model) the same as
+    :meth:`logits`."""
     if not isinstance(params, AdaptedParams) or self.train_graphdef is None:
       return self.logits(params, input_ids, attention_mask)
-    rest = _reseeded(self.rest, key)
-    module = _merge(self.train_graphdef, params.adapters, params.base, rest)
+    module = _merge(self.train_graphdef, params.adapters, params.base, self.rest)
+    draw_dropout_masks(module, key, input_ids.shape)
     return module(input_ids, attention_mask=attention_mask)
 
 
@@ -207,22 +211,6 @@ def _merge(graphdef: Any, *states: Any) -> models.CausalLM:
   the Variables they see, which fails for a state closed over from an outer trace (the
   step's ``lax.cond`` branches)."""
   return nnx.merge(graphdef, *states, copy=True)
-
-
-def _reseeded(rest: Any, key: jax.Array) -> Any:
-  """``rest`` with every RNG stream keyed from ``key`` (one key per stream) and its count
-  reset; other state kept. Built anew rather than by ``nnx.reseed``, which would mutate the
-  fixed ``rest`` (a constant of the traced step)."""
-  is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-  leaves, treedef = jax.tree.flatten(rest, is_leaf=is_variable)
-  fresh = []
-  for i, leaf in enumerate(leaves):
-    if isinstance(leaf, nnx.RngKey):
-      leaf = leaf.replace(jax.random.fold_in(key, i))
-    elif isinstance(leaf, nnx.RngCount):
-      leaf = leaf.replace(jnp.zeros_like(leaf.get_value()))
-    fresh.append(leaf)
-  return jax.tree.unflatten(treedef, fresh)
 
 
 class ScoringAdapter:

@@ -30,6 +30,7 @@ run's shardings, donation and compiler options.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -98,20 +99,16 @@ def _accumulate(grad_fn, micro_batches: Any, params: Any):
   def body(carry, indexed):
     index, micro = indexed
     (loss, aux), grads = grad_fn(params, micro, index)
-    acc_grads, acc_loss, acc_aux = carry
-    return (
-      jax.tree.map(jnp.add, acc_grads, grads),
-      acc_loss + loss,
-      jax.tree.map(jnp.add, acc_aux, aux),
-    ), None
+    acc_grads, acc_loss = carry
+    return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss), aux
 
+  # The auxiliary values leave the scan stacked and are summed in micro-batch order below
+  # (as a carry would add them): a carry would need their structure before the scan,
+  # i.e. a second trace of the whole forward and backward pass.
   zeros = jax.tree.map(jnp.zeros_like, params)
-  first = jax.tree.map(lambda x: x[0], micro_batches)
-  aux_zeros = jax.tree.map(
-    jnp.zeros_like, jax.eval_shape(grad_fn, params, first, jnp.int32(0))[0][1]
-  )
   indexed = (jnp.arange(num, dtype=jnp.int32), micro_batches)
-  (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), aux_zeros), indexed)
+  (grads, loss), stacked = jax.lax.scan(body, (zeros, jnp.float32(0.0)), indexed)
+  aux = jax.tree.map(lambda a: functools.reduce(jnp.add, list(a)), stacked)
   scale = 1.0 / num
   return (
     jax.tree.map(lambda g: g * scale, grads),
