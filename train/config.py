@@ -90,7 +90,11 @@ class ModelConfig:
   hidden_size: int = 128
   num_layers: int = 2
   num_heads: int = 4
-  dtype: str = "float32"  # compute/param dtype: float32 | bfloat16
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16
+  # Storage dtype of the weights (LoRA adapters take their base's): float32 | bfloat16.
+  # float32 master weights by default: in bfloat16 most small updates round away (one step
+  # of 1e-5 changes ~2% of SmolLM2's weights).
+  param_dtype: str = "float32"
   # Rematerialisation of each decoder block in the backward pass: none | full (recompute
   # the block) | dots (save matmul outputs only); trades compute for activation memory.
   remat: str = "none"
@@ -99,6 +103,7 @@ class ModelConfig:
   def validate(self, key: str) -> None:
     _one_of(f"{key}.family", self.family, ("llama", "phi", "gpt2"))
     _one_of(f"{key}.dtype", self.dtype, ("float32", "bfloat16"))
+    _one_of(f"{key}.param_dtype", self.param_dtype, ("float32", "bfloat16"))
     _one_of(f"{key}.remat", self.remat, REMAT_POLICIES)
     _positive(key, self, ("hidden_size", "num_layers", "num_heads"))
     self.lora.validate(f"{key}.lora")

@@ -1,5 +1,7 @@
 """Run configuration: YAML + overrides, typed, validated with messages naming the key."""
 
+import dataclasses
+
 import pytest
 
 from train.config import ConfigError, DataConfig, ModelConfig, RunConfig, load_config, save_config
@@ -154,3 +156,15 @@ def test_the_chat_template_needs_a_real_model():
   with pytest.raises(ConfigError, match="data.template='chat'.*model.path"):
     RunConfig(data=DataConfig(template="chat")).validate()
   RunConfig(model=ModelConfig(path="/models/x.gguf"), data=DataConfig(template="chat")).validate()
+
+
+def test_weights_are_float32_masters_unless_asked(tmp_path):
+  from train.data import tokenizer as tokenizer_lib
+  from train.program.modeling import build_model
+
+  tokenizer = tokenizer_lib.train_tokenizer(["a b c d e f g"] * 4, vocab_size=300)
+  section = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, dtype="bfloat16")
+  _, config = build_model(section, tokenizer)
+  assert (config.dtype, config.param_dtype) == ("bfloat16", "float32")
+  _, config = build_model(dataclasses.replace(section, param_dtype="bfloat16"), tokenizer)
+  assert config.param_dtype == "bfloat16"

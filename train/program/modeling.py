@@ -80,14 +80,14 @@ def build_model(
   Raises:
     FileNotFoundError: If ``section.path`` does not exist.
   """
-  dtype = dtype_of(section.dtype)
+  dtype, param_dtype = dtype_of(section.dtype), dtype_of(section.param_dtype)
   if section.path is not None:
     if not os.path.exists(section.path):
       raise FileNotFoundError(
         f"model.path does not exist: {section.path} (expected a Hugging Face folder or a "
         ".gguf file)"
       )
-    module, config = models.load_pretrained(section.path, dtype=dtype)
+    module, config = models.load_pretrained(section.path, dtype=dtype, param_dtype=param_dtype)
   else:
     hf = tiny_hf_config(
       section,
@@ -96,7 +96,7 @@ def build_model(
       tokenizer.eos_token_id,
       tokenizer.pad_token_id,
     )
-    config = models.ModelConfig.from_hf(hf, dtype=dtype)
+    config = models.ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
     module = models.CausalLM(config, rngs=nnx.Rngs(seed))
   module.set_remat(section.remat)  # before the split: the graph carries it
   return module, module.config
