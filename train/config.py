@@ -38,6 +38,8 @@ LORA_TARGETS = (
   "down_proj",
   "lm_head",
 )
+# models.config.REMAT_OPTIONS, restated so that reading a config does not import flax
+# (tests/train/test_config.py checks that the two agree).
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -56,15 +58,7 @@ class LoRASection:
   rank: int = 8
   alpha: float = 32.0
   dropout: float = 0.05  # on the adapters' input, in training steps only
-  targets: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-  )
+  targets: tuple[str, ...] = LORA_TARGETS[:-1]  # every projection but an untied lm_head
 
   def validate(self, key: str) -> None:
     _positive(key, self, ("rank", "alpha"))

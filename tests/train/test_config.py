@@ -168,3 +168,10 @@ def test_weights_are_float32_masters_unless_asked(tmp_path):
   assert (config.dtype, config.param_dtype) == ("bfloat16", "float32")
   _, config = build_model(dataclasses.replace(section, param_dtype="bfloat16"), tokenizer)
   assert config.param_dtype == "bfloat16"
+
+
+def test_remat_policies_are_the_models_own():
+  from models.config import REMAT_OPTIONS
+  from train.config import REMAT_POLICIES
+
+  assert REMAT_POLICIES == REMAT_OPTIONS
