@@ -55,8 +55,12 @@ class LoRAConfig:
   targets: tuple[str, ...] = ("q_proj", "v_proj")
 
 
+_BIT_VALUES = np.left_shift(np.uint8(1), np.arange(8, dtype=np.uint8))
+
+
 class LoRADropoutMask(nnx.Variable):
-  """An adapter's dropout keep-mask (bool, shaped like its input) set by `draw_dropout_masks`."""
+  """An adapter's dropout keep-mask set by `draw_dropout_masks`: its input's shape with the
+  last axis packed 8 bits to a byte (`jnp.packbits(keep, axis=-1, bitorder="little")`)."""
 
 
 class LoRAAdapter(nnx.Module):
@@ -109,11 +113,16 @@ class LoRAAdapter(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
     if self.drops and self.dropout_mask is not None:
-      keep = self.dropout_mask.get_value()
-      x = jnp.where(keep, x / (1.0 - self.dropout.rate), jnp.zeros_like(x))
+      x = jnp.where(self._keep(x.shape), x / (1.0 - self.dropout.rate), jnp.zeros_like(x))
     else:
       x = self.dropout(x)
     return (x @ a) @ b * self.scaling
+
+  def _keep(self, shape: tuple[int, ...]) -> jax.Array:
+    """`dropout_mask` unpacked to a bool array of `shape`."""
+    packed = self.dropout_mask.get_value()
+    bits = (packed[..., None] & _BIT_VALUES) != 0  # [..., bytes, 8], little-endian
+    return bits.reshape(*packed.shape[:-1], -1)[..., : shape[-1]]
 
   def delta_kernel(self) -> jax.Array:
     """The (in, out) float32 update this adapter adds to the base kernel."""
@@ -163,6 +172,8 @@ def draw_dropout_masks(model: nnx.Module, key: jax.Array, batch_shape: tuple[int
   `jax.random.bits` call with an `rbg` key (XLA's RngBitGenerator, no threefry loop)
   gives the bits of all masks, [*batch_shape, sum of the adapters' input widths]; each
   adapter keeps a slice of its own (independent masks) where `bits < (1 - rate) * 2**32`.
+  The masks are stored 8 to a byte: a rematerialized model holds them through the whole
+  forward and backward pass.
 
   Args:
     model: A model with adapters, in training mode (adapters that do not drop are left
@@ -174,9 +185,10 @@ def draw_dropout_masks(model: nnx.Module, key: jax.Array, batch_shape: tuple[int
   adapters = [adapter for adapter in adapters if adapter.drops]
   if not adapters:
     return
-  widths = [adapter.a.shape[0] for adapter in adapters]
-  # Keep where bits < (1 - rate) * 2**32 (exact to 2**-32): one threshold per input column,
-  # or one for all when the rates agree.
+  # Each adapter's columns padded to whole bytes.
+  widths = [-(-adapter.a.shape[0] // 8) * 8 for adapter in adapters]
+  # Keep where bits < (1 - rate) * 2**32 (exact to 2**-32): one threshold per column, or
+  # one for all when the rates agree.
   thresholds = [min(round((1.0 - a.dropout.rate) * 2.0**32), 2**32 - 1) for a in adapters]
   if len(set(thresholds)) == 1:
     threshold = np.uint32(thresholds[0])
@@ -184,12 +196,13 @@ def draw_dropout_masks(model: nnx.Module, key: jax.Array, batch_shape: tuple[int
     threshold = np.repeat(np.asarray(thresholds, np.uint32), widths)
   rbg_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
   keep = jax.random.bits(rbg_key, (*batch_shape, sum(widths)), jnp.uint32) < threshold
+  packed = jnp.packbits(keep, axis=-1, bitorder="little")
   # Without the barrier XLA fuses the bit generator into every slice below: one copy of
   # it per adapter again (a 420-adapter step: 27 s -> 39 s to compile).
-  keep = jax.lax.optimization_barrier(keep)
-  starts = np.cumsum([0, *widths])
+  packed = jax.lax.optimization_barrier(packed)
+  starts = np.cumsum([0, *widths]) // 8
   for adapter, start, end in zip(adapters, starts[:-1], starts[1:]):
-    adapter.dropout_mask = LoRADropoutMask(keep[..., start:end])
+    adapter.dropout_mask = LoRADropoutMask(packed[..., start:end])
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

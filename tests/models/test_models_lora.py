@@ -143,19 +143,27 @@ def _adapters(model):
   return [node for _, node in nnx.iter_graph(model) if isinstance(node, LoRAAdapter)]
 
 
+def _keep(adapter):
+  """An adapter's drawn mask, unpacked (8 bits to a byte, little-endian)."""
+  packed = np.asarray(adapter.dropout_mask.get_value())
+  assert packed.dtype == np.uint8
+  width = adapter.a.shape[0]
+  return np.unpackbits(packed, axis=-1, count=width, bitorder="little").astype(bool)
+
+
 def test_drawn_dropout_masks_are_per_adapter_and_a_function_of_the_key():
   model = _adapted_llama(dropout=0.25)
   ids, mask = padded_batch(2, 8, "right")
 
   def draw(seed):
     draw_dropout_masks(model, jax.random.key(seed), ids.shape)
-    return [np.asarray(adapter.dropout_mask.get_value()) for adapter in _adapters(model)]
+    return [_keep(adapter) for adapter in _adapters(model)]
 
   first, again, other = draw(0), draw(0), draw(1)
   adapters = _adapters(model)
   assert len(first) == 14
   for adapter, keep in zip(adapters, first):
-    assert keep.dtype == bool and keep.shape == (*ids.shape, adapter.a.shape[0])
+    assert keep.shape == (*ids.shape, adapter.a.shape[0])
   for a, b, c in zip(first, again, other):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -221,6 +229,28 @@ def test_drawn_masks_follow_each_adapters_rate():
   dropped = {}
   for path, node in nnx.iter_graph(model):
     if isinstance(node, LoRAAdapter):
-      dropped.setdefault(path[-2], []).append(1.0 - node.dropout_mask.get_value().mean())
+      dropped.setdefault(path[-2], []).append(1.0 - _keep(node).mean())
   assert np.allclose(dropped["q_proj"], 0.5, atol=0.05)  # 4096 draws per adapter
   assert np.allclose(dropped["up_proj"] + dropped["down_proj"], 0.1, atol=0.03)
+
+
+def test_masks_of_widths_not_a_multiple_of_eight():
+  from models.layers import Dense
+
+  class Projections(nnx.Module):
+    def __init__(self, rngs):
+      kw = dict(use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+      self.q_proj = Dense(12, 5, ("embed", "heads"), **kw)
+      self.v_proj = Dense(3, 5, ("embed", "heads"), **kw)
+
+  model = Projections(nnx.Rngs(0))
+  lora = models.LoRAConfig(rank=2, dropout=0.5, targets=("q_proj", "v_proj"))
+  models.apply_lora(model, lora, nnx.Rngs(1), b_init=nnx.initializers.normal(0.5))
+  draw_dropout_masks(model, jax.random.key(0), (6,))
+  for dense in (model.q_proj, model.v_proj):
+    adapter = dense.lora
+    keep = _keep(adapter)
+    assert keep.shape == (6, adapter.a.shape[0]) and 0 < keep.sum() < keep.size
+    x = jax.random.normal(jax.random.key(1), keep.shape)
+    expected = np.where(keep, np.asarray(x) * 2.0, 0.0) @ adapter.a[...] @ adapter.b[...]
+    np.testing.assert_allclose(adapter(x), expected * adapter.scaling, rtol=1e-5, atol=1e-6)
