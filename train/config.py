@@ -109,8 +109,15 @@ class DataConfig:
 
   path: str | None = None  # TOFU-format folder; None: generate the embedded benchmark
   forget_split: str = "forget10"
-  retain_split: str | None = None  # None: the complement of forget_split
-  task_id: int | None = None  # continual unlearning: which forget task
+  # None: the complement of forget_split if its file exists, else retain90 (see
+  # train.data.splits.resolve_retain_split).
+  retain_split: str | None = None
+  # Which forget task of the forget file (TOFU's standard forget01 is task 1's 40 questions);
+  # null takes every row of the file.
+  task_id: int | None = 1
+  # The authors' retain set: the retain split plus the forget file's tasks not unlearned
+  # in this run (forget01 task 1: retain90 + tasks 2..10).
+  retain_other_tasks: bool = True
   # A prompt template preset (plain | phi | llama2-chat | phi3-chat), or "chat": the
   # model tokenizer's own chat template (answers end with its end-of-turn token).
   template: str = "plain"
@@ -126,6 +133,7 @@ class DataConfig:
 
 
 OPTIMIZERS = ("adam", "dualoptim", "dualoptim_plus")
+SCHEDULES = ("constant", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +153,18 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.01
   state_bits: int = 32
+  # 8-bit states only: embedding tables keep float32 states, as the authors' optimizers do
+  # (bitsandbytes' rule for nn.Embedding).
+  keep_fp32_embeddings: bool = True
+  # DualOptim+ only, opt-in: the denominator sqrt(|Eh + Vh|) is floored at sqrt(floor * Vh)
+  # where the delta cancels the base; null is the paper's formula.
+  denominator_floor: float | None = None
   clip_norm: float | None = 1.0
-  warmup_steps: int = 0
+  # Linear warmup from 0; null: one epoch of the forget set, as the authors' trainer.
+  warmup_steps: int | None = None
+  # After warmup: constant, or linear decay to 0 at training.steps (the authors', through
+  # Hugging Face's default scheduler).
+  schedule: str = "linear"
 
   def validate(self, key: str) -> None:
     """Builds the optimizer: dualoptax checks the hyperparameters it uses (fields that the
@@ -156,8 +174,9 @@ class OptimizerConfig:
       ConfigError: naming ``<key>.<field>`` and the bad value.
     """
     _one_of(f"{key}.name", self.name, OPTIMIZERS)
+    _one_of(f"{key}.schedule", self.schedule, SCHEDULES)
     # What the program adds around dualoptax's optimizer (warmup, clipping) it checks here.
-    if self.warmup_steps < 0:
+    if self.warmup_steps is not None and self.warmup_steps < 0:
       raise ConfigError(f"{key}.warmup_steps must be >= 0, got {self.warmup_steps!r}")
     if self.clip_norm is not None and not self.clip_norm > 0:
       raise ConfigError(f"{key}.clip_norm must be positive or null, got {self.clip_norm!r}")
@@ -190,6 +209,9 @@ class LossSection:
   forget_coeff: float = 1.0
   retain_coeff: float = 1.0
   beta: float = 0.1  # NPO / SimNPO / DPO / AP inverse temperature
+  # The forget loss scores the answer tokens only; false: the question's too (the authors'
+  # mask=false, which their scripts use for ME+GD).
+  mask: bool = True
 
   def validate(self, key: str) -> None:
     self.build(key)
@@ -239,16 +261,31 @@ class MeshConfig:
         raise ConfigError(f"{key}.{name} must be a positive size or -1, got {value!r}")
 
 
+ANSWER_BOUNDARIES = ("answer", "open-unlearning")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Evaluation after the run."""
 
-  max_items: int | None = None
-  max_new_tokens: int = 32
+  # The first N items of each set, as TOFU and the authors (ds_size: 300); null: all.
+  max_items: int | None = 300
+  max_new_tokens: int = 200  # greedy generation for ROUGE (the authors' 200)
+  # Scored sequences (prompt + answer + EOS) are cut to this many tokens, EOS kept
+  # (open-unlearning's 512).
+  max_length: int = 512
+  # Which tokens are the answer's: "answer" (exactly the answer's) or "open-unlearning"
+  # (prompt and prompt+answer tokenized apart; see train.data.prompting). Recorded in
+  # every evaluation file; forget quality refuses a reference with another convention.
+  answer_boundary: str = "answer"
+  # all-MiniLM-L6-v2 folder (python -m models.fetch minilm) for the paper's cosine
+  # similarity; null: that term is not computed (and named missing in the summary).
+  embedding_model: str | None = None
   batch_size: int = 16
 
   def validate(self, key: str) -> None:
-    _positive(key, self, ("max_new_tokens", "batch_size"))
+    _positive(key, self, ("max_new_tokens", "batch_size", "max_length"))
+    _one_of(f"{key}.answer_boundary", self.answer_boundary, ANSWER_BOUNDARIES)
     if self.max_items is not None and self.max_items <= 0:
       raise ConfigError(f"{key}.max_items must be positive or null, got {self.max_items!r}")
 
