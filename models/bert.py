@@ -323,7 +323,7 @@ class SentenceEncoder:
       mask[i, : len(row)] = 1
     return ids, mask
 
-  def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+  def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """Embeds `texts` (empty strings allowed): float32 [len(texts), hidden].
 
     Texts are sorted by token count so each batch pads little; the batch dimension is
@@ -394,7 +394,7 @@ def load_sentence_encoder(path: str | os.PathLike, pad_multiple: int = 32) -> Se
 
 
 def cosine_similarity_scores(
-  encoder: SentenceEncoder, generations: Sequence[str], answers: Sequence[str], batch_size: int = 64
+  encoder: SentenceEncoder, generations: Sequence[str], answers: Sequence[str], batch_size: int = 32
 ) -> np.ndarray:
   """max(0, cos(embed(generation_i), embed(answer_i))) for each pair: float32 [n] in [0, 1].
 
