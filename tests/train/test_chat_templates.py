@@ -122,6 +122,35 @@ def test_smollm2_truncation_cuts_answer_tokens_then_refuses_no_answer(smollm2_to
     encoder.encode_answer(prompt, ANSWERS[1], max_length=whole.num_prompt_tokens)
 
 
+def test_smollm2_evaluation_truncation_keeps_im_end(smollm2_tokenizer):
+  tok = smollm2_tokenizer
+  encoder = ev.PromptEncoder.create("chat", tok)
+  prompt = encoder.prompt(QUESTION)
+  whole = encoder.encode_answer(prompt, ANSWERS[1])
+  cap = whole.num_prompt_tokens + 2
+  cut = encoder.encode_answer(prompt, ANSWERS[1], max_length=cap, end_after_cut=True)
+  assert cut.truncated and cut.num_answer_tokens == 3 and len(cut.input_ids) == cap + 1
+  assert cut.input_ids[:cap] == whole.input_ids[:cap]
+  assert cut.input_ids[-1] == encoder.end_token_id
+
+
+def test_smollm2_open_unlearning_scores_the_rendered_turn_and_eos(smollm2_tokenizer):
+  # open-unlearning tokenizes the whole rendered conversation (answer, <|im_end|>, newline)
+  # and appends EOS, which for SmolLM2-Instruct is <|im_end|> again.
+  tok = smollm2_tokenizer
+  encoder = ev.PromptEncoder.create("chat", tok, "open-unlearning")
+  prompt = encoder.prompt(QUESTION)
+  for answer in ANSWERS:
+    encoded = encoder.encode_answer(prompt, answer)
+    full = rendered_ids(
+      tok, [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}]
+    )
+    assert list(encoded.input_ids) == full + [tok.eos_token_id]
+    assert encoded.num_prompt_tokens == len(encoder.encode_prompt(prompt))
+    assert scored_text(tok, encoded) == answer + "<|im_end|>\n" + tok.eos_token
+  assert encoder.stop_token_ids[0] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
 def test_smollm2_bos_adding_template_gives_one_bos_and_the_same_answer(smollm2_tokenizer):
   plain = ev.PromptEncoder.create("chat", smollm2_tokenizer)
   with_bos = copy.deepcopy(smollm2_tokenizer)

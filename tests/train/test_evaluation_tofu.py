@@ -90,6 +90,21 @@ def test_every_metric_is_produced_finite_in_range_for_every_row(full_run):
   for key in ("model_utility", "forget_efficacy", "ranking_score"):
     assert 0 <= result.summary[key] <= 1, key
   assert len(result.summary["model_utility_terms"]) == 9
+  # The paper's terms: token entropy always, the model-based ones named missing.
+  for spec in sets:
+    entropy = result.sets[spec.name].paper.token_entropy
+    assert len(entropy) == tofu.count_rows(spec.path)
+    assert np.all((0 <= entropy) & (entropy <= 1 + 1e-12))  # 1: all tokens distinct
+  assert len(result.summary["paper_model_utility_terms"]) == 12
+  assert result.summary["paper_model_utility_missing"] == [
+    f"{s} {m}"
+    for s in ("Retain", "Real Authors", "Real World")
+    for m in ("Cosine Similarity", "Entailment Score")
+  ]
+  assert 0 <= result.summary["paper_untargeted_forget_efficacy"] <= 1
+  assert result.summary["paper_metrics"]["Forget IDK Token Entropy"] == pytest.approx(
+    result.summary["sets"]["forget"]["token_entropy"]
+  )
 
 
 def test_per_item_file_has_every_value_and_gives_forget_quality_later(full_run, model, tokenizer):
@@ -133,3 +148,45 @@ def test_standard_forget_task_counts(model, tokenizer):
   )
   assert len(result.items) == tofu.count_rows(spec.path, task_id=1) == 40
   assert {item.task_id for item in result.items} == {1}
+
+
+def test_open_unlearning_convention_drops_the_first_answer_token_of_every_item(
+  full_run, model, tokenizer
+):
+  # "Answer: " ends in a lone space token; where prompt+answer merges it into the first
+  # answer token ("ĠThe"), open-unlearning's labels (from len(prompt tokens)) never score
+  # that token. Whether it merges depends on the vocabulary (this one lacks some merges).
+  items = tofu.load_tofu(DATA / "forget01_perturbed.json", required_keys=tofu.PARAPHRASE_KEYS)
+  counts = {}
+  for boundary in ev.ANSWER_BOUNDARIES:
+    encoder = ev.PromptEncoder.create("phi", tokenizer, boundary)
+    counts[boundary] = [
+      encoder.encode_answer(encoder.prompt(i.question), i.answer).num_answer_tokens for i in items
+    ]
+  merged = []
+  for i in items:
+    prompt_ids = tokenizer(encoder.prompt(i.question))["input_ids"]
+    full_ids = tokenizer(encoder.prompt(i.question) + i.answer)["input_ids"]
+    merged.append(int(full_ids[: len(prompt_ids)] != prompt_ids))
+  assert 0 < sum(merged) < len(items)
+  assert [a - b for a, b in zip(counts["answer"], counts["open-unlearning"])] == merged
+
+  _, result, paths = full_run
+  forget_rows = result.items_json()["sets"]["forget"]["items"]
+  assert [r["answer_tokens_scored"] for r in forget_rows] == counts["answer"]
+  config = ev.EvalConfig(
+    batch_size=16,
+    max_new_tokens=2,
+    max_items=6,
+    show_progress=False,
+    answer_boundary="open-unlearning",
+  )
+  sets = ev.tofu_eval_sets(DATA, task_id=None)[:1]
+  ou = ev.evaluate(model, tokenizer, sets, template="phi", config=config)
+  rows = ou.items_json()["sets"]["forget"]["items"]
+  assert [r["answer_tokens_scored"] for r in rows] == counts["open-unlearning"][:6]
+  assert ou.items_json()["answer_boundary"] == "open-unlearning"
+  with pytest.raises(ValueError, match="answer boundary 'answer' but this evaluation uses"):
+    ev.evaluate(
+      model, tokenizer, sets, template="phi", config=config, retain_reference=paths["items"]
+    )

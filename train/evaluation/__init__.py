@@ -1,14 +1,21 @@
-"""TOFU evaluation for any model and any TOFU-format data.
+"""TOFU evaluation for any model and any TOFU-format data, with the DualOptim+ paper's terms.
 
 * :mod:`~train.data.prompting`: prompt templates (presets or the tokenizer's chat template),
-  answer tokenization and masking.
+  answer tokenization, masking and the answer-boundary conventions.
 * :mod:`~train.evaluation.scoring`: the model interface and batched, jitted scoring and
   greedy generation.
-* :mod:`~train.evaluation.metrics`: the metric definitions as plain functions.
-* :mod:`~train.evaluation.evaluator`: :func:`evaluate`, the outputs and the Markdown table.
+* :mod:`~train.evaluation.metrics`: the TOFU metric definitions as plain functions.
+* :mod:`~train.evaluation.paper_metrics`: the paper's token entropy, cosine similarity,
+  entailment and IDK terms and its aggregates (the authors' ``get_eval_results``).
+* :mod:`~train.evaluation.reference`: the retain model's truth ratios for forget quality,
+  refused when measured with another convention or template.
+* :mod:`~train.evaluation.summary`: the summary JSON (every aggregate with its definition)
+  and the Markdown table.
+* :mod:`~train.evaluation.evaluator`: :func:`evaluate` and the per-item outputs.
 """
 
 from train.data.prompting import (
+  ANSWER_BOUNDARIES,
   CHAT_TEMPLATE_NAME,
   PROMPT_TEMPLATES,
   ChatTemplate,
@@ -16,6 +23,7 @@ from train.data.prompting import (
   PromptEncoder,
   PromptTemplate,
   Template,
+  describe_tokenizer,
   encode_answer,
   encode_prompt,
   get_prompt_template,
@@ -32,9 +40,6 @@ from train.evaluation.evaluator import (
   SetResult,
   evaluate,
   evaluate_set,
-  load_forget_truth_ratios,
-  markdown_table,
-  summarize,
   tofu_eval_sets,
 )
 from train.evaluation.metrics import (
@@ -50,6 +55,24 @@ from train.evaluation.metrics import (
   truth_preference_score,
   truth_ratio,
 )
+from train.evaluation.paper_metrics import (
+  CosineSimilarity,
+  EntailmentModel,
+  PaperItemValues,
+  PaperModels,
+  SentenceEncoder,
+  cosine_similarities,
+  entailment_labels,
+  entailment_score,
+  paper_aggregates,
+  paper_set_metrics,
+  token_entropy,
+)
+from train.evaluation.reference import (
+  ForgetReference,
+  load_forget_reference,
+  load_forget_truth_ratios,
+)
 from train.evaluation.scoring import (
   FunctionModel,
   ScoringModel,
@@ -58,3 +81,4 @@ from train.evaluation.scoring import (
   masked_mean_nll,
   score_answers,
 )
+from train.evaluation.summary import markdown_table, summarize

@@ -9,7 +9,14 @@ Typical use::
     result.write("out/")                 # tofu_eval_items.json, tofu_eval_summary.json, .md
     print(result.markdown_table())
 
-See :mod:`train.evaluation.metrics` for the definitions.
+Besides TOFU's metrics it computes the DualOptim+ paper's generation terms (token entropy
+always; cosine similarity, entailment and IDK terms with the models given in
+:class:`~train.evaluation.paper_metrics.PaperModels`) and both families of aggregates
+(:mod:`train.evaluation.summary`). Every output records the answer-boundary convention,
+the template and the tokenizer; forget quality refuses a reference measured otherwise.
+
+See :mod:`train.evaluation.metrics` and :mod:`train.evaluation.paper_metrics` for the
+definitions.
 """
 
 from __future__ import annotations
@@ -25,26 +32,26 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from train.data import tofu
-from train.data.prompting import PromptEncoder, Template
-from train.evaluation import metrics
+from train.data.prompting import ANSWER_BOUNDARIES, EncodedAnswer, PromptEncoder, Template
+from train.evaluation import metrics, paper_metrics, summary
+from train.evaluation.reference import ITEMS_FORMAT as ITEMS_FORMAT
+from train.evaluation.reference import load_forget_truth_ratios as load_forget_truth_ratios
 from train.evaluation.scoring import ScoringModel, as_scoring_model, generate_greedy, score_answers
+from train.evaluation.summary import markdown_table as markdown_table
+from train.evaluation.summary import summarize
 
 Role = Literal["forget", "retain", "real_authors", "world_facts"]
 ROLES: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")
 """What a set is for. forget / retain sets score the paraphrased answer in the truth ratio;
 real_authors / world_facts sets score the true answer against its perturbed options."""
 _PARAPHRASE_ROLES = ("forget", "retain")
-UTILITY_ROLES: tuple[str, ...] = ("retain", "real_authors", "world_facts")
-UTILITY_METRICS: tuple[str, ...] = ("probability", "rouge_l_recall", "truth_ratio")
-PAPER_ONLY_FORGET_TERMS: tuple[str, ...] = ("cosine_similarity", "entailment_score")
-"""Forget-efficacy terms of the DualOptim+ paper that need hub models (pluggable here)."""
 
 ITEMS_FILE, SUMMARY_FILE, TABLE_FILE = (
   "tofu_eval_items.json",
   "tofu_eval_summary.json",
   "tofu_eval_summary.md",
 )
-ITEMS_FORMAT, SUMMARY_FORMAT = "dualoptax.tofu_eval_items/1", "dualoptax.tofu_eval_summary/1"
+SUMMARY_FORMAT = summary.SUMMARY_FORMAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +102,16 @@ class EvalConfig:
   Attributes:
     batch_size: Rows per scoring / generation batch (fixed, to limit recompiles).
     max_new_tokens: Greedy generation length for ROUGE (TOFU uses up to 200).
-    max_length: Scored sequences (prompt + answer + EOS) are cut to this many tokens.
+    max_length: The text's tokens (prompt + answer) are cut to this many, then the end
+      token is appended and scored (open-unlearning's truncation).
     length_multiple: Padded lengths are multiples of this (fewer distinct shapes).
     append_eos: Score the EOS token after each answer, as TOFU does.
     max_items: Evaluate at most this many items per set (quick runs); ``None`` for all.
     generate: Generate answers and compute ROUGE-L; without it ROUGE and model utility are
       missing and forget efficacy uses probability and truth ratio only.
     show_progress: Show tqdm progress bars.
+    answer_boundary: Which tokens are scored as the answer: ``"answer"`` (exactly the
+      answer's) or ``"open-unlearning"`` (see :mod:`train.data.prompting`).
   """
 
   batch_size: int = 16
@@ -112,6 +122,7 @@ class EvalConfig:
   max_items: int | None = None
   generate: bool = True
   show_progress: bool = True
+  answer_boundary: str = "answer"
 
   def __post_init__(self):
     for name in ("batch_size", "max_length", "length_multiple"):
@@ -121,14 +132,19 @@ class EvalConfig:
       raise ValueError(f"EvalConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
     if self.max_items is not None and self.max_items < 0:
       raise ValueError(f"EvalConfig.max_items must be >= 0 or None, got {self.max_items}")
+    if self.answer_boundary not in ANSWER_BOUNDARIES:
+      raise ValueError(
+        f"EvalConfig.answer_boundary must be one of {ANSWER_BOUNDARIES}, "
+        f"got {self.answer_boundary!r}"
+      )
 
 
 class GenerationScorer(Protocol):
   """A pluggable per-item forget-efficacy term computed from the generations.
 
-  E.g. the paper's cosine similarity (sentence-embedding cosine of generation and answer,
-  clipped at 0) or entailment score (1 if an NLI model says the generation entails the
-  answer). Scores must lie in [0, 1], high meaning the model still knows the answer.
+  E.g. the paper's cosine similarity (:class:`~train.evaluation.paper_metrics.CosineSimilarity`)
+  or an entailment score. Scores must lie in [0, 1], high meaning the model still knows the
+  answer.
   """
 
   name: str
@@ -153,6 +169,10 @@ class SetResult:
     generations: Greedy generations (``None`` when not generating).
     rouge_l_recall: ROUGE-L recall of the generations (``None`` when not generating).
     extra: Per-item values of the pluggable terms, by name.
+    scored_tokens: Per item, the number of scored tokens (answer + end token) of each scored
+      answer: true, paraphrased (forget / retain), then perturbed.
+    truncated: Per item, whether each of those sequences was cut to ``max_length``.
+    paper: The paper's generation terms (``None`` when not generating).
   """
 
   spec: EvalSetSpec
@@ -165,6 +185,9 @@ class SetResult:
   generations: tuple[str, ...] | None
   rouge_l_recall: np.ndarray | None
   extra: dict[str, np.ndarray]
+  scored_tokens: tuple[tuple[int, ...], ...] = ()
+  truncated: tuple[tuple[bool, ...], ...] = ()
+  paper: paper_metrics.PaperItemValues | None = None
 
   @property
   def truth_ratio_score(self) -> float:
@@ -173,7 +196,7 @@ class SetResult:
       return metrics.forget_truth_ratio_score(self.truth_ratio)
     return metrics.truth_preference_score(self.truth_ratio)
 
-  def summary(self) -> dict[str, Any]:
+  def _builtin_summary(self) -> dict[str, Any]:
     out: dict[str, Any] = {
       "role": self.spec.role,
       "file": self.spec.path,
@@ -187,9 +210,34 @@ class SetResult:
       "truth_ratio_definition": "mean min(R, 1/R)"
       if self.spec.role == "forget"
       else "mean max(0, 1 - R)",
+      "num_truncated_sequences": int(sum(sum(t) for t in self.truncated)),
     }
-    out.update({name: float(np.mean(v)) for name, v in self.extra.items()})
+    if self.paper is not None:
+      out.update(self.paper.summary(self.spec.role))
     return out
+
+  def summary(self) -> dict[str, Any]:
+    """Set means; a pluggable term fills a built-in key only where that is not computed."""
+    out = self._builtin_summary()
+    for name, values in self.extra.items():
+      if out.get(name) is not None:
+        raise ValueError(f"term {name!r} clashes with the built-in metric {name!r}")
+      out[name] = float(np.mean(values))
+    return out
+
+  def _token_fields(self, k: int) -> dict[str, Any]:
+    """Item ``k``'s scored-token counts and truncation flags."""
+    if not self.scored_tokens:
+      return {}
+    tokens, cut = self.scored_tokens[k], self.truncated[k]
+    num_true = 2 if self.nll_paraphrased is not None else 1
+    return {
+      "answer_tokens_scored": tokens[0],
+      "answer_truncated": cut[0],
+      "paraphrased_tokens_scored": tokens[1] if num_true == 2 else None,
+      "perturbed_tokens_scored": list(tokens[num_true:]),
+      "num_truncated_sequences": int(sum(cut)),
+    }
 
   def items_json(self) -> list[dict[str, Any]]:
     rows = []
@@ -200,6 +248,7 @@ class SetResult:
         "task_id": item.task_id,
         "question": item.question,
         "answer": item.answer,
+        "original_answer": item.original_answer,
         "generation": None if self.generations is None else self.generations[k],
         "probability": float(self.probability[k]),
         "truth_ratio": float(self.truth_ratio[k]),
@@ -207,7 +256,10 @@ class SetResult:
         "nll_answer": float(self.nll_answer[k]),
         "nll_paraphrased": None if self.nll_paraphrased is None else float(self.nll_paraphrased[k]),
         "nll_perturbed": [float(x) for x in self.nll_perturbed[k]],
+        **self._token_fields(k),
       }
+      if self.paper is not None:
+        row.update(self.paper.item_json(k))
       row.update({name: float(v[k]) for name, v in self.extra.items()})
       rows.append(row)
     return rows
@@ -227,13 +279,18 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def _prompt_encoder(
-  template: str | Template | PromptEncoder, tokenizer: PreTrainedTokenizerBase
+  template: str | Template | PromptEncoder, tokenizer: PreTrainedTokenizerBase, boundary: str
 ) -> PromptEncoder:
   if isinstance(template, PromptEncoder):
     if template.tokenizer is not tokenizer:
       raise ValueError("the PromptEncoder was made with another tokenizer than the one given")
+    if template.boundary != boundary:
+      raise ValueError(
+        f"the PromptEncoder uses answer boundary {template.boundary!r} but "
+        f"EvalConfig.answer_boundary is {boundary!r}"
+      )
     return template
-  return PromptEncoder.create(template, tokenizer)
+  return PromptEncoder.create(template, tokenizer, boundary)
 
 
 def _load_items(spec: EvalSetSpec, config: EvalConfig) -> tuple[tofu.TofuItem, ...]:
@@ -259,26 +316,29 @@ def _scored_answers(item: tofu.TofuItem, paraphrase_based: bool) -> list[str]:
   ]
 
 
-def _answer_nlls(
-  model: ScoringModel,
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+  """Every scored answer of a set: NLLs, token counts and truncation flags, per item."""
+
+  nll: tuple[np.ndarray, ...]
+  tokens: tuple[tuple[int, ...], ...]
+  truncated: tuple[tuple[bool, ...], ...]
+
+
+def _encode_all(
   encoder: PromptEncoder,
   spec: EvalSetSpec,
-  items: Sequence[tofu.TofuItem],
   prompts: Sequence[str],
+  answers: Sequence[Sequence[str]],
   config: EvalConfig,
-  pad_id: int,
-) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, ...]]:
-  """Scores every answer of every item in one flat pass.
-
-  Returns:
-    The NLLs of the true answers, of the paraphrased ones (``None`` unless forget / retain)
-    and of each item's perturbed answers.
-  """
-  paraphrase_based = spec.role in _PARAPHRASE_ROLES
-  answers = [_scored_answers(item, paraphrase_based) for item in items]
+) -> list[EncodedAnswer]:
   encoded = [
     encoder.encode_answer(
-      prompts[k], text, append_eos=config.append_eos, max_length=config.max_length
+      prompts[k],
+      text,
+      append_eos=config.append_eos,
+      max_length=config.max_length,
+      end_after_cut=True,
     )
     for k, texts in enumerate(answers)
     for text in texts
@@ -287,9 +347,24 @@ def _answer_nlls(
   if num_truncated:
     warnings.warn(
       f"set {spec.name!r}: {num_truncated} of {len(encoded)} scored sequences were cut to "
-      f"max_length={config.max_length} tokens",
-      stacklevel=3,  # the caller of evaluate_set
+      f"max_length={config.max_length} tokens (the end token is still scored)",
+      stacklevel=4,  # the caller of evaluate_set
     )
+  return encoded
+
+
+def _score_all(
+  model: ScoringModel,
+  encoder: PromptEncoder,
+  spec: EvalSetSpec,
+  items: Sequence[tofu.TofuItem],
+  prompts: Sequence[str],
+  config: EvalConfig,
+  pad_id: int,
+) -> _Scored:
+  """Scores every answer of every item in one flat pass."""
+  answers = [_scored_answers(item, spec.role in _PARAPHRASE_ROLES) for item in items]
+  encoded = _encode_all(encoder, spec, prompts, answers, config)
   flat_nll = score_answers(
     model,
     encoded,
@@ -299,12 +374,11 @@ def _answer_nlls(
     progress_description=f"{spec.name}: scoring" if config.show_progress else None,
   )
   starts = np.cumsum([0] + [len(texts) for texts in answers])
-  per_item = [flat_nll[start:end] for start, end in zip(starts[:-1], starts[1:])]
-  num_true = 2 if paraphrase_based else 1  # answers before the perturbed ones
-  return (
-    np.array([nll[0] for nll in per_item]),
-    np.array([nll[1] for nll in per_item]) if paraphrase_based else None,
-    tuple(nll[num_true:] for nll in per_item),
+  spans = list(zip(starts[:-1], starts[1:]))
+  return _Scored(
+    nll=tuple(flat_nll[a:b] for a, b in spans),
+    tokens=tuple(tuple(e.num_answer_tokens for e in encoded[a:b]) for a, b in spans),
+    truncated=tuple(tuple(e.truncated for e in encoded[a:b]) for a, b in spans),
   )
 
 
@@ -316,7 +390,8 @@ def _generations(
   config: EvalConfig,
   pad_id: int,
 ) -> tuple[str, ...]:
-  """Greedy generations, cut at the template's end token or EOS, decoded and stripped."""
+  """Greedy generations, cut at the template's end token or EOS and decoded without special
+  tokens; not stripped (the authors' token entropy counts a leading space token)."""
   new_tokens = generate_greedy(
     model,
     [encoder.encode_prompt(p) for p in prompts],
@@ -328,7 +403,7 @@ def _generations(
     progress_description=f"{spec.name}: generating" if config.show_progress else None,
   )
   decode = encoder.tokenizer.decode
-  return tuple(decode(t, skip_special_tokens=True).strip() for t in new_tokens)
+  return tuple(decode(t, skip_special_tokens=True) for t in new_tokens)
 
 
 def _extra_term_values(
@@ -349,6 +424,60 @@ def _extra_term_values(
   return extra
 
 
+def _probability_and_ratios(
+  nll_answer: np.ndarray,
+  nll_base: np.ndarray,
+  nll_perturbed: Sequence[np.ndarray],
+  normalized: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Per-item probability (normalized over the options when asked) and truth ratio R."""
+  ratios = np.array(
+    [metrics.truth_ratio(nll_base[k : k + 1], p[None])[0] for k, p in enumerate(nll_perturbed)]
+  )
+  if not normalized:
+    return metrics.probability(nll_answer), ratios
+  prob = np.array(
+    [
+      metrics.normalized_probability(nll_answer[k : k + 1], p[None])[0]
+      for k, p in enumerate(nll_perturbed)
+    ]
+  )
+  return prob, ratios
+
+
+def _generation_terms(
+  model: ScoringModel,
+  encoder: PromptEncoder,
+  spec: EvalSetSpec,
+  items: Sequence[tofu.TofuItem],
+  prompts: Sequence[str],
+  config: EvalConfig,
+  extra_terms: Sequence[GenerationScorer],
+  paper: paper_metrics.PaperModels,
+) -> dict[str, Any]:
+  """The generations and every term computed from them (SetResult fields)."""
+  generations = _generations(
+    model, encoder, spec, prompts, config, _pad_token_id(encoder.tokenizer)
+  )
+  answers = [item.answer for item in items]
+  rouge = metrics.rouge_l_recall(generations, answers)
+  paper_values = paper_metrics.paper_item_values(
+    spec.role,
+    encoder.tokenizer,
+    generations,
+    answers,
+    [item.original_answer for item in items],
+    rouge,
+    paper,
+  )
+  return {
+    "generations": generations,
+    "rouge_l_recall": rouge,
+    "extra": _extra_term_values(extra_terms, generations, items),
+    "paper": paper_values,
+  }
+
+
 def evaluate_set(
   model: ScoringModel | Callable[..., Any],
   tokenizer: PreTrainedTokenizerBase,
@@ -357,42 +486,33 @@ def evaluate_set(
   template: str | Template | PromptEncoder = "phi",
   config: EvalConfig = EvalConfig(),
   extra_terms: Sequence[GenerationScorer] = (),
+  paper: paper_metrics.PaperModels | None = None,
 ) -> SetResult:
   """Scores and generates on one set (see :func:`evaluate`; ``template`` may also be a
-  :class:`~train.data.prompting.PromptEncoder` made with ``tokenizer``)."""
+  :class:`~train.data.prompting.PromptEncoder` made with ``tokenizer`` and the config's
+  answer boundary)."""
   model = as_scoring_model(model)
-  encoder = _prompt_encoder(template, tokenizer)
+  paper = paper or paper_metrics.PaperModels()
+  encoder = _prompt_encoder(template, tokenizer, config.answer_boundary)
   pad_id = _pad_token_id(tokenizer)
   items = _load_items(spec, config)
   prompts = [encoder.prompt(item.question) for item in items]
-  nll_answer, nll_paraphrased, nll_perturbed = _answer_nlls(
-    model, encoder, spec, items, prompts, config, pad_id
-  )
+  scored = _score_all(model, encoder, spec, items, prompts, config, pad_id)
+  paraphrase_based = spec.role in _PARAPHRASE_ROLES
+  nll_answer = np.array([nll[0] for nll in scored.nll])
+  nll_paraphrased = np.array([nll[1] for nll in scored.nll]) if paraphrase_based else None
+  nll_perturbed = tuple(nll[2 if paraphrase_based else 1 :] for nll in scored.nll)
   # Real authors / world facts have no paraphrase: the truth ratio uses the true answer.
   nll_base = nll_answer if nll_paraphrased is None else nll_paraphrased
-  ratios = np.array(
-    [metrics.truth_ratio(nll_base[k : k + 1], p[None])[0] for k, p in enumerate(nll_perturbed)]
+  prob, ratios = _probability_and_ratios(
+    nll_answer, nll_base, nll_perturbed, normalized=not paraphrase_based
   )
-  if nll_paraphrased is not None:
-    prob = metrics.probability(nll_answer)
-  else:
-    prob = np.array(
-      [
-        metrics.normalized_probability(nll_answer[k : k + 1], p[None])[0]
-        for k, p in enumerate(nll_perturbed)
-      ]
-    )
-
-  generations = rouge = None
-  extra: dict[str, np.ndarray] = {}
+  generated: dict[str, Any] = {"generations": None, "rouge_l_recall": None, "extra": {}}
   if config.generate:
-    generations = _generations(model, encoder, spec, prompts, config, pad_id)
-    rouge = metrics.rouge_l_recall(generations, [item.answer for item in items])
-    extra = _extra_term_values(extra_terms, generations, items)
+    generated = _generation_terms(model, encoder, spec, items, prompts, config, extra_terms, paper)
   elif extra_terms:
     raise ValueError("forget-efficacy terms need generations; set EvalConfig(generate=True)")
-
-  return SetResult(
+  result = SetResult(
     spec=spec,
     items=items,
     nll_answer=nll_answer,
@@ -400,43 +520,12 @@ def evaluate_set(
     nll_perturbed=nll_perturbed,
     probability=prob,
     truth_ratio=ratios,
-    generations=generations,
-    rouge_l_recall=rouge,
-    extra=extra,
+    scored_tokens=scored.tokens,
+    truncated=scored.truncated,
+    **generated,
   )
-
-
-def load_forget_truth_ratios(
-  path: str | os.PathLike[str], set_name: str | None = None
-) -> np.ndarray:
-  """The per-item forget-set truth ratios R saved by an earlier evaluation.
-
-  Reads this evaluator's per-item file (:data:`ITEMS_FILE`; the set named ``set_name``, or
-  its only forget set) or an open-unlearning ``TOFU_EVAL.json``
-  (``forget_truth_ratio.value_by_index``).
-
-  Raises:
-    ValueError: The file has no (unique) forget set or no truth ratios.
-  """
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
-  if isinstance(data, dict) and "forget_truth_ratio" in data:
-    by_index = data["forget_truth_ratio"]["value_by_index"]
-    return np.array([by_index[k]["score"] for k in sorted(by_index, key=int)], np.float64)
-  if not isinstance(data, dict) or "sets" not in data:
-    raise ValueError(f"{path}: neither a {ITEMS_FORMAT} file nor an open-unlearning TOFU_EVAL.json")
-  sets = data["sets"]
-  if set_name is None:
-    names = [n for n, s in sets.items() if s.get("role") == "forget"]
-    if len(names) != 1:
-      raise ValueError(f"{path}: expected one set with role 'forget', found {names}; pass set_name")
-    set_name = names[0]
-  if set_name not in sets:
-    raise ValueError(f"{path}: no set {set_name!r}; sets: {sorted(sets)}")
-  ratios = np.array([row["truth_ratio"] for row in sets[set_name]["items"]], np.float64)
-  if ratios.size == 0:
-    raise ValueError(f"{path}: set {set_name!r} has no item")
-  return ratios
+  result.summary()  # a pluggable term that clashes with a computed metric fails here
+  return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,11 +541,14 @@ class EvaluationResult:
   summary: dict[str, Any]
 
   def items_json(self) -> dict[str, Any]:
-    """The per-item JSON object (every value for every item of every set)."""
+    """The per-item JSON object (every value for every item of every set), with the
+    convention, template and tokenizer that forget quality checks."""
     return {
       "format": ITEMS_FORMAT,
-      "config": self.summary["config"],
+      "answer_boundary": self.summary["answer_boundary"],
       "template": self.summary["template"],
+      "tokenizer": self.summary["tokenizer"],
+      "config": self.summary["config"],
       "sets": {
         name: {
           "role": r.spec.role,
@@ -487,118 +579,6 @@ class EvaluationResult:
     return paths
 
 
-def _only_set_of_role(
-  results: dict[str, SetResult], role: str, notes: list[str]
-) -> SetResult | None:
-  matches = [r for r in results.values() if r.spec.role == role]
-  if len(matches) != 1:
-    notes.append(f"{len(matches)} sets with role {role!r} (need exactly 1)")
-    return None
-  return matches[0]
-
-
-def _forget_quality(
-  forget: SetResult | None,
-  retain_reference: str | os.PathLike[str] | np.ndarray | None,
-  notes: list[str],
-) -> dict[str, Any]:
-  """The summary's forget-quality fields (``None`` without a forget set or a reference)."""
-  quality = reference_name = num_reference = None
-  if retain_reference is None:
-    notes.append("forget quality needs a retain model's per-item file (retain_reference)")
-  elif forget is not None:
-    if isinstance(retain_reference, (str, os.PathLike)):
-      reference_name = os.fspath(retain_reference)
-      reference = load_forget_truth_ratios(retain_reference)
-    else:
-      reference_name, reference = "array", np.asarray(retain_reference, np.float64)
-    num_reference = int(reference.size)
-    quality = metrics.forget_quality(forget.truth_ratio, reference)
-    if reference.size != forget.truth_ratio.size:
-      notes.append(
-        f"forget quality compares {forget.truth_ratio.size} items with {reference.size} "
-        "reference items"
-      )
-  return {
-    "forget_quality": quality,
-    "forget_quality_reference": reference_name,
-    "forget_quality_num_reference_items": num_reference,
-  }
-
-
-def _model_utility(results: dict[str, SetResult], notes: list[str]) -> dict[str, Any]:
-  """The summary's model-utility fields: the harmonic mean of every utility set's metrics
-  (``None`` unless each utility role has one set and ROUGE-L was computed)."""
-  terms: dict[str, float] = {}
-  utility = None
-  utility_sets = [_only_set_of_role(results, role, notes) for role in UTILITY_ROLES]
-  if all(s is not None for s in utility_sets):
-    for s in utility_sets:
-      scores = s.summary()
-      for metric in UTILITY_METRICS:
-        if scores[metric] is not None:
-          terms[f"{s.spec.role}.{metric}"] = scores[metric]
-    if len(terms) == len(UTILITY_ROLES) * len(UTILITY_METRICS):
-      utility = metrics.model_utility(terms)
-    else:
-      notes.append("model utility needs ROUGE-L (EvalConfig(generate=True))")
-  return {"model_utility": utility, "model_utility_terms": terms}
-
-
-def _forget_efficacy(forget: SetResult | None) -> dict[str, Any]:
-  """The summary's forget-efficacy fields (``None`` without a forget set)."""
-  terms: dict[str, float] = {}
-  efficacy = None
-  if forget is not None:
-    scores = forget.summary()
-    terms["forget.probability"] = scores["probability"]
-    if scores["rouge_l_recall"] is not None:
-      terms["forget.rouge_l_recall"] = scores["rouge_l_recall"]
-    terms["1 - forget.truth_ratio"] = 1.0 - scores["truth_ratio"]
-    terms.update({f"forget.{name}": scores[name] for name in forget.extra})
-    efficacy = metrics.forget_efficacy(terms)
-  return {
-    "forget_efficacy": efficacy,
-    "forget_efficacy_terms": terms,
-    "forget_efficacy_terms_not_used": [
-      t for t in PAPER_ONLY_FORGET_TERMS if forget is None or t not in forget.extra
-    ],
-  }
-
-
-def summarize(
-  results: dict[str, SetResult],
-  *,
-  retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
-  config: EvalConfig | None = None,
-  template: Template | PromptEncoder | None = None,
-) -> dict[str, Any]:
-  """The summary JSON object: per-set scores and the aggregates (see :func:`evaluate`).
-
-  ``template`` is recorded as its fields (an encoder's adds a chat template's end-of-turn
-  token)."""
-  notes: list[str] = []
-  summary: dict[str, Any] = {
-    "format": SUMMARY_FORMAT,
-    "sets": {name: r.summary() for name, r in results.items()},
-  }
-  forget = _only_set_of_role(results, "forget", notes)
-  summary.update(_forget_quality(forget, retain_reference, notes))
-  summary.update(_model_utility(results, notes))
-  summary.update(_forget_efficacy(forget))
-  efficacy, utility = summary["forget_efficacy"], summary["model_utility"]
-  summary["ranking_score"] = (
-    None if efficacy is None or utility is None else metrics.ranking_score(efficacy, utility)
-  )
-  summary["notes"] = notes
-  summary["config"] = None if config is None else dataclasses.asdict(config)
-  if isinstance(template, PromptEncoder):
-    summary["template"] = template.describe()
-  else:
-    summary["template"] = None if template is None else dataclasses.asdict(template)
-  return summary
-
-
 def evaluate(
   model: ScoringModel | Callable[..., Any],
   tokenizer: PreTrainedTokenizerBase,
@@ -608,6 +588,7 @@ def evaluate(
   config: EvalConfig = EvalConfig(),
   retain_reference: str | os.PathLike[str] | np.ndarray | None = None,
   forget_efficacy_terms: Sequence[GenerationScorer] = (),
+  paper: paper_metrics.PaperModels | None = None,
 ) -> EvaluationResult:
   """Evaluates a model on TOFU-format sets.
 
@@ -622,23 +603,27 @@ def evaluate(
       ``"phi"``, ``"llama2-chat"``, ``"phi3-chat"``), or a
       :class:`~train.data.prompting.ChatTemplate` or ``"chat"``: the tokenizer's chat
       template (answers end with its end-of-turn token; generations stop at it).
-    config: Batch size, generation length, ``max_items`` cap, progress bars...
+    config: Batch size, generation length, ``max_items`` cap, answer boundary...
     retain_reference: For forget quality: a retain-only model's per-item file (or its
-      forget-set truth ratios). Without it forget quality is ``None``.
-    forget_efficacy_terms: Extra per-item forget-efficacy terms (e.g. the paper's cosine
-      similarity and entailment); evaluated on the forget set only.
+      forget-set truth ratios). Without it forget quality is ``None``. A file scored with
+      another answer boundary or template is refused (``ValueError``).
+    forget_efficacy_terms: Extra per-item forget-efficacy terms (e.g.
+      :class:`~train.evaluation.paper_metrics.CosineSimilarity`); forget set only.
+    paper: The sentence encoder, NLI model and IDK answers of the paper's terms (each
+      optional; token entropy needs none). Missing terms are named in the summary.
 
   Returns:
     The per-set results and the summary (``result.write(dir)`` saves everything).
 
   Raises:
-    ValueError: Duplicate set names, or problems named in the message.
+    ValueError: Duplicate set names, a mismatched reference, or problems named in the
+      message.
     tofu.TofuFormatError: A malformed data file (the message names file and line).
   """
   names = [s.name for s in eval_sets]
   if len(set(names)) != len(names):
     raise ValueError(f"set names must be unique, got {names}")
-  encoder = PromptEncoder.create(template, tokenizer)
+  encoder = PromptEncoder.create(template, tokenizer, config.answer_boundary)
   model = as_scoring_model(model)
   results = {}
   for spec in eval_sets:
@@ -649,37 +634,15 @@ def evaluate(
       template=encoder,
       config=config,
       extra_terms=forget_efficacy_terms if spec.role == "forget" else (),
+      paper=paper,
     )
-  summary = summarize(results, retain_reference=retain_reference, config=config, template=encoder)
-  return EvaluationResult(sets=results, summary=summary)
-
-
-def _fmt(x: float | None) -> str:
-  return "–" if x is None else f"{x:.4f}"
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
-  """A Markdown report of a summary (:attr:`EvaluationResult.summary` or its saved JSON)."""
-  lines = [
-    "| set | items | probability | ROUGE-L recall | truth ratio |",
-    "|---|---:|---:|---:|---:|",
-  ]
-  for name, s in summary["sets"].items():
-    lines.append(
-      f"| {name} ({s['truth_ratio_definition']}) | {s['num_items']} | {_fmt(s['probability'])} | "
-      f"{_fmt(s['rouge_l_recall'])} | {_fmt(s['truth_ratio'])} |"
-    )
-  efficacy_terms = ", ".join(summary["forget_efficacy_terms"]) or "none"
-  lines += [
-    "",
-    "| aggregate | value |",
-    "|---|---:|",
-    f"| forget quality (KS p-value vs retain model) | {_fmt(summary['forget_quality'])} |",
-    f"| model utility (harmonic mean of {len(summary['model_utility_terms'])}) | "
-    f"{_fmt(summary['model_utility'])} |",
-    f"| forget efficacy (1 − mean of: {efficacy_terms}) | {_fmt(summary['forget_efficacy'])} |",
-    f"| (forget efficacy + model utility) / 2 | {_fmt(summary['ranking_score'])} |",
-  ]
-  if summary.get("notes"):
-    lines += ["", *[f"- {note}" for note in summary["notes"]]]
-  return "\n".join(lines) + "\n"
+  summary_json = summarize(
+    results,
+    retain_reference=retain_reference,
+    config=dataclasses.asdict(config),
+    template=encoder.describe(),
+    tokenizer=encoder.describe_tokenizer(),
+    answer_boundary=config.answer_boundary,
+    paper_models=paper,
+  )
+  return EvaluationResult(sets=results, summary=summary_json)

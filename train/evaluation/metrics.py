@@ -15,12 +15,13 @@ answer's tokens given the question and p̃ = exp(−ℓ̄).
   evaluated model and of a retain-only model.
 * model utility: harmonic mean of the nine {retain, real authors, world facts} ×
   {probability, ROUGE-L, truth ratio} scores (0 if any is 0).
-* untargeted forget efficacy (DualOptim+): 1 − mean of the forget-set "knowledge" scores:
-  probability, ROUGE-L, and 1 − (forget truth-ratio score), plus any pluggable extra terms
-  (the paper also uses embedding cosine similarity and NLI entailment, which need hub
-  models). ``1 − min(R, 1/R)`` is how the authors' code turns the forget truth ratio into a
-  knowledge score (high = the model still prefers the true answer or shows it strongly).
-* ranking score: (forget efficacy + model utility) / 2, the authors' average.
+* forget efficacy: 1 − mean of the forget-set "knowledge" scores: probability, ROUGE-L,
+  and 1 − (forget truth-ratio score), plus any pluggable extra terms. ``1 − min(R, 1/R)`` is
+  how the authors' code turns the forget truth ratio into a knowledge score (high = the
+  model still prefers the true answer or shows it strongly). The paper's untargeted forget
+  efficacy adds embedding cosine similarity and NLI entailment
+  (:mod:`train.evaluation.paper_metrics`, which also has the paper's 18-term model utility).
+* ranking score: (forget efficacy + model utility) / 2.
 """
 
 from __future__ import annotations

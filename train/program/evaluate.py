@@ -1,15 +1,36 @@
-"""The evaluation stage: TOFU metrics of a set of parameters, written as JSON."""
+"""The evaluation stage: TOFU metrics and the DualOptim+ paper's terms of a set of
+parameters, written as JSON."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
 from train.config import RunConfig
 from train.data.prompting import PromptEncoder
-from train.evaluation import EvalConfig, evaluate, tofu_eval_sets
+from train.data.splits import find_idk_file, load_idk_answers
+from train.evaluation import EvalConfig, PaperModels, evaluate, tofu_eval_sets
 from train.program.modeling import FunctionalModel, ScoringAdapter
+
+
+def paper_models(config: RunConfig, data_dir: str) -> PaperModels:
+  """The paper's optional models: the sentence encoder of ``eval.embedding_model`` (none
+  when null) and the IDK answers found next to the data (none when absent), drawn per item
+  with a fixed seed so every run of a comparison meets the same ones. No NLI model exists
+  here, so the entailment terms are always named missing."""
+  encoder = name = None
+  if config.eval.embedding_model is not None:
+    from models.bert import load_sentence_encoder  # noqa: PLC0415 (only when configured)
+
+    encoder = load_sentence_encoder(config.eval.embedding_model)
+    name = os.path.basename(os.path.normpath(config.eval.embedding_model))
+  idk_path = find_idk_file(data_dir)
+  idk = () if idk_path is None else load_idk_answers(idk_path)
+  return PaperModels(
+    sentence_encoder=encoder, sentence_encoder_name=name, idk_answers=idk, idk_source=idk_path
+  )
 
 
 def evaluate_params(
@@ -20,11 +41,16 @@ def evaluate_params(
   data_dir: str,
   out_dir: pathlib.Path,
   retain_reference: str | None = None,
+  paper: PaperModels | None = None,
 ) -> dict[str, Any]:
-  """Evaluates ``params`` on the TOFU-format sets of ``data_dir``; writes the JSON files."""
+  """Evaluates ``params`` on the TOFU-format sets of ``data_dir``; writes the JSON files.
+
+  ``paper`` (:func:`paper_models`) may be passed to reuse a loaded sentence encoder across
+  evaluations; ``None`` loads it here.
+  """
   # A chat template's turn ends with its own token (Phi-3's <|end|> is not its EOS).
-  stop_ids = PromptEncoder.create(config.data.template, tokenizer).stop_token_ids
-  scoring = ScoringAdapter(model, params, stop_ids, tokenizer.pad_token_id)
+  encoder = PromptEncoder.create(config.data.template, tokenizer, config.eval.answer_boundary)
+  scoring = ScoringAdapter(model, params, encoder.stop_token_ids, tokenizer.pad_token_id)
   eval_sets = tofu_eval_sets(
     data_dir, forget_split=config.data.forget_split, task_id=config.data.task_id
   )
@@ -36,11 +62,13 @@ def evaluate_params(
     config=EvalConfig(
       batch_size=config.eval.batch_size,
       max_new_tokens=config.eval.max_new_tokens,
-      max_length=config.data.max_length + config.eval.max_new_tokens,
+      max_length=config.eval.max_length,
       max_items=config.eval.max_items,
       show_progress=False,
+      answer_boundary=config.eval.answer_boundary,
     ),
     retain_reference=retain_reference,
+    paper=paper if paper is not None else paper_models(config, data_dir),
   )
   out_dir.mkdir(parents=True, exist_ok=True)
   result.write(out_dir)
