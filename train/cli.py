@@ -5,6 +5,7 @@
     dualoptax-unlearn unlearn [config.yaml] [section.key=value ...]
     dualoptax-unlearn finetune [config.yaml] [section.key=value ...]
     dualoptax-unlearn evaluate [config.yaml] [section.key=value ...]
+    dualoptax-unlearn sweep sweep.yaml [key.path=value ...] [--dry-run | --report-only]
 
 With no arguments it generates a small fictitious-author benchmark, trains a tiny model on
 it, unlearns the forget split with Adam, DualOptim, DualOptim+ and DualOptim+ 8-bit from
@@ -13,6 +14,12 @@ the same start, evaluates all of them and prints a comparison table (see
 ``model.path`` is a local Hugging Face folder (e.g. a Phi-1.5 fine-tuned on TOFU) or GGUF file,
 ``data.path`` a TOFU-format folder. Settings are described in ``train/config.py``;
 ``unlearn`` resumes from the run folder's latest checkpoint.
+
+``sweep`` runs a replication sweep (``train/sweep.py``): target and oracle fine-tuning,
+unlearning with every variant, loss and seed of the sweep file, evaluation and a report
+with mean ± std over seeds. Each stage is cached under a hash of its full configuration,
+so an interrupted sweep continues where it stopped; ``--dry-run`` lists the stages and
+which are cached, ``--report-only`` rewrites the report from the complete ones.
 
 LoRA (``unlearn`` only): ``model.lora.enabled=true`` trains adapters (rank 8, alpha 32,
 dropout 0.05 by default, the paper's setting) on the frozen model, which also serves as the
@@ -28,7 +35,7 @@ import sys
 
 from train.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 
-COMMANDS = ("experiment", "finetune", "unlearn", "evaluate")
+COMMANDS = ("experiment", "finetune", "unlearn", "evaluate", "sweep")
 
 
 def _stage(command: str, config: RunConfig) -> None:
@@ -70,6 +77,21 @@ def _stage(command: str, config: RunConfig) -> None:
   print(f"model written to {out / 'model'}")
 
 
+def _sweep(path: str | None, overrides: list[str], dry_run: bool, report_only: bool) -> int:
+  from train import sweep  # noqa: PLC0415 (heavy imports)
+
+  if path is None:
+    raise ConfigError("sweep needs a sweep file: python train/run.py sweep SWEEP.yaml")
+  spec = sweep.load_sweep(path, overrides)
+  if report_only:
+    planned = sweep.plan(spec)
+    print(sweep.describe(spec, planned))
+    print(f"report: {sweep.write_report(spec, planned, None)}")
+    return 0
+  sweep.run_sweep(spec, dry_run=dry_run)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description="LLM unlearning with DualOptim+ (dualoptax).",
@@ -78,6 +100,8 @@ def main(argv=None) -> int:
   )
   parser.add_argument("command", nargs="?", default="experiment", choices=COMMANDS)
   parser.add_argument("args", nargs="*", help="[config.yaml] then section.key=value overrides")
+  parser.add_argument("--dry-run", action="store_true", help="sweep: list stages, run nothing")
+  parser.add_argument("--report-only", action="store_true", help="sweep: rewrite the report")
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
     argv.insert(0, "experiment")  # `run.py key=value ...` configures the default experiment
@@ -90,6 +114,8 @@ def main(argv=None) -> int:
     from train.runtime import distributed  # noqa: PLC0415
 
     distributed.initialize_from_env()  # multi-host jobs; a no-op on one process
+    if options.command == "sweep":
+      return _sweep(config_path, overrides, options.dry_run, options.report_only)
     if options.command == "experiment":
       from train import experiment  # noqa: PLC0415
 

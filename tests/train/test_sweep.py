@@ -1,0 +1,240 @@
+"""The sweep engine (train/sweep.py) and its report (train/report.py): cache keys, resuming,
+seed aggregation and plots; no model is trained here (the stages are replaced by fakes)."""
+
+import json
+import math
+import pathlib
+
+import pytest
+
+from train import report, sweep
+from train.config import ConfigError
+
+SWEEP_YAML = """
+name: unit
+output_root: {root}/out
+report_dir: {root}/report
+finetune: {{retain_authors: null, epochs: 1}}
+base:
+  data: {{forget_split: forget10, template: phi, max_length: 32, batch_size: 2}}
+  training: {{steps: 2}}
+losses:
+  - name: NPO+GD
+  - name: IDK+AP
+    overrides: {{optimizer.learning_rate: 3.0e-4}}
+variants:
+  - label: adam (joint)
+    overrides: {{optimizer.name: adam, training.mode: joint}}
+  - label: dualoptim_plus
+    overrides: {{optimizer.name: dualoptim_plus}}
+seeds: [0, 1]
+"""
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+  path = tmp_path / "sweep.yaml"
+  path.write_text(SWEEP_YAML.format(root=tmp_path))
+  return path
+
+
+def _keys(planned):
+  return [run.key for run in planned["runs"]]
+
+
+def test_plan_lists_every_loss_variant_and_seed(sweep_file):
+  planned = sweep.plan(sweep.load_sweep(sweep_file))
+  runs = planned["runs"]
+  assert len(runs) == 2 * 2 * 2
+  assert len(set(_keys(planned))) == 8
+  assert [(r.seed, r.loss) for r in runs[:4]] == [(0, "NPO+GD")] * 2 + [(0, "IDK+AP")] * 2
+  run = next(r for r in runs if r.loss == "IDK+AP" and r.variant == "adam (joint)" and r.seed == 1)
+  assert run.config.optimizer.name == "adam" and run.config.training.mode == "joint"
+  assert run.config.optimizer.learning_rate == 3e-4
+  assert run.config.training.seed == 1 and run.config.data.seed == 1
+  assert run.config.output_dir == str(run.folder)
+
+
+def test_keys_are_stable_and_follow_every_setting(sweep_file):
+  first = sweep.plan(sweep.load_sweep(sweep_file))
+  again = sweep.plan(sweep.load_sweep(sweep_file))
+  assert _keys(first) == _keys(again)
+  assert first["finetune"] == again["finetune"]
+  # An unlearning setting: new run keys, same fine-tuned models.
+  changed = sweep.plan(sweep.load_sweep(sweep_file, ["base.training.steps=3"]))
+  assert not set(_keys(changed)) & set(_keys(first))
+  assert changed["finetune"] == first["finetune"]
+  # A fine-tuning setting: new models, hence new references and runs.
+  refit = sweep.plan(sweep.load_sweep(sweep_file, ["finetune.epochs=2"]))
+  assert refit["finetune"]["target"][0] != first["finetune"]["target"][0]
+  assert refit["reference"][0] != first["reference"][0]
+  assert not set(_keys(refit)) & set(_keys(first))
+  # An evaluation setting: same models, new reference and runs.
+  capped = sweep.plan(sweep.load_sweep(sweep_file, ["base.eval.max_items=5"]))
+  assert capped["finetune"] == first["finetune"]
+  assert capped["reference"][0] != first["reference"][0]
+  # A label is not part of a run's identity.
+  relabelled = sweep.plan(sweep.load_sweep(sweep_file, ["name=other"]))
+  assert _keys(relabelled) == _keys(first)
+
+
+def test_load_sweep_rejects_unknown_keys_and_bad_seeds(sweep_file):
+  with pytest.raises(ConfigError, match="unknown sweep key"):
+    sweep.load_sweep(sweep_file, ["colour=red"])
+  with pytest.raises(ConfigError, match="seeds"):
+    sweep.load_sweep(sweep_file, ["seeds=[]"])
+  with pytest.raises(ConfigError, match="unknown config key"):
+    sweep.plan(sweep.load_sweep(sweep_file, ["base.training.nonsense=1"]))
+
+
+def test_cached_stage_computes_once_and_redoes_partial_stages(tmp_path):
+  calls = []
+
+  def compute(folder):
+    calls.append(folder)
+    (folder / "artifact").write_text("x")
+    return {"value": len(calls)}
+
+  folder = tmp_path / "stage"
+  assert sweep.cached_stage(folder, {"a": 1}, compute) == {"value": 1}
+  assert sweep.cached_stage(folder, {"a": 1}, compute) == {"value": 1}
+  assert len(calls) == 1
+  # A stage killed before its marker: redone from an empty folder.
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  (partial / "leftover").write_text("stale")
+  assert sweep.cached_stage(partial, {}, compute) == {"value": 2}
+  assert not (partial / "leftover").exists()
+
+
+def _fake_stages(monkeypatch, calls, fail_at=None):
+  """Replaces the model stages by bookkeeping: every call is recorded; the unlearning run
+  number ``fail_at`` raises (an interrupted sweep)."""
+
+  def finetune(ctx, role, folder):
+    calls.append(("finetune", role))
+    return {"role": role, "questions": 4, "steps": 2, "seconds": 1.0}
+
+  def reference(ctx, models, folder):
+    calls.append(("reference",))
+    summary = {"forget_quality": 0.01, "model_utility": 0.5, "forget_efficacy": 0.2}
+    return {"target": {"summary": summary}, "oracle": {"summary": summary}, "reference": None}
+
+  def unlearn(ctx, run, target, reference, folder):
+    if fail_at is not None and sum(c[0] == "unlearn" for c in calls) == fail_at:
+      raise KeyboardInterrupt
+    calls.append(("unlearn", run.key))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "update_cosine": 0.1}) + "\n")
+    summary = {"forget_quality": 0.1 * (run.seed + 1), "model_utility": 0.4, "sets": {}}
+    return {"summary": summary, "unlearn_seconds": 2.0, "eval_seconds": 1.0, "state_bytes": 8}
+
+  monkeypatch.setattr(sweep, "make_context", lambda spec, base: None)
+  monkeypatch.setattr(sweep, "finetune_stage", finetune)
+  monkeypatch.setattr(sweep, "reference_stage", reference)
+  monkeypatch.setattr(sweep, "unlearn_stage", unlearn)
+
+
+def test_an_interrupted_sweep_resumes_with_the_runs_left(sweep_file, monkeypatch, capsys):
+  spec = sweep.load_sweep(sweep_file)
+  calls = []
+  _fake_stages(monkeypatch, calls, fail_at=3)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(spec)
+  assert [c[0] for c in calls] == ["finetune", "finetune", "reference"] + ["unlearn"] * 3
+  done = {c[1] for c in calls if c[0] == "unlearn"}
+  calls.clear()
+  _fake_stages(monkeypatch, calls)
+  sweep.run_sweep(spec)
+  resumed = [c[1] for c in calls if c[0] == "unlearn"]
+  assert len(resumed) == 5 and not set(resumed) & done
+  assert all(c[0] == "unlearn" for c in calls)  # fine-tuning and references were cached
+  calls.clear()
+  sweep.run_sweep(spec, dry_run=True)
+  out = capsys.readouterr().out
+  assert calls == [] and "8 of 8 unlearning runs cached" in out
+  assert "report failed" not in out, out
+  results = json.loads((pathlib.Path(spec.report_dir) / "results.json").read_text())
+  rows = {(r["loss"], r["variant"]): r for r in results["aggregated"]}
+  quality = rows[("NPO+GD", "dualoptim_plus")]["forget_quality"]
+  assert quality[0] == pytest.approx(0.15) and quality[2] == 2
+  assert quality[1] == pytest.approx(math.sqrt(0.005))  # sample std of 0.1 and 0.2
+
+
+def _record(loss, variant, seed, quality, utility, efficacy, **extra):
+  summary = {
+    "forget_quality": quality,
+    "model_utility": utility,
+    "forget_efficacy": efficacy,
+    "paper_model_utility": utility / 2,
+    "sets": {"forget": {"probability": efficacy, "rouge_l_recall": None, "truth_ratio": 0.5}},
+    **extra,
+  }
+  return {"loss": loss, "variant": variant, "seed": seed, "summary": summary, "state_bytes": 4}
+
+
+def test_aggregate_mean_and_sample_std_by_hand():
+  records = [
+    _record("NPO+GD", "a", 0, 0.1, 0.30, 0.5),
+    _record("NPO+GD", "a", 1, 0.3, 0.50, 0.7),
+    _record("NPO+GD", "a", 2, 0.2, 0.40, 0.9),
+    _record("NPO+GD", "b", 0, None, 0.25, 0.1),
+  ]
+  out = report.aggregate(records)
+  a, b = out[("NPO+GD", "a")], out[("NPO+GD", "b")]
+  assert a["forget_quality"][0] == pytest.approx(0.2)
+  assert a["forget_quality"][1] == pytest.approx(0.1)  # sqrt(((-.1)^2 + .1^2 + 0) / 2)
+  assert a["model_utility"] == pytest.approx((0.4, 0.1, 3))
+  assert a["paper_model_utility"] == pytest.approx((0.2, 0.05, 3))
+  assert a["forget/probability"] == pytest.approx((0.7, 0.2, 3))
+  assert a["forget/rouge_l_recall"] == (None, None, 0)
+  assert a["seeds"] == [0, 1, 2]
+  assert b["forget_quality"] == (None, None, 0) and b["model_utility"] == (0.25, 0.0, 1)
+  keys = report.headline_keys([r["summary"] for r in records])
+  assert keys[:3] == ["forget_quality", "model_utility", "forget_efficacy"]
+  assert "paper_model_utility" in keys
+  table = report.seed_table(out, "NPO+GD", keys)
+  assert "| a | 3 | 0.200 ± 0.100 | 0.400 ± 0.100 |" in table
+  assert "| b | 1 | – | 0.250 ± 0.000 |" in table
+
+
+def test_plots_are_written(tmp_path):
+  records = [
+    _record("NPO+GD", v, s, 0.1 + s / 10, 0.3 + s / 10, 0.5) for v in ("a", "b") for s in (0, 1)
+  ]
+  aggregated = report.aggregate(records)
+  path = tmp_path / "tradeoff.png"
+  report.plot_tradeoff_errorbars(
+    aggregated, "NPO+GD", path, {"target": {"model_utility": 0.5, "forget_efficacy": 0.1}}
+  )
+  assert path.stat().st_size > 1000
+  leaf = "['model']['layers'][{}]['mlp']['w'].value"
+  history = [
+    {
+      "step": s,
+      "update_cosine": 0.1 * s,
+      "gradient_cosine": -0.1,
+      "ill_conditioned_fraction": 0.01,
+      "gradient_cosine_per_leaf": {leaf.format(i): 0.1 * i - 0.05 * s for i in range(3)},
+    }
+    for s in (2, 4)
+  ]
+  steps, layers, matrix = report.layer_cosines(history + [{"step": 5}])
+  assert steps == [2, 4] and layers == [0, 1, 2]
+  assert matrix[2, 1] == pytest.approx(0.0)
+  histories = {"a": [history, history], "b": [history]}
+  report.plot_cosines_over_steps(histories, tmp_path / "cos.png", "t")
+  report.plot_layer_cosines(histories, tmp_path / "layers.png", "t")
+  assert (tmp_path / "cos.png").stat().st_size > 1000
+  assert (tmp_path / "layers.png").stat().st_size > 1000
+  assert report.conditioning_keys(histories) == ["ill_conditioned_fraction"]
+
+
+def test_cli_dry_run_lists_the_stages(sweep_file, capsys):
+  from train import cli
+
+  assert cli.main(["sweep", str(sweep_file), "seeds=[3]", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "finetune target  todo" in out and "0 of 4 unlearning runs cached" in out
+  assert "NPO+GD / dualoptim_plus / seed 3" in out
+  assert not (sweep_file.parent / "out").exists()  # nothing computed or written
+  assert cli.main(["sweep", str(sweep_file), "colour=red", "--dry-run"]) == 2
