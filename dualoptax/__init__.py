@@ -3,12 +3,14 @@
 Unlearning trains on two objectives, FORGET and RETAIN, whose gradients often conflict.
 DualOptim keeps a separate Adam state per objective; DualOptim+ keeps one shared base
 state plus a per-objective delta, so objectives share momentum when they agree and are
-kept apart when they conflict. See ``dualoptim_plus`` for the optimizer, ``MomentStorage`` for 8-bit
-states, the ``scale_by_*`` transforms to compose your own, ``dualoptim_plus_diagnostics``
-for the conflict cosines of the paper's Figure 2, ``state_shardings`` to place a
-state beside its sharded parameters, and ``multi_steps`` for gradient accumulation
-within one objective. ``update`` takes the objective as ``objective=`` (an int, or an
-int32 array under ``jit`` and ``vmap``).
+kept apart when they conflict. See ``dualoptim_plus`` for the optimizer, ``MomentStorage``
+for 8-bit states, the ``scale_by_*`` transforms to compose your own,
+``dualoptim_plus_diagnostics`` for the conflict cosines of the paper's Figure 2,
+``dualoptim_plus_conditioning`` for how often a delta cancels the base second moment (and
+``denominator_floor`` to guard against it), ``state_shardings`` to place a state beside its
+sharded parameters, and ``multi_steps`` for gradient accumulation within one objective.
+``update`` takes the objective as ``objective=`` (an int, or an int32 array under ``jit``
+and ``vmap``).
 """
 
 from dualoptax._moments import MomentStorage
@@ -22,9 +24,11 @@ from dualoptax.alias import (
   multi_objective_dualoptim_plus,
 )
 from dualoptax.diagnostics import (
+  ConditioningDiagnostics,
   ConflictDiagnostics,
   bytes_per_parameter,
   dualoptim_diagnostics,
+  dualoptim_plus_conditioning,
   dualoptim_plus_diagnostics,
   find_state,
   state_nbytes,
@@ -52,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
   "FORGET",
   "RETAIN",
+  "ConditioningDiagnostics",
   "ConflictDiagnostics",
   "MomentStorage",
   "MultiStepsObjectiveState",
@@ -65,6 +70,7 @@ __all__ = [
   "dualoptim",
   "dualoptim_diagnostics",
   "dualoptim_plus",
+  "dualoptim_plus_conditioning",
   "dualoptim_plus_diagnostics",
   "find_state",
   "hyperparameters",

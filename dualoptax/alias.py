@@ -6,8 +6,9 @@ per-objective learning rate. ``learning_rate`` (and the multi-objective forms' s
 Moments are stored as a :class:`MomentStorage` says (``state_bits=8`` is short for
 ``storage=MomentStorage(state_bits=8)``). The ``multi_objective_*`` forms take one entry
 per objective for K objectives; the forget/retain forms are their K = 2 case with
-FORGET = 0, RETAIN = 1. Each alias records its decays and eps in its state (at zero
-bytes) for :func:`dualoptax.hyperparameters` and the conflict diagnostics.
+FORGET = 0, RETAIN = 1. Each alias records its decays and eps (and DualOptim+'s
+``denominator_floor`` when set) in its state (at zero bytes) for
+:func:`dualoptax.hyperparameters` and the diagnostics.
 
 Keywords are named as in optax where they mean the same: ``b1, b2, eps, weight_decay,
 mask`` everywhere, and ``eps_root, mu_dtype, nesterov`` for :func:`adamw` and
@@ -45,6 +46,13 @@ _ARGS = {
     base_b1: decay of the base first moment ``B``.
     base_b2: decay of the base second moment ``V``.
     eps: added to the square root, after bias correction.""",
+  "plus_floor": """\
+    denominator_floor: None (the paper's denominator, the default) or ``f`` in (0, 1]:
+      the denominator becomes ``sqrt(max(|Eh_o + Vh|, f Vh)) + eps``, so an element whose
+      delta cancels its base second moment cannot blow up (an update entry is at most
+      ``|Dh_o + Bh| / sqrt(f Vh)``); relative to ``Vh``, so it does not depend on the
+      gradients' scale. See :func:`dualoptax.scale_by_dualoptim_plus` and
+      :func:`dualoptax.dualoptim_plus_conditioning`.""",
   "adam_decays": """\
     b1: decay of the first moments.
     b2: decay of the second moments.
@@ -169,6 +177,7 @@ def multi_objective_dualoptim_plus(
   mask: MaskOrFn = None,
   storage: MomentStorage | None = None,
   state_bits: int | None = None,
+  denominator_floor: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ for K objectives: one shared base state plus one delta per objective.
 
@@ -181,6 +190,7 @@ def multi_objective_dualoptim_plus(
     {plus_decays}
     {weight_decay}
     {storage}
+    {plus_floor}
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=`` (int or int32 array).
@@ -201,9 +211,18 @@ def multi_objective_dualoptim_plus(
     eps,
     objective_steps=objective_steps,
     storage=_storage(storage, state_bits),
+    denominator_floor=denominator_floor,
   )
+  # Recorded only when set: an unguarded state keeps the record (and tree) it always had.
+  floor = {} if denominator_floor is None else {"denominator_floor": denominator_floor}
   hyperparams = _record.make(
-    transform.ScaleByDualOptimPlusState, b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2, eps=eps
+    transform.ScaleByDualOptimPlusState,
+    b1=b1,
+    b2=b2,
+    base_b1=base_b1,
+    base_b2=base_b2,
+    eps=eps,
+    **floor,
   )
   return _lr_chain(
     direction, hyperparams, learning_rate, weight_decay, mask, objective_lr_ratios, objective_steps
@@ -227,6 +246,7 @@ def dualoptim_plus(
   retain_steps: int = 1,
   storage: MomentStorage | None = None,
   state_bits: int | None = None,
+  denominator_floor: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim+ (arXiv 2605.21539) for unlearning: forget and retain objectives.
 
@@ -252,6 +272,7 @@ def dualoptim_plus(
     {weight_decay}
     {forget_retain}
     {storage}
+    {plus_floor}
 
   Returns:
     An optax transformation; ``update`` accepts ``objective=``.
@@ -281,6 +302,7 @@ def dualoptim_plus(
     mask=mask,
     storage=storage,
     state_bits=state_bits,
+    denominator_floor=denominator_floor,
   )
 
 

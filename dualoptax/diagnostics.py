@@ -1,4 +1,5 @@
-"""Conflict diagnostics (the paper's Figure 2): how far apart the objectives' updates are.
+"""Diagnostics of a state: how far apart the objectives' updates are (the paper's Figure 2),
+and how near DualOptim+'s denominators are to collapsing.
 
 For DualOptim+ the update term of objective ``o`` is its bias-corrected first moment
 ``Dh_o + Bh``; its preconditioned update is ``(Dh_o + Bh) / (sqrt(|Eh_o + Vh|) + eps)``.
@@ -6,6 +7,8 @@ When forget and retain agree, the base explains both and the two terms point the
 way (cosine near 1) with small deltas; when they conflict, the base shrinks and the
 deltas carry opposite directions (cosine near -1), which is DualOptim's decoupled regime.
 For DualOptim the terms are each objective's own ``m_o`` and ``m_o / (sqrt(v_o) + eps)``.
+Conditioning (:func:`dualoptim_plus_conditioning`): where the delta ``Eh_o`` cancels the
+base ``Vh``, the denominator ``sqrt(|Eh_o + Vh|)`` collapses and the update explodes.
 
 The functions read a state (a transform's own state or any optax state containing
 exactly one of them, e.g. the alias's chain state) and return per-leaf values, shaped like
@@ -174,26 +177,50 @@ def dualoptim_plus_diagnostics(
   return _on_auto_axes(_plus_diagnostics, s, hp, a, b)
 
 
-def _plus_diagnostics(s: transform.ScaleByDualOptimPlusState, hp: dict, a: int, b: int):
-  counts = s.objective_counts
+class _PlusTerms(NamedTuple):
+  """One leaf's bias-corrected DualOptim+ terms, float32; the objective axis leads."""
+
+  first: jax.Array  # (K, ...) Dh_o + Bh
+  second: jax.Array  # (K, ...) |Eh_o + Vh|
+  mu_base: jax.Array  # Bh
+  nu_base: jax.Array  # Vh
+
+
+def _plus_terms(s: transform.ScaleByDualOptimPlusState, hp: dict) -> Any:
+  """A tree like the params of :class:`_PlusTerms` (8-bit moments dequantized)."""
 
   def terms(base_mu, base_nu, delta_mu, delta_nu):
     mu_base = _correct(_moments.load(base_mu, s.tables), hp["base_b1"], s.count)
     nu_base = _correct(_moments.load(base_nu, s.tables), hp["base_b2"], s.count)
-    k_counts = counts.reshape((-1,) + (1,) * mu_base.ndim)
+    k_counts = s.objective_counts.reshape((-1,) + (1,) * mu_base.ndim)
     delta_first = _correct(_moments.load(delta_mu, s.tables, stacked=True), hp["b1"], k_counts)
     delta_second = _correct(_moments.load(delta_nu, s.tables, stacked=True), hp["b2"], k_counts)
-    first = delta_first + mu_base[None]
-    precond = first / (jnp.sqrt(jnp.abs(delta_second + nu_base[None])) + hp["eps"])
-    return first, precond, mu_base
+    second = jnp.abs(delta_second + nu_base[None])
+    return _PlusTerms(delta_first + mu_base[None], second, mu_base, nu_base)
 
   moments = (s.base_mu, s.base_nu, s.delta_mu, s.delta_nu)
-  out = jax.tree.map(terms, *moments, is_leaf=_moments.is_8bit)
-  return _diagnose(out, jax.tree.map(lambda m: 0, s.base_mu, is_leaf=_moments.is_8bit), a, b)
+  return jax.tree.map(terms, *moments, is_leaf=_moments.is_8bit)
 
 
-def _on_auto_axes(diagnose: Any, s: Any, hp: dict, a: int, b: int):
-  """``diagnose(s, hp, a, b)``; for a state on explicit mesh axes, with those axes made
+def _plus_diagnostics(s: transform.ScaleByDualOptimPlusState, hp: dict, a: int, b: int):
+  def conflict_terms(x: _PlusTerms):
+    return x.first, x.first / (jnp.sqrt(x.second) + hp["eps"]), x.mu_base
+
+  out = jax.tree.map(conflict_terms, _plus_terms(s, hp), is_leaf=_is_terms)
+  return _diagnose(out, _param_like(s.base_mu), a, b)
+
+
+def _is_terms(x: Any) -> bool:
+  return isinstance(x, _PlusTerms)
+
+
+def _param_like(moments: Any) -> Any:
+  """A tree like the params (a zero per leaf), from one of their unstacked moments."""
+  return jax.tree.map(lambda m: 0, moments, is_leaf=_moments.is_8bit)
+
+
+def _on_auto_axes(diagnose: Any, s: Any, hp: dict, *static: Any):
+  """``diagnose(s, hp, *static)``; for a state on explicit mesh axes, with those axes made
   automatic (its reshapes and contractions over sharded axes are then XLA's to
   partition) and replicated results."""
 
@@ -206,8 +233,157 @@ def _on_auto_axes(diagnose: Any, s: Any, hp: dict, a: int, b: int):
 
   # Python numbers stay static (as without a mesh); injected arrays become arguments.
   arrays = {k: v for k, v in hp.items() if isinstance(v, jax.Array)}
-  run = lambda s, arrays: diagnose(s, {**hp, **arrays}, a, b)
+  run = lambda s, arrays: diagnose(s, {**hp, **arrays}, *static)
   return quantization.call_with_auto_axes(run, (s, arrays), replicated)
+
+
+# Default of ``fraction`` in :func:`dualoptim_plus_conditioning`: an element counts as
+# cancelled when its delta removes at least 99 % of its base second moment, which lets
+# its update entry grow to 10x what the base alone would give.
+DEFAULT_CANCELLATION_FRACTION = 0.01
+_FRACTION = "cancellation fraction"  # its key in the hp dict of _plus_conditioning
+
+
+class ConditioningDiagnostics(NamedTuple):
+  """How near DualOptim+'s denominators are to collapsing; each field per leaf or total.
+
+  Every field has a leading axis of size K: entry ``o`` describes objective ``o``'s next
+  step (see :func:`dualoptim_plus_conditioning`).
+  """
+
+  cancelled_fraction: Any  # (K,) share of elements with |Eh_o + Vh| < fraction * Vh.
+  floored_fraction: Any  # (K,) share where the run's denominator_floor acts (0 without).
+  max_update: Any  # (K,) largest |u_o| entry the optimizer would apply, in units of lr_o.
+  max_unguarded_update: Any  # (K,) largest entry by the paper's formula (no floor).
+
+
+def dualoptim_plus_conditioning(
+  opt_state: Any,
+  *,
+  fraction: float = DEFAULT_CANCELLATION_FRACTION,
+  hyperparams: Mapping[str, Any] | None = None,
+) -> tuple[ConditioningDiagnostics, ConditioningDiagnostics]:
+  r"""How often DualOptim+'s denominator nearly vanishes, and how large updates get.
+
+  DualOptim+ divides by ``sqrt(|Eh_o + Vh|) + eps``, where the base second moment
+  ``Vh >= 0`` is shared and the delta ``Eh_o`` (an EMA of ``g^2 - Vh``) may be negative.
+  Where ``Eh_o ~ -Vh`` the delta cancels the base, the denominator collapses and the
+  update entry ``|Dh_o + Bh| / (sqrt(|Eh_o + Vh|) + eps)`` can reach ``|Dh_o + Bh| / eps``.
+  For each objective ``o`` this reports, from the moments as they stand (the base
+  bias-corrected as the next step will read it, ``Eh_o`` and ``Dh_o`` with ``o``'s own
+  count), over the elements of each leaf and of all leaves:
+
+  * ``cancelled_fraction``: the share of elements with ``|Eh_o + Vh| < fraction * Vh``,
+    i.e. where the delta cancels at least ``1 - fraction`` of the base (with the default
+    0.01 the entry is then over 10x ``|Dh_o + Bh| / sqrt(Vh)``);
+  * ``floored_fraction``: the share with ``|Eh_o + Vh| < f Vh`` for the run's
+    ``denominator_floor`` ``f`` (where the floor sets the denominator; 0 without one);
+  * ``max_update``: ``max |Dh_o + Bh| / (sqrt(max(|Eh_o + Vh|, f Vh)) + eps)``, the
+    largest entry of ``o``'s direction (the update divided by ``lr_o``, before weight
+    decay), with the run's floor if it has one; ``max_unguarded_update``: the same by the
+    paper's formula. Elements with ``Vh = 0`` never count as cancelled.
+
+  The next step on ``o`` moves ``E_o`` and ``D_o`` by a ``1 - b2`` (``1 - b1``) share of
+  its gradient's terms first, so these describe the conditioning that step starts from
+  (the quantities of :func:`dualoptim_plus_diagnostics`' preconditioned update). Call it
+  after every step (it is pure and jittable, and dequantizes 8-bit states as the update
+  does) to measure how often cancellation happens in a run. It cannot see cancellation
+  that the next gradient itself creates: at an objective's first step ``Eh_o + Vh`` is
+  ``g^2`` exactly, but float32 forms it as ``(g^2 - Vh) + Vh``, which for ``|g|`` far
+  below ``sqrt(Vh)`` can round to nearly zero (``benchmarks/conditioning.py``); the
+  largest ``|update| / lr_o`` of the step itself shows that.
+
+  Args:
+    opt_state: a DualOptim+ state, alone or inside any optax state (as
+      :func:`dualoptim_plus_diagnostics`).
+    fraction: the threshold in (0, 1], relative to ``Vh``.
+    hyperparams: only for a state without a record: ``b1, b2, base_b1, base_b2, eps``
+      and optionally ``denominator_floor``.
+
+  Returns:
+    ``(per_leaf, total)``: each field a tree like the params of (K,) arrays, and the
+    same over all leaves (fractions of all elements, maxima over all leaves).
+
+  Raises:
+    ValueError: as :func:`dualoptim_plus_diagnostics`, or for ``fraction`` outside (0, 1].
+
+  Example:
+    >>> import jax.numpy as jnp, dualoptax
+    >>> tx = dualoptax.dualoptim_plus(1e-3, denominator_floor=0.01)
+    >>> params = {'w': jnp.ones(4)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.array([1., 2, 3, 4])}, state, params)
+    >>> per_leaf, total = dualoptax.dualoptim_plus_conditioning(state)
+    >>> total.cancelled_fraction.shape
+    (2,)
+  """
+  _check_fraction(fraction)
+  opt_state = _moments.unwrap_variables(opt_state)
+  s = find_state(opt_state, transform.ScaleByDualOptimPlusState)
+  hp = _hyperparameters(opt_state, transform.ScaleByDualOptimPlusState, hyperparams)
+  return _on_auto_axes(_plus_conditioning, s, {**hp, _FRACTION: fraction})
+
+
+def _check_fraction(fraction: Any) -> None:
+  """A number in (0, 1], or a traced scalar (its value is unknown here)."""
+  if isinstance(fraction, jax.Array) and not _numerics.is_concrete_number(fraction):
+    valid = fraction.ndim == 0
+  else:
+    number = _numerics.is_concrete_number(fraction) and not isinstance(fraction, (str, bool))
+    valid = number and 0.0 < float(fraction) <= 1.0
+  if not valid:
+    raise ValueError(f"fraction must be in (0, 1], got fraction={fraction!r}")
+
+
+def _conditioning_sums(x: _PlusTerms, hp: dict) -> dict[str, Any]:
+  """Per objective: counts of cancelled and floored elements, largest update entries."""
+  floor = hp.get("denominator_floor")
+  base, magnitude = x.nu_base[None], jnp.abs(x.first)
+  axes = tuple(range(1, x.first.ndim))
+  count = lambda mask: jnp.sum(mask, axis=axes, dtype=jnp.int32).astype(jnp.float32)
+  largest = lambda second: jnp.max(
+    magnitude / (jnp.sqrt(second) + hp["eps"]), axis=axes, initial=0.0
+  )
+  unguarded = largest(x.second)
+  sums = dict(
+    cancelled=count(x.second < hp[_FRACTION] * base),
+    floored=jnp.zeros_like(unguarded),
+    max_update=unguarded,
+    max_unguarded_update=unguarded,
+    size=jnp.float32(x.mu_base.size),
+  )
+  if floor is not None:
+    sums["floored"] = count(x.second < floor * base)
+    sums["max_update"] = largest(jnp.maximum(x.second, floor * base))
+  return sums
+
+
+def _conditioning_finish(sums: dict[str, Any]) -> ConditioningDiagnostics:
+  size = jnp.maximum(sums["size"], 1.0)
+  return ConditioningDiagnostics(
+    cancelled_fraction=sums["cancelled"] / size,
+    floored_fraction=sums["floored"] / size,
+    max_update=sums["max_update"],
+    max_unguarded_update=sums["max_unguarded_update"],
+  )
+
+
+def _plus_conditioning(s: transform.ScaleByDualOptimPlusState, hp: dict):
+  terms = jax.tree.map(lambda x: _conditioning_sums(x, hp), _plus_terms(s, hp), is_leaf=_is_terms)
+  treedef = jax.tree.structure(_param_like(s.base_mu))
+  leaf_sums = treedef.flatten_up_to(terms)
+  per_leaf = [_conditioning_finish(x) for x in leaf_sums]
+  per_leaf = ConditioningDiagnostics(
+    *(treedef.unflatten([getattr(d, f) for d in per_leaf]) for f in ConditioningDiagnostics._fields)
+  )
+  zeros = jnp.zeros(s.objective_counts.shape, jnp.float32)
+  total = dict.fromkeys(("cancelled", "floored", "max_update", "max_unguarded_update"), zeros)
+  total["size"] = jnp.float32(0.0)
+  for sums in leaf_sums:  # Counts and sizes add up; maxima (all >= 0) combine by max.
+    total = {
+      k: (jnp.maximum if k.startswith("max") else jnp.add)(v, sums[k]) for k, v in total.items()
+    }
+  return per_leaf, _conditioning_finish(total)
 
 
 def dualoptim_diagnostics(

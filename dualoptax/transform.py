@@ -93,10 +93,18 @@ class _PlusCoefficients(NamedTuple):
   inv_base_c2: jax.Array  # 1 / (1 - base_b2^(t-1)), 1 at t = 1
   delta_c1: jax.Array  # 1 - b1^t_o
   delta_c2: jax.Array  # 1 - b2^t_o
+  denominator_floor: Any = None  # None: the paper's denominator (see _plus_direction)
 
 
 def _plus_coefficients(
-  b1: Any, b2: Any, base_b1: Any, base_b2: Any, eps: Any, count: jax.Array, active_count
+  b1: Any,
+  b2: Any,
+  base_b1: Any,
+  base_b2: Any,
+  eps: Any,
+  count: jax.Array,
+  active_count,
+  denominator_floor: Any = None,
 ) -> _PlusCoefficients:
   """Coefficients of step ``count`` (this one included), the ``active_count``-th of ``o``."""
   # The base has absorbed count - 1 gradients; it is still all-zero at count 1.
@@ -117,6 +125,7 @@ def _plus_coefficients(
     inv_base_c2=1.0 / base_c2,
     delta_c1=_numerics.one_minus_power(b1, active_count),
     delta_c2=_numerics.one_minus_power(b2, active_count),
+    denominator_floor=denominator_floor,
   )
 
 
@@ -161,11 +170,18 @@ def _new_delta_nu(c: _PlusCoefficients, guard, x: _PlusContext, delta_nu):
 
 
 def _plus_direction(c: _PlusCoefficients, x: _PlusContext, base_mu, base_nu, delta_mu, delta_nu):
-  """u = (Dh_o + Bh) / (sqrt(|Eh_o + Vh|) + eps), with the base before this step."""
+  """u = (Dh_o + Bh) / (sqrt(|Eh_o + Vh|) + eps), with the base before this step.
+
+  With a ``denominator_floor`` f the square root is of ``max(|Eh_o + Vh|, f Vh)``.
+  """
   del base_mu, base_nu  # the new base serves the next step
-  return (delta_mu / c.delta_c1 + x.mu_hat_base) / (
-    jnp.sqrt(jnp.abs(delta_nu / c.delta_c2 + x.nu_hat_base)) + c.eps
-  )
+  if c.denominator_floor is None:  # The paper's formula, expression for expression.
+    return (delta_mu / c.delta_c1 + x.mu_hat_base) / (
+      jnp.sqrt(jnp.abs(delta_nu / c.delta_c2 + x.nu_hat_base)) + c.eps
+    )
+  second = jnp.abs(delta_nu / c.delta_c2 + x.nu_hat_base)
+  floored = jnp.maximum(second, c.denominator_floor * x.nu_hat_base)
+  return (delta_mu / c.delta_c1 + x.mu_hat_base) / (jnp.sqrt(floored) + c.eps)
 
 
 _PLUS_RULE = _moments.LeafRule(
@@ -262,6 +278,24 @@ def _check_common(b1: Any, b2: Any, eps: Any, objective_steps: Sequence[Any]) ->
   objectives.validate_objective_steps(objective_steps)
 
 
+def _check_denominator_floor(value: Any) -> None:
+  """``denominator_floor`` must be None or a number in (0, 1].
+
+  A traced scalar (``optax.inject_hyperparams``) passes: its value is unknown here.
+  """
+  if value is None:
+    return
+  if isinstance(value, jax.Array) and not _numerics.is_concrete_number(value):
+    valid = value.ndim == 0
+  else:
+    number = _numerics.is_concrete_number(value) and not isinstance(value, (str, bytes, bool))
+    valid = number and 0.0 < float(value) <= 1.0
+  if not valid:
+    raise ValueError(
+      f"denominator_floor must be None or in (0, 1], got denominator_floor={value!r}"
+    )
+
+
 def scale_by_dualoptim_plus(
   b1: float = 0.9,
   b2: float = 0.95,
@@ -271,6 +305,7 @@ def scale_by_dualoptim_plus(
   *,
   objective_steps: Sequence[int] = (1, 1),
   storage: MomentStorage | None = None,
+  denominator_floor: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by the DualOptim+ rule (shared base + per-objective deltas).
 
@@ -295,6 +330,19 @@ def scale_by_dualoptim_plus(
   NaN or Inf in ``g`` enters the base and the active delta and stays there; wrap the
   optimizer in ``optax.apply_if_finite`` to skip such steps instead.
 
+  ``E_o`` is an EMA of ``g^2 - Vh`` and can be negative, so ``Eh_o + Vh`` can come close
+  to zero (the delta cancels the base) while ``Dh_o + Bh`` does not: the update entry is
+  then up to ``|Dh_o + Bh| / eps``. With ``denominator_floor=f`` the denominator is
+  ``sqrt(max(|Eh_o + Vh|, f Vh)) + eps``, so no entry exceeds
+  ``|Dh_o + Bh| / (sqrt(f Vh) + eps)``. The floor is relative to the base second moment
+  ``Vh`` (the scale of all recent gradients of that element) so that it is scale-free:
+  multiplying every gradient by ``c`` multiplies both sides of the ``max`` by ``c^2`` and
+  leaves which entries are floored, and the direction, unchanged, as without the floor;
+  an absolute floor would act on small-gradient parameters and not on large ones. Where
+  ``Vh`` is zero (the first step) the floor is zero. ``None`` (the default) is the paper's
+  formula, bit for bit; :func:`dualoptax.dualoptim_plus_conditioning` measures how often
+  the floor would act.
+
   Args:
     b1: decay of the delta first moments ``D``.
     b2: decay of the delta second moments ``E``.
@@ -304,9 +352,16 @@ def scale_by_dualoptim_plus(
     objective_steps: steps per objective in one cycle of the alternating schedule; its
       length is the number of objectives K.
     storage: how the moments are stored (None: float32; see :class:`MomentStorage`).
+    denominator_floor: None (the paper's denominator) or ``f`` in (0, 1]: the second
+      moment under the square root is at least ``f * Vh`` (e.g. 0.01 bounds an entry by
+      ``10 |Dh_o + Bh| / sqrt(Vh)``).
 
   Returns:
     A transformation accepting the ``objective=`` extra argument (an int or int32 array).
+
+  Raises:
+    ValueError: for a decay outside [0, 1), a negative eps, a bad schedule, or a
+      ``denominator_floor`` outside (0, 1].
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -320,6 +375,7 @@ def scale_by_dualoptim_plus(
   _check_common(b1, b2, eps, objective_steps)
   _checks.check_decay("base_b1", base_b1)
   _checks.check_decay("base_b2", base_b2)
+  _check_denominator_floor(denominator_floor)
   storage = MomentStorage() if storage is None else storage
   num_objectives = len(objective_steps)
 
@@ -344,7 +400,7 @@ def scale_by_dualoptim_plus(
     count = optax.safe_increment(state.count)
     objective_counts = state.objective_counts.at[active].add(1)
     coefficients = _plus_coefficients(
-      b1, b2, base_b1, base_b2, eps, count, objective_counts[active]
+      b1, b2, base_b1, base_b2, eps, count, objective_counts[active], denominator_floor
     )
     guard = _moments.contraction_guard(state.count)
     direction, new = _update_leaves(
