@@ -463,6 +463,13 @@ def _reference_table(reference: dict[str, Any], keys: list[str]) -> str:
   return "\n".join(lines)
 
 
+def paper_efficacy_key(loss: str) -> str:
+  """The paper's forget efficacy for a loss: targeted for losses that teach a refusal
+  (IDK, DPO), untargeted otherwise."""
+  forget = loss.split("+")[0].upper()
+  return f"paper_{'targeted' if forget in ('IDK', 'DPO') else 'untargeted'}_forget_efficacy"
+
+
 def _histories_by_variant(runs: list[dict[str, Any]], loss: str) -> dict[str, list[list[dict]]]:
   out: dict[str, list[list[dict]]] = {}
   for r in runs:
@@ -476,6 +483,19 @@ def _loss_section(collected, aggregated, loss, keys, plots, references) -> list[
   slug = _slug(loss)
   histories = _histories_by_variant(collected["runs"], loss)
   plot_tradeoff_errorbars(aggregated, loss, plots / f"tradeoff_{slug}.png", references)
+  paper = paper_efficacy_key(loss)
+  has_paper = any(
+    (s.get(paper) or (None,))[0] is not None for (g, _), s in aggregated.items() if g == loss
+  )
+  if has_paper:
+    plot_tradeoff_errorbars(
+      aggregated,
+      loss,
+      plots / f"tradeoff_paper_{slug}.png",
+      references,
+      x_key="paper_model_utility",
+      y_key=paper,
+    )
   plot_cosines_over_steps(histories, plots / f"cosines_{slug}.png", f"{loss}: Figure 2 cosines")
   plot_layer_cosines(histories, plots / f"layer_cosines_{slug}.png", f"{loss}: per-layer cosine")
   parts = [
@@ -489,6 +509,7 @@ def _loss_section(collected, aggregated, loss, keys, plots, references) -> list[
     "",
     f"![trade-off](plots/tradeoff_{slug}.png)",
     "",
+    *([f"![paper trade-off](plots/tradeoff_paper_{slug}.png)", ""] if has_paper else []),
     f"![cosines](plots/cosines_{slug}.png)",
     "",
   ]
