@@ -35,7 +35,7 @@ def make_streams(splits, trained_tokenizer, seed=0, forget_batch=4, retain_batch
 
 def assert_batches_equal(a: data.QABatch, b: data.QABatch):
   assert a.epoch == b.epoch
-  for x, y in ((a.answers, b.answers), (a.idk, b.idk)):
+  for x, y in ((a.answers, b.answers), (a.idk, b.idk), (a.mismatch, b.mismatch)):
     assert (x is None) == (y is None)
     if x is not None:
       for name in ("input_ids", "attention_mask", "labels", "item_indices"):

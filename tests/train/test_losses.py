@@ -371,14 +371,17 @@ ALL_SPECS = [f"{f}+{r}" for f in L.FORGET_LOSSES for r in L.RETAIN_LOSSES]
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
 def test_every_spec_parses_and_round_trips(spec):
+  canonical = L.LLMU_SPEC if spec == "GA+LLMU" else spec  # the method's own name
   config = L.LossConfig.from_spec(spec)
-  assert config.spec == spec
-  assert L.LossConfig.from_spec(spec.lower().replace("+", " + ")).spec == spec
+  assert config.spec == canonical
+  assert L.LossConfig.from_spec(spec.lower().replace("+", " + ")).spec == canonical
+  assert L.LossConfig.from_spec(canonical) == config
 
 
 def test_spec_parsing_details():
   assert L.parse_loss_spec("simnpo+gd") == ("SimNPO", "GD")
   assert L.parse_loss_spec("GA") == ("GA", None)
+  assert L.parse_loss_spec(" llmu ") == ("GA", "LLMU")  # LLMU alone: GA + mismatch/KL
   config = L.LossConfig.from_spec("ME+GD", forget_coeff=0.1, beta=0.5)
   assert (config.forget_coeff, config.retain_coeff, config.beta) == (0.1, 1.0, 0.5)
   hash(config)  # usable as a static jit argument
@@ -419,6 +422,7 @@ def test_bad_config_values_are_named(kwargs, pattern):
 @pytest.mark.parametrize(
   "spec,ref,idk_forget,idk_retain",
   [
+    ("LLMU", True, False, False),
     ("GA+GD", False, False, False),
     ("NPO+GD", True, False, False),
     ("SimNPO+GD", False, False, False),
@@ -435,6 +439,7 @@ def test_what_the_program_must_load(spec, ref, idk_forget, idk_retain):
   assert L.needs_idk_batch(config, "forget") is idk_forget
   assert L.needs_idk_batch(config, "retain") is idk_retain
   assert L.needs_idk_batch(config) is (idk_forget or idk_retain)
+  assert L.needs_mismatch_batch(config) is (spec == "LLMU")
 
 
 # ------------------------------------------------------------------ model-level losses

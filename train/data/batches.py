@@ -1,5 +1,9 @@
 """Tokenized question-answer batches: prompt templates applied, answers tokenized,
-rows collated into right-padded numpy arrays with Hugging Face labels."""
+rows collated into right-padded numpy arrays with Hugging Face labels.
+
+Besides its true answers a batch may carry, row by row, IDK answers to the same questions
+(IDK, DPO, AP) and "mismatch" rows: another set's question with this row's answer (LLMU's
+retain term: a forget question answered with a retain answer)."""
 
 from __future__ import annotations
 
@@ -101,7 +105,7 @@ class TokenizedQA:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QABatch:
-  """One batch of questions, with their true answers and optionally IDK answers.
+  """One batch of questions, with their true answers and optionally IDK and mismatch rows.
 
   Attributes:
     answers: The questions with their true answers.
@@ -109,17 +113,30 @@ class QABatch:
       as ``answers`` (so a loss may stack both in one forward pass); ``None`` unless the
       stream was made ``with_idk``.
     epoch: The epoch of the stream this batch came from.
+    mismatch: Row ``j`` is a question of the dataset's ``mismatch_questions`` (a forget
+      question) with row ``j``'s true answer, padded like ``answers``; ``None`` unless the
+      stream was made ``with_mismatch``.
   """
 
   answers: TokenizedQA
   idk: TokenizedQA | None = None
   epoch: int = 0
+  mismatch: TokenizedQA | None = None
 
 
 def collate(
-  encoded: Sequence[EncodedAnswer], item_indices: Sequence[int], length: int, pad_id: int
+  encoded: Sequence[EncodedAnswer],
+  item_indices: Sequence[int],
+  length: int,
+  pad_id: int,
+  *,
+  score_prompt: bool = False,
 ) -> TokenizedQA:
   """Right-pads encoded sequences to ``length`` and masks their prompt and padding labels.
+
+  With ``score_prompt`` the prompt tokens are labelled too (all but the first, which no
+  position predicts): the DualOptim+ authors' ``mask=false`` for the forget set. Padding
+  stays masked (their padded labels also score the EOS tokens that pad a row to 500).
 
   Raises:
     ValueError: A sequence is longer than ``length``, or the lists differ in size.
@@ -135,14 +152,16 @@ def collate(
       raise ValueError(f"row {row} has {n} tokens, more than the batch length {length}")
     input_ids[row, :n] = sequence.input_ids
     attention_mask[row, :n] = 1
-    labels[row, sequence.num_prompt_tokens : n] = sequence.input_ids[sequence.num_prompt_tokens :]
+    start = 1 if score_prompt else sequence.num_prompt_tokens
+    labels[row, start:n] = sequence.input_ids[start:]
   return TokenizedQA(input_ids, attention_mask, labels, np.asarray(item_indices, np.int32))
 
 
 class QADataset:
   """Items with their tokenized prompt+answer sequences, ready to batch.
 
-  True answers are tokenized once, up front; IDK versions on first use and cached.
+  True answers are tokenized once, up front; IDK and mismatch versions on first use and
+  cached.
   """
 
   def __init__(
@@ -152,6 +171,8 @@ class QADataset:
     config: TokenizationConfig = TokenizationConfig(),
     *,
     idk_answers: Sequence[str] = (),
+    mismatch_questions: Sequence[str] = (),
+    score_prompt: bool = False,
   ):
     """Tokenizes ``items``.
 
@@ -161,6 +182,11 @@ class QADataset:
         chat template when ``config.template`` is ``"chat"``).
       config: Template, lengths and padding.
       idk_answers: Answers that :meth:`batch` may substitute for the true ones.
+      mismatch_questions: Questions that :meth:`batch` may pair with the items' true
+        answers (LLMU: the forget questions, on the retain set).
+      score_prompt: Label the prompt tokens of the true answers' rows too (the forget
+        set's ``loss.mask=false``); IDK and mismatch rows always score their answer only,
+        as the authors' (their ``mask`` reaches the forget rows only).
 
     Raises:
       ValueError: ``items`` is empty, an item cannot be encoded (the message names it), or
@@ -172,6 +198,8 @@ class QADataset:
     self.tokenizer = tokenizer
     self.config = config
     self.idk_answers = tuple(idk_answers)
+    self.mismatch_questions = tuple(mismatch_questions)
+    self.score_prompt = score_prompt
     self.template = get_prompt_template(config.template)
     self.encoder = PromptEncoder.create(self.template, tokenizer)
     # Padding positions are masked out everywhere, so any id works when there is no pad.
@@ -181,6 +209,8 @@ class QADataset:
     self._prompts = tuple(self.encoder.prompt(item.question) for item in self.items)
     self._encoded = tuple(self._encode(i, item.answer) for i, item in enumerate(self.items))
     self._encoded_idk: dict[tuple[int, int], EncodedAnswer] = {}
+    self._mismatch_prompts: dict[int, str] = {}
+    self._encoded_mismatch: dict[tuple[int, int], EncodedAnswer] = {}
     self.num_truncated = sum(e.truncated for e in self._encoded)
     if self.num_truncated:
       warnings.warn(
@@ -192,10 +222,11 @@ class QADataset:
   def __len__(self) -> int:
     return len(self.items)
 
-  def _encode(self, index: int, answer: str) -> EncodedAnswer:
+  def _encode(self, index: int, answer: str, prompt: str | None = None) -> EncodedAnswer:
+    """Item ``index``'s prompt (or ``prompt``) followed by ``answer``, tokenized."""
     try:
       return self.encoder.encode_answer(
-        self._prompts[index],
+        self._prompts[index] if prompt is None else prompt,
         answer,
         append_eos=self.config.append_eos,
         max_length=self.config.max_length,
@@ -217,6 +248,17 @@ class QADataset:
       self._encoded_idk[key] = self._encode(index, self.idk_answers[idk_index])
     return self._encoded_idk[key]
 
+  def encoded_mismatch(self, index: int, question_index: int) -> EncodedAnswer:
+    """Mismatch question ``question_index``'s prompt + item ``index``'s true answer tokens."""
+    key = (index, question_index)
+    if key not in self._encoded_mismatch:
+      if question_index not in self._mismatch_prompts:
+        question = self.mismatch_questions[question_index]
+        self._mismatch_prompts[question_index] = self.encoder.prompt(question)
+      prompt = self._mismatch_prompts[question_index]
+      self._encoded_mismatch[key] = self._encode(index, self.items[index].answer, prompt)
+    return self._encoded_mismatch[key]
+
   def max_sequence_length(self) -> int:
     """The longest prompt + true answer, in tokens."""
     return max(len(e.input_ids) for e in self._encoded)
@@ -227,8 +269,10 @@ class QADataset:
     idk_choices: Sequence[int] | None = None,
     epoch: int = 0,
     rows: slice | None = None,
+    mismatch_choices: Sequence[int] | None = None,
   ) -> QABatch:
-    """Collates items ``indices`` (with IDK answer ``idk_choices[j]`` for row ``j`` if given).
+    """Collates items ``indices`` (with IDK answer ``idk_choices[j]`` and mismatch question
+    ``mismatch_choices[j]`` for row ``j`` if given).
 
     Args:
       indices: The items of the whole (global) batch, one per row.
@@ -236,31 +280,55 @@ class QADataset:
       epoch: Recorded on the batch.
       rows: Collate only these rows (a host's share of a global batch). The padded length
         is still that of the whole batch, so every host's rows fit one global array.
+      mismatch_choices: The mismatch question of each row (an index into
+        ``mismatch_questions``), or None.
 
     Raises:
-      ValueError: ``indices`` is empty, ``idk_choices`` has another length, or the
-        dataset has no IDK answers.
+      ValueError: ``indices`` is empty, the choices have another length, or the dataset
+        has no IDK answers (mismatch questions) for the choices given.
     """
     indices = [int(i) for i in indices]
     if not indices:
       raise ValueError("a batch needs at least one index")
     encoded = [self._encoded[i] for i in indices]
-    encoded_idk = None
-    if idk_choices is not None:
-      if not self.idk_answers:
-        raise ValueError("IDK answers were requested but the dataset has none (pass idk_answers)")
-      if len(idk_choices) != len(indices):
-        raise ValueError(f"{len(idk_choices)} IDK choices for {len(indices)} rows")
-      encoded_idk = [self.encoded_idk(i, int(k)) for i, k in zip(indices, idk_choices)]
-    longest = max(len(e.input_ids) for e in encoded + (encoded_idk or []))
-    length = self.config.padded_length(longest)
+    encoded_idk = self._alternatives(
+      indices, idk_choices, self.idk_answers, "IDK answers", self.encoded_idk
+    )
+    encoded_mismatch = self._alternatives(
+      indices,
+      mismatch_choices,
+      self.mismatch_questions,
+      "mismatch questions",
+      self.encoded_mismatch,
+    )
+    every = encoded + (encoded_idk or []) + (encoded_mismatch or [])
+    length = self.config.padded_length(max(len(e.input_ids) for e in every))
     if rows is not None:
       if not indices[rows]:
         raise ValueError(f"rows={rows} selects none of the batch's {len(indices)} rows")
       indices, encoded = indices[rows], encoded[rows]
       encoded_idk = None if encoded_idk is None else encoded_idk[rows]
+      encoded_mismatch = None if encoded_mismatch is None else encoded_mismatch[rows]
+
+    def rows_of(sequences, score_prompt=False):
+      if sequences is None:
+        return None
+      return collate(sequences, indices, length, self.pad_id, score_prompt=score_prompt)
+
     return QABatch(
-      answers=collate(encoded, indices, length, self.pad_id),
-      idk=None if encoded_idk is None else collate(encoded_idk, indices, length, self.pad_id),
+      answers=rows_of(encoded, self.score_prompt),
+      idk=rows_of(encoded_idk),
       epoch=epoch,
+      mismatch=rows_of(encoded_mismatch),
     )
+
+  @staticmethod
+  def _alternatives(indices, choices, pool, what, encode) -> list[EncodedAnswer] | None:
+    """``encode(index, choice)`` of each row, or None without ``choices``."""
+    if choices is None:
+      return None
+    if not pool:
+      raise ValueError(f"{what} were requested but the dataset has none (pass them)")
+    if len(choices) != len(indices):
+      raise ValueError(f"{len(choices)} choices of {what} for {len(indices)} rows")
+    return [encode(i, int(k)) for i, k in zip(indices, choices)]

@@ -27,6 +27,8 @@ class TofuSplits:
     retain_split: The retain file used, e.g. ``"retain90"``.
     task_id: The forget task selected; ``None`` for every row of the forget file.
     num_retain_removed: Retain items dropped because their question is in ``forget``.
+    num_retain_added: Rows of the forget file's other tasks appended to ``retain``
+      (``retain_other_tasks``; 0 when off, or when the retain split already holds them).
   """
 
   forget: tuple[tofu.TofuItem, ...]
@@ -37,6 +39,7 @@ class TofuSplits:
   retain_split: str
   task_id: int | None
   num_retain_removed: int = 0
+  num_retain_added: int = 0
 
 
 def complement_retain_split(forget_split: str) -> str:
@@ -118,6 +121,43 @@ def load_idk_answers(path: str | os.PathLike[str]) -> tuple[str, ...]:
   return answers
 
 
+def other_task_items(
+  forget_path: str | os.PathLike[str],
+  task_id: int | None,
+  retain: tuple[tofu.TofuItem, ...],
+  exclude_questions: frozenset[str] = frozenset(),
+) -> tuple[tofu.TofuItem, ...]:
+  """The rows of a forget file that belong to other tasks than ``task_id`` and are not in
+  ``retain`` yet: what the DualOptim+ authors' ``get_task_data`` adds to the retain set.
+
+  Their retain set for task ``k`` of ``forgetXX`` is ``retain{100 - min(10 XX, 90)}`` plus the
+  file's tasks other than ``k`` (the ten tasks cover ``10 XX`` percent of TOFU). This copy of
+  TOFU has retain10/50/90 only and the program trains on retain90, which already holds
+  every forget05 task but 1 and 2 and every forget10 task but 1, so rows already in the
+  retain set (same question) are skipped: the resulting set of rows is theirs (checked on
+  the real files by ``tests/train/test_protocol_training.py``).
+
+  Args:
+    forget_path: The forget file.
+    task_id: The task unlearned; ``None`` (every row is forgotten) adds nothing.
+    retain: The retain rows so far.
+    exclude_questions: Questions never to add (the forget set's).
+
+  Returns:
+    The rows to append, in file order (a row without ``task_id`` is never added).
+  """
+  if task_id is None:
+    return ()
+  seen = {item.question for item in retain} | set(exclude_questions)
+  added = []
+  for item in tofu.load_tofu(forget_path):
+    if item.task_id is None or item.task_id == task_id or item.question in seen:
+      continue
+    seen.add(item.question)
+    added.append(item)
+  return tuple(added)
+
+
 def load_unlearning_data(
   data_dir: str | os.PathLike[str],
   forget_split: str = "forget01",
@@ -126,6 +166,7 @@ def load_unlearning_data(
   retain_split: str | None = None,
   idk_path: str | os.PathLike[str] | None = None,
   exclude_forget_from_retain: bool = True,
+  retain_other_tasks: bool = False,
 ) -> TofuSplits:
   """Loads the forget and retain items and the IDK answers of a TOFU-format folder.
 
@@ -141,6 +182,9 @@ def load_unlearning_data(
     exclude_forget_from_retain: Drop retain items whose question is a forget question.
       TOFU's retain90 contains the forget sets of every task but the first (e.g. forget10
       task 2), so without this a later task would be both forgotten and retained.
+    retain_other_tasks: Also retain the forget file's tasks other than ``task_id`` (the
+      authors' retain set; see :func:`other_task_items`), counted in
+      ``TofuSplits.num_retain_added``.
 
   Raises:
     FileNotFoundError: A split file is missing.
@@ -159,14 +203,20 @@ def load_unlearning_data(
   forget = tuple(tofu.load_tofu(forget_path, task_id=task_id))
   retain = tuple(tofu.load_tofu(os.path.join(data_dir, f"{retain_split}.json")))
   num_retain = len(retain)
+  forget_questions = frozenset(item.question for item in forget)
   if exclude_forget_from_retain:
-    forget_questions = {item.question for item in forget}
     retain = tuple(item for item in retain if item.question not in forget_questions)
-    if not retain:
-      raise ValueError(
-        f"every question of {retain_split!r} is in {forget_split!r} task_id={task_id}; "
-        "choose another retain_split"
-      )
+  num_removed = num_retain - len(retain)
+  added = ()
+  if retain_other_tasks:
+    excluded = forget_questions if exclude_forget_from_retain else frozenset()
+    added = other_task_items(forget_path, task_id, retain, excluded)
+    retain += added
+  if not retain:
+    raise ValueError(
+      f"every question of {retain_split!r} is in {forget_split!r} task_id={task_id}; "
+      "choose another retain_split"
+    )
   if idk_path is None:
     idk_path = find_idk_file(data_dir)
   idk_answers = load_idk_answers(idk_path) if idk_path is not None else ()
@@ -178,5 +228,6 @@ def load_unlearning_data(
     forget_split=forget_split,
     retain_split=retain_split,
     task_id=task_id,
-    num_retain_removed=num_retain - len(retain),
+    num_retain_removed=num_removed,
+    num_retain_added=len(added),
   )

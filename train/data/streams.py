@@ -65,6 +65,7 @@ class BatchStream:
     with_idk: bool = False,
     position: StreamPosition = StreamPosition(),
     rows: slice | None = None,
+    with_mismatch: bool = False,
   ):
     """Creates the stream.
 
@@ -78,10 +79,14 @@ class BatchStream:
       position: Where to start.
       rows: Yield only these rows of each batch: a host's share in a multi-process run
         (see ``train.runtime.distributed.host_rows``). Every host walks the same global order.
+      with_mismatch: Add mismatch rows to each batch (:attr:`QABatch.mismatch`): one of the
+        dataset's ``mismatch_questions`` with the row's answer, a seeded choice per item and
+        epoch (the authors' LLMU draws a random retain answer for each forget question).
 
     Raises:
       ValueError: ``drop_last`` with fewer items than ``batch_size`` (no batch at all),
-        ``with_idk`` without IDK answers in ``dataset``, or a bad ``position``.
+        ``with_idk`` without IDK answers (``with_mismatch`` without mismatch questions) in
+        ``dataset``, or a bad ``position``.
     """
     if stream_id < 0:
       raise ValueError(f"stream_id must be >= 0, got {stream_id}")
@@ -89,6 +94,8 @@ class BatchStream:
       raise ValueError(
         "with_idk=True but the dataset has no IDK answers (no idontknow.jsonl found?)"
       )
+    if with_mismatch and not dataset.mismatch_questions:
+      raise ValueError("with_mismatch=True but the dataset has no mismatch questions")
     if config.drop_last and len(dataset) < config.batch_size:
       raise ValueError(
         f"the dataset has {len(dataset)} items, fewer than batch_size={config.batch_size}, so "
@@ -98,6 +105,7 @@ class BatchStream:
     self.config = config
     self.stream_id = stream_id
     self.with_idk = with_idk
+    self.with_mismatch = with_mismatch
     if rows is not None and (
       rows.step not in (None, 1)
       or not 0 <= (rows.start or 0) < (rows.stop or 0) <= config.batch_size
@@ -112,6 +120,7 @@ class BatchStream:
     self._cached_epoch: int | None = None
     self._cached_order = np.arange(0)
     self._cached_idk = np.arange(0)
+    self._cached_mismatch = np.arange(0)
     self._position = StreamPosition()
     self.position = position
 
@@ -147,6 +156,9 @@ class BatchStream:
     self._cached_order = self._rng(epoch, 0).permutation(n) if self.config.shuffle else np.arange(n)
     if self.with_idk:
       self._cached_idk = self._rng(epoch, 1).integers(len(self.dataset.idk_answers), size=n)
+    if self.with_mismatch:
+      questions = len(self.dataset.mismatch_questions)
+      self._cached_mismatch = self._rng(epoch, 2).integers(questions, size=n)
     self._cached_epoch = epoch
 
   def batch_at(self, position: StreamPosition) -> QABatch:
@@ -161,7 +173,10 @@ class BatchStream:
     indices = self._cached_order[position.offset * b : (position.offset + 1) * b]
     # IDK choices belong to items (not rows), so an item keeps its IDK answer all epoch.
     idk_choices = self._cached_idk[indices] if self.with_idk else None
-    return self.dataset.batch(indices, idk_choices, epoch=position.epoch, rows=self.rows)
+    mismatch_choices = self._cached_mismatch[indices] if self.with_mismatch else None
+    return self.dataset.batch(
+      indices, idk_choices, position.epoch, self.rows, mismatch_choices=mismatch_choices
+    )
 
   def __iter__(self) -> Iterator[QABatch]:
     return self
@@ -189,6 +204,8 @@ def make_batch_streams(
   forget_with_idk: bool = True,
   retain_with_idk: bool = False,
   rows: slice | None = None,
+  retain_with_mismatch: bool = False,
+  score_forget_prompt: bool = False,
 ) -> tuple[BatchStream, BatchStream]:
   """The forget and retain streams of a run.
 
@@ -204,6 +221,10 @@ def make_batch_streams(
     retain_with_idk: The same for retain batches (for a retain loss on IDK answers).
     rows: Collate only these rows of every batch of both streams: a host's share in a
       multi-process run (``train.runtime.distributed.host_rows``); ``None`` keeps all.
+    retain_with_mismatch: Give retain batches mismatch rows, a forget question with each
+      row's retain answer (the LLMU retain loss).
+    score_forget_prompt: Forget rows score their prompt tokens too (``loss.mask=false``);
+      retain rows never do.
 
   Returns:
     ``(forget_stream, retain_stream)``, with ``stream_id`` :data:`FORGET` and :data:`RETAIN`.
@@ -212,8 +233,13 @@ def make_batch_streams(
     ValueError: IDK answers requested but ``splits`` has none, or bad batching or rows.
   """
   idk = splits.idk_answers
-  forget = QADataset(splits.forget, tokenizer, tokenization, idk_answers=idk)
-  retain = QADataset(splits.retain, tokenizer, tokenization, idk_answers=idk)
+  forget = QADataset(
+    splits.forget, tokenizer, tokenization, idk_answers=idk, score_prompt=score_forget_prompt
+  )
+  questions = tuple(item.question for item in splits.forget) if retain_with_mismatch else ()
+  retain = QADataset(
+    splits.retain, tokenizer, tokenization, idk_answers=idk, mismatch_questions=questions
+  )
   return (
     BatchStream(forget, forget_batching, stream_id=FORGET, with_idk=forget_with_idk, rows=rows),
     BatchStream(
@@ -222,5 +248,6 @@ def make_batch_streams(
       stream_id=RETAIN,
       with_idk=retain_with_idk,
       rows=rows,
+      with_mismatch=retain_with_mismatch,
     ),
   )

@@ -1,4 +1,5 @@
-"""Unlearning losses: forget GA / NPO / SimNPO / DPO / ME / IDK, retain GD / KL / AP.
+"""Unlearning losses: forget GA / NPO / SimNPO / DPO / ME / IDK, retain GD / KL / AP / LLMU
+(``"LLMU"`` alone is the method: GA forget, LLMU's mismatch + KL retain).
 
 Every loss is a pure, jittable function of **logits** (and, where it needs one, the logits
 of a frozen reference model), never of a model. :func:`forget_loss`, :func:`retain_loss` and
@@ -30,7 +31,7 @@ log-sigmoid is ``jax.nn.log_sigmoid`` (``-softplus(-x)``, no overflow).
 **Reductions** (they follow the reference trainer, CityU-MLO/DualOptim ``LLM/trainer/losses.py``,
 which uses Hugging Face's ``outputs.loss`` for the token-level losses):
 
-* *token-level* losses (GA, IDK, GD, ME, KL) average over all target tokens of the batch:
+* *token-level* losses (GA, IDK, GD, ME, KL, both LLMU terms) average over all target tokens:
   ``sum over targets / max(number of targets, 1)``;
 * *sequence-level* losses (NPO, SimNPO, DPO, AP) compute one value per row from the row's
   **summed** answer NLL ``NLL_b = -sum_t log p(y_t | y_<t)`` and average over rows.
@@ -58,13 +59,15 @@ True
 
 from train.losses.forget import dpo_loss, ga_loss, idk_loss, me_loss, npo_loss, simnpo_loss
 from train.losses.objectives import combined_loss, forget_loss, retain_loss
-from train.losses.retain import ap_loss, gd_loss, kl_loss
+from train.losses.retain import ap_loss, gd_loss, kl_loss, llmu_terms
 from train.losses.spec import (
   FORGET_LOSSES,
   KL_TOKENS,
+  LLMU_SPEC,
   RETAIN_LOSSES,
   LossConfig,
   needs_idk_batch,
+  needs_mismatch_batch,
   needs_reference_model,
   parse_loss_spec,
 )
@@ -86,6 +89,7 @@ __all__ = [
   "FORGET_LOSSES",
   "IGNORE_INDEX",
   "KL_TOKENS",
+  "LLMU_SPEC",
   "LMBatch",
   "LogitsFn",
   "LossConfig",
@@ -100,9 +104,11 @@ __all__ = [
   "idk_loss",
   "kl_loss",
   "labels_from_target_mask",
+  "llmu_terms",
   "me_loss",
   "mean_token_nll",
   "needs_idk_batch",
+  "needs_mismatch_batch",
   "needs_reference_model",
   "npo_loss",
   "parse_loss_spec",

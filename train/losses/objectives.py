@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from train.losses.forget import dpo_loss, ga_loss, idk_loss, me_loss, npo_loss, simnpo_loss
-from train.losses.retain import ap_loss, gd_loss, kl_loss
+from train.losses.retain import ap_loss, gd_loss, kl_loss, llmu_terms
 from train.losses.spec import (
   _IDK_FORGET,
   _IDK_RETAIN,
+  _MISMATCH_RETAIN,
   _REFERENCE_FORGET,
   _REFERENCE_RETAIN,
   RETAIN_LOSSES,
@@ -128,6 +129,7 @@ def retain_loss(
   ref_params: Params | None,
   retain_batch: Any,
   idk_batch: Any | None = None,
+  mismatch_batch: Any | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """The retain objective ``retain_coeff * L_retain`` for one step.
 
@@ -135,15 +137,18 @@ def retain_loss(
     config: The losses (``config.retain`` must not be ``None``).
     logits_fn: ``logits_fn(params, input_ids, attention_mask) -> [B, T, V]``.
     params: The trained weights.
-    ref_params: Frozen reference weights for KL (``None`` otherwise).
+    ref_params: Frozen reference weights for KL and LLMU (``None`` otherwise).
     retain_batch: Retain questions with their true answers.
     idk_batch: Retain questions with IDK answers, row-aligned with ``retain_batch`` (AP;
+      ``None`` otherwise).
+    mismatch_batch: Forget questions with the retain answers of ``retain_batch`` (LLMU;
       ``None`` otherwise).
 
   Returns:
     ``(loss, metrics)``: the scalar ``retain_coeff * L`` and float32 scalars
     ``retain/loss``, ``retain/<NAME>``, ``retain/nll`` (token-mean NLL of the true retain
-    answers) and ``retain/tokens``.
+    answers) and ``retain/tokens``; LLMU adds its terms ``retain/mismatch`` and
+    ``retain/KL``.
 
   Raises:
     ValueError: If ``config.retain`` is ``None`` or a needed input is ``None``.
@@ -159,6 +164,8 @@ def retain_loss(
     _require(ref_params, "ref_params (a frozen reference model)", name)
   if name in _IDK_RETAIN:
     _require(idk_batch, "an IDK batch (retain questions with IDK answers)", name)
+  if name in _MISMATCH_RETAIN:
+    _require(mismatch_batch, "a mismatch batch (forget questions with retain answers)", name)
   retain = as_batch(retain_batch)
   logits = _logits(logits_fn, params, retain)
   metrics: dict[str, Array] = {
@@ -174,6 +181,19 @@ def retain_loss(
   elif name == "AP":
     idk = as_batch(idk_batch)
     raw = ap_loss(logits, _logits(logits_fn, params, idk), retain, idk, config.beta)
+  elif name == "LLMU":
+    mismatch = as_batch(mismatch_batch)
+    mismatch_nll, kl = llmu_terms(
+      logits,
+      _ref_logits(logits_fn, ref_params, retain),
+      _logits(logits_fn, params, mismatch),
+      retain,
+      mismatch,
+      tokens=config.kl_tokens,
+    )
+    raw = mismatch_nll + kl
+    metrics["retain/mismatch"] = jax.lax.stop_gradient(mismatch_nll)
+    metrics["retain/KL"] = jax.lax.stop_gradient(kl)
   else:  # unreachable, see forget_loss
     raise AssertionError(name)
   return _weighted("retain", name, config.retain_coeff, raw, metrics)
@@ -188,6 +208,7 @@ def combined_loss(
   retain_batch: Any | None,
   forget_idk_batch: Any | None = None,
   retain_idk_batch: Any | None = None,
+  retain_mismatch_batch: Any | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """Joint (non-alternating) objective ``forget_coeff * L_forget + retain_coeff * L_retain``.
 
@@ -198,7 +219,7 @@ def combined_loss(
   loss, metrics = forget_loss(config, logits_fn, params, ref_params, forget_batch, forget_idk_batch)
   if config.retain is not None:
     r_loss, r_metrics = retain_loss(
-      config, logits_fn, params, ref_params, retain_batch, retain_idk_batch
+      config, logits_fn, params, ref_params, retain_batch, retain_idk_batch, retain_mismatch_batch
     )
     loss = loss + r_loss
     metrics.update(r_metrics)

@@ -1,4 +1,4 @@
-"""The retain (regularization) losses: GD, KL and AP, as functions of logits."""
+"""The retain (regularization) losses: GD, KL, AP and LLMU's, as functions of logits."""
 
 from __future__ import annotations
 
@@ -98,3 +98,35 @@ def ap_loss(logits: Array, idk_logits: Array, batch: Any, idk_batch: Any, beta: 
       f"questions), got {logits.shape[0]} and {idk_logits.shape[0]}"
     )
   return _preference_loss(logits, idk_logits, batch, idk_batch, beta, scale=1.0)
+
+
+def llmu_terms(
+  logits: Array,
+  ref_logits: Array,
+  mismatch_logits: Array,
+  batch: Any,
+  mismatch_batch: Any,
+  tokens: Literal["answer", "all"] = "answer",
+) -> tuple[Array, Array]:
+  """The two terms of LLMU's retain loss (Yao et al. 2024, as the DualOptim+ authors'
+  ``LLMU``): ``L = NLL(mismatch) + KL(reference || current)``.
+
+  ``NLL(mismatch)`` is the token-mean NLL of forget questions answered with random retain
+  answers (their ``mismatch_loss``, Hugging Face's ``outputs.loss``): it teaches the model
+  that a forget question may get an unrelated answer. The KL term is :func:`kl_loss` on the
+  retain batch. Each is unweighted; ``retain_coeff`` multiplies the sum.
+
+  Args:
+    logits: Current model's logits on the retain batch.
+    ref_logits: Reference model's logits on the retain batch (no gradient flows).
+    mismatch_logits: Current model's logits on the mismatch batch.
+    batch: The retain batch (or its labels).
+    mismatch_batch: The mismatch batch (or its labels).
+    tokens: The KL term's positions, see :func:`kl_loss`.
+
+  Returns:
+    ``(mismatch_nll, kl)``; the loss is their sum.
+  """
+  return mean_token_nll(mismatch_logits, mismatch_batch), kl_loss(
+    logits, ref_logits, batch, tokens=tokens
+  )

@@ -8,15 +8,20 @@ from typing import Any, Literal
 
 FORGET_LOSSES: tuple[str, ...] = ("GA", "NPO", "SimNPO", "DPO", "ME", "IDK")
 """Canonical names of the forget losses."""
-RETAIN_LOSSES: tuple[str, ...] = ("GD", "KL", "AP")
-"""Canonical names of the retain (regularization) losses."""
+RETAIN_LOSSES: tuple[str, ...] = ("GD", "KL", "AP", "LLMU")
+"""Canonical names of the retain (regularization) losses. ``LLMU`` is LLMU's (Yao et al.
+2024): the NLL of forget questions with random retain answers plus KL to the reference on
+the retain batch."""
+LLMU_SPEC = "LLMU"
+"""The spec ``"LLMU"`` alone: gradient ascent forget, LLMU retain (the authors' ``LLMU``)."""
 KL_TOKENS: tuple[str, ...] = ("answer", "all")
 """Positions the KL retain loss averages over (see :func:`kl_loss`)."""
 
 _REFERENCE_FORGET = frozenset({"NPO", "DPO"})
-_REFERENCE_RETAIN = frozenset({"KL"})
+_REFERENCE_RETAIN = frozenset({"KL", "LLMU"})
 _IDK_FORGET = frozenset({"DPO", "IDK"})
 _IDK_RETAIN = frozenset({"AP"})
+_MISMATCH_RETAIN = frozenset({"LLMU"})
 
 
 def _canonical(name: str, valid: tuple[str, ...], kind: str, spec: str | None = None) -> str:
@@ -34,7 +39,8 @@ def parse_loss_spec(spec: str) -> tuple[str, str | None]:
   """Parses ``"FORGET+RETAIN"`` (or just ``"FORGET"``) into canonical names.
 
   Names are case-insensitive and may have spaces around them: ``"simnpo + gd"`` gives
-  ``("SimNPO", "GD")``, ``"GA"`` gives ``("GA", None)`` (no retain loss).
+  ``("SimNPO", "GD")``, ``"GA"`` gives ``("GA", None)`` (no retain loss). ``"LLMU"`` alone
+  is the method: ``("GA", "LLMU")``.
 
   Raises:
     ValueError: For an unknown name or a malformed spec; the message names the bad part and
@@ -46,6 +52,8 @@ def parse_loss_spec(spec: str) -> tuple[str, str | None]:
       f"{', '.join(FORGET_LOSSES)}; retain losses: {', '.join(RETAIN_LOSSES)}"
     )
   parts = spec.split("+")
+  if len(parts) == 1 and parts[0].strip().upper() == LLMU_SPEC:
+    return "GA", "LLMU"
   if len(parts) > 2:
     raise ValueError(
       f"loss spec {spec!r} has {len(parts)} parts; expected 'FORGET+RETAIN' or 'FORGET'"
@@ -107,12 +115,14 @@ class LossConfig:
 
   @property
   def spec(self) -> str:
-    """The canonical ``"FORGET+RETAIN"`` (or ``"FORGET"``) string."""
+    """The canonical ``"FORGET+RETAIN"`` (or ``"FORGET"``, or ``"LLMU"``) string."""
+    if (self.forget, self.retain) == ("GA", "LLMU"):
+      return LLMU_SPEC
     return self.forget if self.retain is None else f"{self.forget}+{self.retain}"
 
 
 def needs_reference_model(config: LossConfig) -> bool:
-  """Whether the losses need a frozen reference model (NPO, DPO, KL)."""
+  """Whether the losses need a frozen reference model (NPO, DPO, KL, LLMU)."""
   return config.forget in _REFERENCE_FORGET or config.retain in _REFERENCE_RETAIN
 
 
@@ -135,3 +145,8 @@ def needs_idk_batch(
   if objective == "retain":
     return retain
   raise ValueError(f"objective must be 'forget', 'retain' or None, got {objective!r}")
+
+
+def needs_mismatch_batch(config: LossConfig) -> bool:
+  """Whether retain batches need mismatch rows: forget questions with retain answers (LLMU)."""
+  return config.retain in _MISMATCH_RETAIN

@@ -58,13 +58,16 @@ def trained_weights(params: Any, ref_params: Any) -> Any:
 
 
 class StepInputs(NamedTuple):
-  """One objective's batch: questions with true answers, and the same rows with IDK answers.
+  """One objective's batch: questions with true answers, and the same rows with IDK answers
+  and, for LLMU, mismatch rows (forget questions with these rows' answers).
 
-  Arrays have a leading micro-batch axis ``[grad_accum, B, T]``.
+  Arrays have a leading micro-batch axis ``[grad_accum, B, T]``. ``mismatch`` is None when
+  the losses do not use it (the step then compiles without it).
   """
 
   answers: losses.LMBatch
   idk: losses.LMBatch
+  mismatch: losses.LMBatch | None = None
 
 
 def _objective_loss(
@@ -85,7 +88,9 @@ def _objective_loss(
   def retain():
     if config.retain is None:  # forget-only spec: retain steps do nothing
       return jnp.float32(0.0), (jnp.float32(jnp.nan), jnp.float32(0.0))
-    loss, m = losses.retain_loss(config, logits_fn, params, ref_params, inputs.answers, inputs.idk)
+    loss, m = losses.retain_loss(
+      config, logits_fn, params, ref_params, inputs.answers, inputs.idk, inputs.mismatch
+    )
     return loss, (m["retain/nll"], m["retain/tokens"].astype(jnp.float32))
 
   return jax.lax.cond(objective == dualoptax.FORGET, forget, retain)
@@ -251,8 +256,12 @@ def _tree_cosine(a: Any, b: Any) -> tuple[jax.Array, Any]:
   return total, per_leaf
 
 
-def step_inputs(qa_batches: list[Any]) -> StepInputs:
-  """Stacks ``grad_accum`` micro-batches from ``train.data`` into :class:`StepInputs`."""
+def step_inputs(qa_batches: list[Any], mismatch: bool = False) -> StepInputs:
+  """Stacks ``grad_accum`` micro-batches from ``train.data`` into :class:`StepInputs`.
+
+  A batch without IDK (mismatch) rows fills that field with its true answers, so every
+  step has one structure; ``mismatch=False`` leaves ``mismatch`` None.
+  """
 
   # Host (numpy) arrays: the caller places them on its mesh in one transfer; stacking on
   # a device would dispatch small programs that a sharded step then has to reshard.
@@ -265,7 +274,10 @@ def step_inputs(qa_batches: list[Any]) -> StepInputs:
 
   answers = [b.answers for b in qa_batches]
   idk = [b.idk if b.idk is not None else b.answers for b in qa_batches]
-  return StepInputs(answers=lm(answers), idk=lm(idk))
+  if not mismatch:
+    return StepInputs(answers=lm(answers), idk=lm(idk))
+  rows = [b.mismatch if b.mismatch is not None else b.answers for b in qa_batches]
+  return StepInputs(answers=lm(answers), idk=lm(idk), mismatch=lm(rows))
 
 
 class StepShardings(NamedTuple):
@@ -286,10 +298,10 @@ class StepShardings(NamedTuple):
   replicated: jax.sharding.Sharding
   ref_params: Any = None
 
-  def inputs(self) -> StepInputs:
-    """The shardings of one objective's :class:`StepInputs`."""
+  def inputs(self, mismatch: bool = False) -> StepInputs:
+    """The shardings of one objective's :class:`StepInputs` (with mismatch rows or not)."""
     lm = losses.LMBatch(self.batch, self.batch, self.batch)
-    return StepInputs(answers=lm, idk=lm)
+    return StepInputs(answers=lm, idk=lm, mismatch=lm if mismatch else None)
 
   def fixed(self) -> Any:
     """The shardings of the step's ``ref_params``."""
@@ -331,7 +343,8 @@ def compile_steps(
     The jitted train step (with the XLA:CPU options of :mod:`train.runtime.compiler`),
     conflict diagnostic and optimizer diagnostics.
   """
-  inputs, replicated, fixed = shardings.inputs(), shardings.replicated, shardings.fixed()
+  inputs = shardings.inputs(mismatch=losses.needs_mismatch_batch(steps.loss_config))
+  replicated, fixed = shardings.replicated, shardings.fixed()
   batch = (inputs, replicated) if alternating else (inputs, inputs)
   train = jax.jit(
     steps.alternating if alternating else steps.joint,

@@ -1,5 +1,10 @@
 """A run's data as its config describes it: the data folder and tokenizer, the splits, and
-the forget and retain batch streams with the IDK answers the losses need."""
+the forget and retain batch streams with the IDK answers and mismatch rows the losses need.
+
+Two settings follow the DualOptim+ authors' TOFU protocol: ``data.retain_other_tasks`` (the
+retain set also holds the forget file's other tasks) and ``loss.mask`` (false: the forget
+rows score their question tokens too). Their ``mask=false`` labels a whole padded row, so
+the EOS tokens padding it to 500 are scored as well; here padding is never scored."""
 
 from __future__ import annotations
 
@@ -45,7 +50,11 @@ def prepare_data(config: RunConfig) -> tuple[Any, str]:
 def load_splits(config: RunConfig, data_dir: str) -> data_lib.TofuSplits:
   """The forget and retain splits that ``config.data`` names, read from ``data_dir``."""
   return data_lib.load_unlearning_data(
-    data_dir, config.data.forget_split, config.data.task_id, retain_split=config.data.retain_split
+    data_dir,
+    config.data.forget_split,
+    config.data.task_id,
+    retain_split=config.data.retain_split,
+    retain_other_tasks=config.data.retain_other_tasks,
   )
 
 
@@ -58,7 +67,9 @@ def make_streams(
 ) -> tuple[data_lib.BatchStream, data_lib.BatchStream]:
   """:func:`train.data.make_batch_streams` as ``config`` sets it up: its template, length,
   batch size and seed, IDK answers for each stream whose loss needs them (when the data has
-  any), and this process's rows of every global batch (all of them in one process)."""
+  any), mismatch rows on the retain stream for LLMU, forget rows scoring their prompt with
+  ``loss.mask=false``, and this process's rows of every global batch (all of them in one
+  process)."""
   batching = data_lib.BatchingConfig(batch_size or config.data.batch_size, seed=config.data.seed)
   has_idk = bool(splits.idk_answers)
   return data_lib.make_batch_streams(
@@ -71,4 +82,6 @@ def make_streams(
     forget_with_idk=losses.needs_idk_batch(loss_config, "forget") and has_idk,
     retain_with_idk=losses.needs_idk_batch(loss_config, "retain") and has_idk,
     rows=distributed.host_rows(batching.batch_size),
+    retain_with_mismatch=losses.needs_mismatch_batch(loss_config),
+    score_forget_prompt=not config.loss.mask,
   )

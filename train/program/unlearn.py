@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 import dualoptax
 from train import data as data_lib
-from train.config import ConfigError, MeshConfig, RunConfig, TrainingConfig
+from train import losses
+from train.config import ConfigError, MeshConfig, OptimizerConfig, RunConfig, TrainingConfig
+from train.program import optimizer as optimizer_lib
 from train.program import step as step_lib
 from train.program.modeling import FunctionalModel, join_adapters, lora_config
-from train.program.optimizer import make_optimizer
 from train.runtime import distributed
 from train.runtime import sharding as sharding_lib
 from train.runtime.checkpointing import RunCheckpointer
@@ -116,12 +117,16 @@ def unlearn(
 ) -> UnlearnResult:
   """Unlearns with the configured optimizer and losses; checkpoints and resumes exactly.
 
-  Writes ``metrics.jsonl`` (one line per logged step), TensorBoard scalars under
-  ``tensorboard/`` and checkpoints under ``run_dir``. With ``config.model.lora`` enabled,
+  Writes ``metrics.jsonl`` (one line per logged step: :func:`step_record`, plus the
+  diagnostics every ``training.diagnostics_every`` steps), TensorBoard scalars under
+  ``tensorboard/`` and checkpoints under ``run_dir``. The learning rate follows
+  :func:`train.program.optimizer.learning_rate_schedule` over ``training.steps`` with the
+  streams' epoch length (:func:`schedule_args`). With ``config.model.lora`` enabled,
   ``params`` stay frozen (adapters train) and ``ref_params`` must be ``params`` or None.
   """
   opt_config, train_config = config.optimizer, config.training
-  tx = make_optimizer(opt_config)
+  schedule = schedule_args(config, forget_stream, retain_stream)
+  tx = optimizer_lib.make_optimizer(opt_config, **schedule)
   part = trained_part(config, model, params, ref_params)
   shardings, params, fixed, opt_state = place_on_mesh(
     config.mesh, part.params, part.fixed, tx.init(part.params)
@@ -132,7 +137,12 @@ def unlearn(
     opt_config,
     alternating=train_config.mode == "alternating",
   )
-  batches = StepBatches(make_sampler(config, forget_stream, retain_stream), shardings, train_config)
+  batches = StepBatches(
+    make_sampler(config, forget_stream, retain_stream),
+    shardings,
+    train_config,
+    mismatch=losses.needs_mismatch_batch(config.loss.build()),
+  )
   checkpointer = RunCheckpointer(run_dir / "checkpoints", train_config.keep_checkpoints)
   start = 0
   if resume and checkpointer.latest_step() is not None:
@@ -144,7 +154,7 @@ def unlearn(
     objective, batch = batches.next()
     number = jax.device_put(np.int32(step), shardings.replicated)
     params, opt_state, metrics = compiled.train(params, opt_state, fixed, *batch, number)
-    record = {"step": step + 1, "objective": objective, **{k: float(v) for k, v in metrics.items()}}
+    record = step_record(opt_config, schedule, step, objective, metrics)
     if (step + 1) % train_config.diagnostics_every == 0:
       record.update(diagnostics_record(compiled, batches, params, fixed, opt_state))
     logger.log(record)
@@ -159,6 +169,40 @@ def unlearn(
   weights = part.join(params, fixed)
   state_bytes = dualoptax.state_nbytes(opt_state)
   return UnlearnResult(part.model, weights, opt_state, logger.history, seconds, state_bytes)
+
+
+def schedule_args(
+  config: RunConfig, forget_stream: data_lib.BatchStream, retain_stream: data_lib.BatchStream
+) -> dict[str, int]:
+  """The learning-rate schedule's ``total_steps`` (``training.steps``) and
+  ``steps_per_epoch`` (of these streams' data sets; see
+  :func:`train.program.optimizer.steps_per_epoch`), as keyword arguments."""
+  per_epoch = optimizer_lib.steps_per_epoch(
+    config, len(forget_stream.dataset), len(retain_stream.dataset)
+  )
+  return {"total_steps": config.training.steps, "steps_per_epoch": per_epoch}
+
+
+def step_record(
+  config: OptimizerConfig,
+  schedule: dict[str, int],
+  step: int,
+  objective: int,
+  metrics: dict[str, Any],
+) -> dict[str, Any]:
+  """The log line of update ``step`` (0-based): its number from 1, its objective (-1:
+  joint), the learning rate it applied and the step's metrics.
+
+  The learning rate is the schedule's value times the objective's ratio (a joint step's is
+  the retain ratio: :meth:`train.program.step.TrainStep.joint` passes RETAIN).
+  """
+  ratio = config.forget_lr_ratio if objective == data_lib.FORGET else config.retain_lr_ratio
+  return {
+    "step": step + 1,
+    "objective": objective,
+    "learning_rate": ratio * optimizer_lib.learning_rate_at(config, step, **schedule),
+    **{k: float(v) for k, v in metrics.items()},
+  }
 
 
 def make_train_step(part: TrainedPart, tx: Any, config: RunConfig) -> step_lib.TrainStep:
@@ -234,6 +278,7 @@ class StepBatches:
     sampler: Which objective each step serves, and its first micro-batch.
     shardings: Where batches go (``batch``) and the objective (``replicated``).
     training: ``grad_accum`` and ``mode`` (the sampler's kind).
+    mismatch: The steps take mismatch rows (LLMU; see :func:`train.program.step.step_inputs`).
   """
 
   def __init__(
@@ -241,15 +286,18 @@ class StepBatches:
     sampler: data_lib.AlternatingSampler | data_lib.JointSampler,
     shardings: step_lib.StepShardings,
     training: TrainingConfig,
+    mismatch: bool = False,
   ):
     self.sampler = sampler
+    self.mismatch = mismatch
     self.alternating = training.mode == "alternating"
     self._extra = training.grad_accum - 1  # micro-batches beyond the sampler's one per step
     self._shardings = shardings
 
   def place(self, qa_batches: list[data_lib.QABatch]) -> step_lib.StepInputs:
     """This host's rows of the micro-batches -> one global array per field, on the mesh."""
-    return sharding_lib.place_batch(step_lib.step_inputs(qa_batches), self._shardings.batch)
+    inputs = step_lib.step_inputs(qa_batches, mismatch=self.mismatch)
+    return sharding_lib.place_batch(inputs, self._shardings.batch)
 
   def next(self) -> tuple[int, tuple[Any, ...]]:
     """``(objective, batch)``: the step's objective (-1 for a joint step) and the arguments
