@@ -397,3 +397,19 @@ def test_llmu_unlearning_runs_end_to_end(tmp_path, data_dir, trained_tokenizer, 
   if mode == "alternating":  # GA raises the forget NLL's negative; retain steps are finite
     assert all(h["loss"] <= 0 for h in history if h["objective"] == 0)
     assert all(h["loss"] > 0 for h in history if h["objective"] == 1)
+
+
+def test_denominator_floor_reaches_dualoptim_plus_only_when_set():
+  import dualoptax
+  from train.config import ConfigError
+
+  params = {"w": jnp.ones((3, 3))}
+
+  def recorded(config):
+    state = optimizer_lib.make_optimizer(config).init(params)
+    return dualoptax.hyperparameters(state, dualoptax.ScaleByDualOptimPlusState)
+
+  assert recorded(OptimizerConfig(denominator_floor=0.5))["denominator_floor"] == 0.5
+  assert "denominator_floor" not in recorded(OptimizerConfig())  # the paper's denominator
+  with pytest.raises(ConfigError, match=r"optimizer\.denominator_floor: .*got denominator_floor=2"):
+    OptimizerConfig(denominator_floor=2.0).validate("optimizer")
