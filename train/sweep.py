@@ -303,6 +303,22 @@ def read_marker(folder: pathlib.Path) -> dict[str, Any] | None:
   return json.loads(marker.read_text()) if marker.exists() else None
 
 
+def code_version() -> str:
+  """The checkout's commit, with ``+dirty`` when tracked files differ from it (recorded in
+  each stage's marker: the hash covers the configuration, not the code)."""
+  import subprocess  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  try:
+    commit = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return commit + ("+dirty" if dirty else "")
+
+
 def cached_stage(
   folder: pathlib.Path, payload: Mapping[str, Any], compute: Callable[[pathlib.Path], dict]
 ) -> dict[str, Any]:
@@ -317,7 +333,7 @@ def cached_stage(
     shutil.rmtree(folder)  # a partial stage
   folder.mkdir(parents=True)
   (folder / "stage.json").write_text(json.dumps(payload, indent=1, default=str))
-  record = compute(folder)
+  record = {**compute(folder), "code": code_version()}
   tmp = folder / (MARKER + ".tmp")
   tmp.write_text(json.dumps(record, indent=1, default=str))
   tmp.replace(folder / MARKER)

@@ -96,14 +96,15 @@ def test_cached_stage_computes_once_and_redoes_partial_stages(tmp_path):
     return {"value": len(calls)}
 
   folder = tmp_path / "stage"
-  assert sweep.cached_stage(folder, {"a": 1}, compute) == {"value": 1}
-  assert sweep.cached_stage(folder, {"a": 1}, compute) == {"value": 1}
+  first = sweep.cached_stage(folder, {"a": 1}, compute)
+  assert first["value"] == 1 and first["code"]  # the code version is recorded too
+  assert sweep.cached_stage(folder, {"a": 1}, compute) == first
   assert len(calls) == 1
   # A stage killed before its marker: redone from an empty folder.
   partial = tmp_path / "partial"
   partial.mkdir()
   (partial / "leftover").write_text("stale")
-  assert sweep.cached_stage(partial, {}, compute) == {"value": 2}
+  assert sweep.cached_stage(partial, {}, compute)["value"] == 2
   assert not (partial / "leftover").exists()
 
 
