@@ -260,7 +260,9 @@ def reference_payload(base: RunConfig, finetune_keys: Mapping[str, str]) -> dict
 
 
 def plan(spec: SweepSpec, base: RunConfig | None = None) -> dict[str, Any]:
-  """Every stage of the sweep, with its hash and folder (nothing is computed).
+  """Every stage of the sweep, with its hash and folder (nothing is computed). A stage not
+  complete under its hash adopts a complete one whose configuration differs only by fields
+  it predates, now at their defaults (:func:`compatible`).
 
   Returns:
     ``{"finetune": {role: (key, folder)}, "reference": (key, folder), "runs": [PlannedRun]}``.
@@ -269,10 +271,11 @@ def plan(spec: SweepSpec, base: RunConfig | None = None) -> dict[str, Any]:
   root = pathlib.Path(spec.output_root)
   finetune = {}
   for role in ("target", "oracle"):
-    key = stage_key(finetune_payload(spec, base, role))
-    finetune[role] = (key, root / "finetune" / f"{role}-{key}")
-  reference_key = stage_key(reference_payload(base, {r: k for r, (k, _) in finetune.items()}))
-  reference = (reference_key, root / "reference" / reference_key)
+    payload = finetune_payload(spec, base, role)
+    key = stage_key(payload)
+    finetune[role] = adopt(root / "finetune" / f"{role}-{key}", payload)
+  payload = reference_payload(base, {r: k for r, (k, _) in finetune.items()})
+  reference = adopt(root / "reference" / stage_key(payload), payload)
   target_model = str((finetune["target"][1] / "model").resolve())
   runs = []
   # Seeds outermost: a sweep stopped early has every variant and loss at its first seeds.
@@ -285,13 +288,52 @@ def plan(spec: SweepSpec, base: RunConfig | None = None) -> dict[str, Any]:
         hashed = config.to_dict()
         hashed["output_dir"] = ""
         hashed["model"]["path"] = f"finetune:{finetune['target'][0]}"
-        payload = {"kind": "unlearn", "config": hashed, "reference": reference_key}
+        payload = {"kind": "unlearn", "config": hashed, "reference": reference[0]}
         payload["retain"] = dataclasses.asdict(spec.finetune)  # the unlearning retain subset
-        key = stage_key(payload)
-        folder = root / "unlearn" / key
+        key, folder = adopt(root / "unlearn" / stage_key(payload), payload)
         config = dataclasses.replace(config, output_dir=str(folder))
         runs.append(PlannedRun(variant.label, loss.label, seed, config, key, folder, payload))
   return {"finetune": finetune, "reference": reference, "runs": runs}
+
+
+def _defaults() -> dict[str, Any]:
+  """Default values by payload section (for :func:`compatible`)."""
+  run = RunConfig().to_dict()
+  finetune = dataclasses.asdict(FinetuneSpec())
+  return {"config": run, **run, "finetune": finetune, "retain": finetune}
+
+
+def compatible(stored: Any, wanted: Any, defaults: Any) -> bool:
+  """Whether a stored payload describes the same stage as ``wanted``: equal, except fields
+  that ``stored`` lacks (added to the code since) and ``wanted`` holds at their default."""
+  if not (isinstance(stored, Mapping) and isinstance(wanted, Mapping)):
+    return stored == wanted
+  defaults = defaults if isinstance(defaults, Mapping) else {}
+  if set(stored) - set(wanted):
+    return False  # a field since removed
+  for key, value in wanted.items():
+    if key not in stored:
+      if key not in defaults or value != defaults[key]:
+        return False
+    elif not compatible(stored[key], value, defaults.get(key)):
+      return False
+  return True
+
+
+def adopt(folder: pathlib.Path, payload: Mapping[str, Any]) -> tuple[str, pathlib.Path]:
+  """``(key, folder)`` of the stage: ``folder`` if complete or if no complete sibling has a
+  :func:`compatible` payload, else that sibling (its key is its folder name's suffix)."""
+  key = folder.name.rsplit("-", 1)[-1]
+  if (folder / MARKER).exists() or not folder.parent.is_dir():
+    return key, folder
+  prefix = folder.name[: -len(key)]
+  defaults = _defaults()
+  payload = json.loads(json.dumps(payload, default=str))  # as stored: tuples are lists
+  for other in sorted(folder.parent.glob(f"{prefix}*/{MARKER}")):
+    stage = other.parent / "stage.json"
+    if stage.exists() and compatible(json.loads(stage.read_text()), payload, defaults):
+      return other.parent.name.rsplit("-", 1)[-1], other.parent
+  return key, folder
 
 
 # ---------------------------------------------------------------- the cache

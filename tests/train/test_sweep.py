@@ -239,3 +239,29 @@ def test_cli_dry_run_lists_the_stages(sweep_file, capsys):
   assert "NPO+GD / dualoptim_plus / seed 3" in out
   assert not (sweep_file.parent / "out").exists()  # nothing computed or written
   assert cli.main(["sweep", str(sweep_file), "colour=red", "--dry-run"]) == 2
+
+
+def _complete(folder, payload):
+  folder.mkdir(parents=True)
+  (folder / "stage.json").write_text(json.dumps(payload))
+  (folder / sweep.MARKER).write_text("{}")
+
+
+def test_a_stage_from_before_a_new_field_is_adopted(sweep_file):
+  spec = sweep.load_sweep(sweep_file)
+  planned = sweep.plan(spec)
+  run = planned["runs"][0]
+  older = json.loads(json.dumps(run.payload))
+  del older["config"]["mesh"]  # fields the code has since gained, now at their defaults
+  del older["config"]["training"]["keep_checkpoints"]
+  _complete(run.folder.parent / "0123456789abcdef", older)
+  changed = json.loads(json.dumps(older))
+  changed["config"]["training"]["steps"] = 99  # another setting: never adopted
+  _complete(run.folder.parent / "fedcba9876543210", changed)
+  again = sweep.plan(spec)
+  assert again["runs"][0].folder.name == "0123456789abcdef" and again["runs"][0].complete
+  assert again["runs"][0].config.output_dir.endswith("0123456789abcdef")
+  assert [r.folder for r in again["runs"][1:]] == [r.folder for r in planned["runs"][1:]]
+  defaults = sweep._defaults()
+  assert not sweep.compatible({"a": 1, "gone": 2}, {"a": 1}, {})
+  assert not sweep.compatible(older["config"], run.payload["config"] | {"new": 1}, defaults)
