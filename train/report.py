@@ -391,9 +391,13 @@ def plot_layer_cosines(
   plt.close(fig)
 
 
+# Per-step keys about DualOptim+'s conditioning: the fractions of elements whose
+# denominator is cancelled or floored, the largest update entry (with and without a floor).
+CONDITIONING_WORDS = ("condition", "fraction", "max_update", "unguarded")
+
+
 def conditioning_keys(histories: dict[str, list[list[dict]]]) -> list[str]:
-  """Per-step scalar keys about ill-conditioning (e.g. the fraction of elements where
-  DualOptim+'s denominator is ill-conditioned or floored), if any; not the cosines."""
+  """Per-step scalar keys about ill-conditioning (:data:`CONDITIONING_WORDS`), if any."""
   return sorted(
     {
       k
@@ -401,26 +405,38 @@ def conditioning_keys(histories: dict[str, list[list[dict]]]) -> list[str]:
       for run in runs
       for h in run
       for k, v in h.items()
-      if ("condition" in k or "floored" in k) and "cosine" not in k and isinstance(v, (int, float))
+      if any(word in k for word in CONDITIONING_WORDS)
+      and "cosine" not in k
+      and isinstance(v, (int, float))
     }
   )
 
 
-def plot_scalar_over_steps(
-  histories: dict[str, list[list[dict]]], key: str, path: pathlib.Path, title: str
+def plot_scalars_over_steps(
+  histories: dict[str, list[list[dict]]], keys: list[str], path: pathlib.Path, title: str
 ) -> None:
-  """One logged scalar over steps per variant (mean over seeds, shaded ±std)."""
+  """Logged scalars over steps, one panel per key, one line per variant (mean over seeds,
+  shaded ±std); a log scale for the largest-update keys."""
   variants = list(histories)
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  for variant, runs in histories.items():
-    steps, mean, std = _mean_curves(runs, key)
-    if steps:
-      color = _color(variants, variant)
-      ax.plot(steps, mean, marker="o", markersize=3, color=color, label=variant)
-      low = [m - s for m, s in zip(mean, std)]
-      ax.fill_between(steps, low, [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)
-  ax.set(title=title, xlabel="step", ylabel=key)
-  ax.legend(fontsize=7)
+  cols = min(4, len(keys))
+  rows = -(-len(keys) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    for variant, runs in histories.items():
+      steps, mean, std = _mean_curves(runs, key)
+      if steps:
+        color = _color(variants, variant)
+        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=variant)
+        low = [m - s for m, s in zip(mean, std)]
+        ax.fill_between(steps, low, [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)
+    if "max_" in key or "unguarded" in key:
+      ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel("step")
+  for ax in list(axes.flat)[len(keys) :]:
+    ax.axis("off")
+  axes[0, 0].legend(fontsize=6)
+  fig.suptitle(title)
   _save(fig, path)
 
 
@@ -515,10 +531,11 @@ def _loss_section(collected, aggregated, loss, keys, plots, references) -> list[
   ]
   if (plots / f"layer_cosines_{slug}.png").exists():
     parts += [f"![per-layer cosines](plots/layer_cosines_{slug}.png)", ""]
-  for key in conditioning_keys(histories):
-    name = f"{_slug(key)}_{slug}.png"
-    plot_scalar_over_steps(histories, key, plots / name, f"{loss}: {key}")
-    parts += [f"![{key}](plots/{name})", ""]
+  per_step = conditioning_keys(histories)
+  if per_step:
+    name = f"conditioning_{slug}.png"
+    plot_scalars_over_steps(histories, per_step, plots / name, f"{loss}: conditioning per step")
+    parts += [f"![conditioning](plots/{name})", ""]
   return parts
 
 

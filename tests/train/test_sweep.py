@@ -228,6 +228,11 @@ def test_plots_are_written(tmp_path):
   assert (tmp_path / "cos.png").stat().st_size > 1000
   assert (tmp_path / "layers.png").stat().st_size > 1000
   assert report.conditioning_keys(histories) == ["ill_conditioned_fraction"]
+  histories["b"][0][0]["forget_max_update"] = 2.0
+  assert report.conditioning_keys(histories)[0] == "forget_max_update"
+  keys = report.conditioning_keys(histories)
+  report.plot_scalars_over_steps(histories, keys, tmp_path / "cond.png", "t")
+  assert (tmp_path / "cond.png").stat().st_size > 1000
 
 
 def test_cli_dry_run_lists_the_stages(sweep_file, capsys):
