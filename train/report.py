@@ -469,6 +469,26 @@ def _finetune_lines(collected: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _settings_lines(settings: dict[str, Any] | None) -> list[str]:
+  """The sweep's settings (its file is copied beside the report, with the reasons)."""
+  if not settings:
+    return []
+  lines = ["### Settings", "", "The sweep file with the reason for each choice: `sweep.yaml`."]
+  if settings.get("overrides"):
+    lines.append(f"Command-line overrides: `{' '.join(settings['overrides'])}`.")
+  lines += ["", "| setting | value |", "|---|---|"]
+  flat = {
+    "data_path": settings.get("data_path"),
+    "model_fetch": settings.get("model_fetch"),
+    **{f"base.{k}": v for k, v in settings.get("base", {}).items()},
+    **{f"finetune.{k}": v for k, v in settings.get("finetune", {}).items()},
+    "seeds": settings.get("seeds"),
+  }
+  lines += [f"| {k} | `{v}` |" for k, v in flat.items()]
+  lines += ["", "Variants: " + "; ".join(f"{k}: `{v}`" for k, v in settings["variants"].items())]
+  return lines + [""]
+
+
 def _reference_table(reference: dict[str, Any], keys: list[str]) -> str:
   head = ["model"] + [k.replace("_", " ") for k in keys]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -577,6 +597,7 @@ def write_sweep(out: pathlib.Path, collected: dict[str, Any]) -> pathlib.Path:
     _reference_table(reference, keys),
     "",
   ]
+  parts += _settings_lines(collected.get("settings"))
   for loss in collected.get("losses") or sorted({r["loss"] for r in runs}):
     parts += _loss_section(collected, aggregated, loss, keys, plots, references)
   path = out / "report.md"

@@ -90,6 +90,8 @@ class SweepSpec:
   model_fetch: str | None = None
   compilation_cache: str | None = None
   name: str = "sweep"
+  source: str | None = None  # the sweep file read
+  overrides: tuple[str, ...] = ()  # and the command line's overrides of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +191,8 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
     model_fetch=raw.get("model_fetch"),
     compilation_cache=raw.get("compilation_cache"),
     name=str(raw.get("name", path.stem)),
+    source=str(path),
+    overrides=tuple(overrides),
   )
 
 
@@ -641,6 +645,25 @@ def collect(spec: SweepSpec, planned: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
+def settings(spec: SweepSpec, planned: Mapping[str, Any]) -> dict[str, Any]:
+  """The settings a report states: the sweep file's, its overrides and a run's config."""
+  runs = planned["runs"]
+  return {
+    "source": spec.source,
+    "overrides": list(spec.overrides),
+    "output_root": spec.output_root,
+    "data_path": spec.data_path,
+    "model_fetch": spec.model_fetch,
+    "compilation_cache": spec.compilation_cache,
+    "finetune": dataclasses.asdict(spec.finetune),
+    "base": _flatten(spec.base),
+    "variants": {v.label: dict(v.overrides) for v in spec.variants},
+    "losses": {v.label: dict(v.overrides) for v in spec.losses},
+    "seeds": list(spec.seeds),
+    "first_run_config": runs[0].config.to_dict() if runs else None,
+  }
+
+
 def write_report(spec: SweepSpec, planned: Mapping[str, Any], wall_seconds: float | None) -> str:
   """Writes the report of what is complete so far (imported late: a long sweep picks up
   the report code as it is when it reports)."""
@@ -652,6 +675,10 @@ def write_report(spec: SweepSpec, planned: Mapping[str, Any], wall_seconds: floa
   collected["variants"] = [v.label for v in spec.variants]
   collected["losses"] = [v.label for v in spec.losses]
   collected["seeds"] = list(spec.seeds)
+  collected["settings"] = settings(spec, planned)
+  if spec.source is not None:  # the sweep file, comments (every choice) included
+    pathlib.Path(spec.report_dir).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec.source, pathlib.Path(spec.report_dir) / "sweep.yaml")
   return str(report.write_sweep(pathlib.Path(spec.report_dir), collected))
 
 
