@@ -210,8 +210,12 @@ class LossSection:
   retain_coeff: float = 1.0
   beta: float = 0.1  # NPO / SimNPO / DPO / AP inverse temperature
   # The forget loss scores the answer tokens only; false: the question's too (the authors'
-  # mask=false, which their scripts use for ME+GD).
+  # mask=false, which their joint-loss ME+GD and NPO+GD scripts use with forget_coeff 0.1;
+  # their DualOptim scripts keep mask=true and forget_coeff 1.0).
   mask: bool = True
+  # Positions the KL retain loss (KL, LLMU) averages over: "answer" tokens, or "all"
+  # positions of the batch (the authors' kl_div "batchmean" over every position).
+  kl_tokens: str = "answer"
 
   def validate(self, key: str) -> None:
     self.build(key)
@@ -220,7 +224,11 @@ class LossSection:
     """The ``train.losses.LossConfig`` this section describes."""
     try:
       return losses.LossConfig.from_spec(
-        self.name, forget_coeff=self.forget_coeff, retain_coeff=self.retain_coeff, beta=self.beta
+        self.name,
+        forget_coeff=self.forget_coeff,
+        retain_coeff=self.retain_coeff,
+        beta=self.beta,
+        kl_tokens=self.kl_tokens,
       )
     except ValueError as e:
       raise ConfigError(f"{key}: {e}") from e

@@ -15,6 +15,7 @@ import pytest
 
 from train import data, losses, program
 from train.config import (
+  ConfigError,
   DataConfig,
   LossSection,
   ModelConfig,
@@ -394,6 +395,14 @@ def test_llmu_unlearning_runs_end_to_end(tmp_path, data_dir, trained_tokenizer, 
   expected = [1e-3 * f * (0.5 if o == 0 else 1.0) for f, o in zip(factors, objectives)]
   np.testing.assert_allclose([h["learning_rate"] for h in history], expected, rtol=1e-6)
   assert "gradient_cosine" in history[2]
+  # The largest update entry: none at the warmup's zero learning rate, then some.
+  assert history[0]["max_update"] == 0 and all(h["max_update"] > 0 for h in history[1:])
+  if name == "dualoptim_plus":  # its conditioning, on the diagnostics steps
+    for objective in ("forget", "retain"):
+      assert 0 <= history[2][f"{objective}_cancelled_fraction"] <= 1
+      assert history[2][f"{objective}_floored_fraction"] == 0  # no floor configured
+      unguarded = history[2][f"{objective}_max_unguarded_update"]
+      assert history[2][f"{objective}_max_update"] == unguarded > 0
   if mode == "alternating":  # GA raises the forget NLL's negative; retain steps are finite
     assert all(h["loss"] <= 0 for h in history if h["objective"] == 0)
     assert all(h["loss"] > 0 for h in history if h["objective"] == 1)
@@ -401,7 +410,6 @@ def test_llmu_unlearning_runs_end_to_end(tmp_path, data_dir, trained_tokenizer, 
 
 def test_denominator_floor_reaches_dualoptim_plus_only_when_set():
   import dualoptax
-  from train.config import ConfigError
 
   params = {"w": jnp.ones((3, 3))}
 
@@ -413,3 +421,10 @@ def test_denominator_floor_reaches_dualoptim_plus_only_when_set():
   assert "denominator_floor" not in recorded(OptimizerConfig())  # the paper's denominator
   with pytest.raises(ConfigError, match=r"optimizer\.denominator_floor: .*got denominator_floor=2"):
     OptimizerConfig(denominator_floor=2.0).validate("optimizer")
+
+
+def test_kl_positions_reach_the_loss():
+  assert LossSection(name="NPO+KL").build().kl_tokens == "answer"
+  assert LossSection(name="NPO+KL", kl_tokens="all").build().kl_tokens == "all"
+  with pytest.raises(ConfigError, match=r"loss: unknown kl_tokens 'every'"):
+    LossSection(name="NPO+KL", kl_tokens="every").validate("loss")

@@ -174,7 +174,11 @@ def test_compile_steps_jits_the_step_functions(name, alternating):
   if name == "adam":
     assert compiled.diagnostics is None
   else:
-    assert set(compiled.diagnostics(opt_state)) == {"update_cosine", "preconditioned_cosine"}
+    names = {"update_cosine", "preconditioned_cosine"}
+    if name == "dualoptim_plus":  # and its conditioning, per objective
+      kinds = ("cancelled_fraction", "floored_fraction", "max_update", "max_unguarded_update")
+      names |= {f"{o}_{kind}" for o in ("forget", "retain") for kind in kinds}
+    assert set(compiled.diagnostics(opt_state)) == names
 
 
 def _tiny_lora(dropout, remat="none", num_layers=1):

@@ -169,7 +169,8 @@ def optimizer_diagnostics_fn(
   config: OptimizerConfig, **jit_kwargs: Any
 ) -> Callable[[Any], dict[str, Any]] | None:
   """A jitted ``opt_state -> {name: scalar}`` of the optimizer's Figure-2 cosines (forget
-  vs retain update terms), or None for an optimizer without them.
+  vs retain update terms) and, for DualOptim+, its conditioning (:func:`_conditioning`), or
+  None for an optimizer without them.
 
   One compiled program rather than eager per-leaf operations: on a mesh every eager
   operation is a multi-device launch, and hundreds of them queued behind a sharded step
@@ -184,14 +185,33 @@ def optimizer_diagnostics_fn(
   if diagnose is None:
     return None
 
-  def cosines(opt_state):
+  def diagnostics(opt_state):
     _, total = diagnose(opt_state)
-    return {
+    out = {
       "update_cosine": total.update_cosine,
       "preconditioned_cosine": total.preconditioned_cosine,
     }
+    if config.name == "dualoptim_plus":
+      out.update(_conditioning(opt_state))
+    return out
 
-  return jax.jit(cosines, **jit_kwargs)
+  return jax.jit(diagnostics, **jit_kwargs)
+
+
+def _conditioning(opt_state: Any) -> dict[str, Any]:
+  """DualOptim+'s ill-conditioning, per objective (``dualoptim_plus_conditioning``): the
+  fraction of elements whose ``|Eh + Vh|`` is below 1% of ``Vh`` (the delta cancels the
+  base, so ``sqrt(|Eh + Vh|)`` divides by almost nothing), the fraction a
+  ``denominator_floor`` acts on, and the largest entry of the next update in units of the
+  objective's learning rate, with the run's floor and by the paper's formula."""
+  _, total = dualoptax.dualoptim_plus_conditioning(opt_state)
+  out = {}
+  for objective, name in ((dualoptax.FORGET, "forget"), (dualoptax.RETAIN, "retain")):
+    out[f"{name}_cancelled_fraction"] = total.cancelled_fraction[objective]
+    out[f"{name}_floored_fraction"] = total.floored_fraction[objective]
+    out[f"{name}_max_update"] = total.max_update[objective]
+    out[f"{name}_max_unguarded_update"] = total.max_unguarded_update[objective]
+  return out
 
 
 def adam_preconditioner(opt_state: Any) -> Callable[[Any, Any], Any]:

@@ -176,7 +176,13 @@ class TrainStep:
     grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
     updates, opt_state = self.tx.update(grads, opt_state, params, objective=objective)
     params = optax.apply_updates(params, updates)
-    metrics = dict(loss=loss, nll=nll, tokens=tokens, grad_norm=optax.tree.norm(grads))
+    metrics = dict(
+      loss=loss,
+      nll=nll,
+      tokens=tokens,
+      grad_norm=optax.tree.norm(grads),
+      max_update=_largest_entry(updates),
+    )
     return params, opt_state, metrics
 
   def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs, step=None):
@@ -201,7 +207,12 @@ class TrainStep:
     updates, opt_state = self.tx.update(grads, opt_state, params, objective=dualoptax.RETAIN)
     params = optax.apply_updates(params, updates)
     metrics = dict(
-      loss=loss, nll=r_nll, forget_nll=f_nll, tokens=tokens, grad_norm=optax.tree.norm(grads)
+      loss=loss,
+      nll=r_nll,
+      forget_nll=f_nll,
+      tokens=tokens,
+      grad_norm=optax.tree.norm(grads),
+      max_update=_largest_entry(updates),
     )
     return params, opt_state, metrics
 
@@ -241,6 +252,13 @@ class TrainStep:
 
 # Micro-batch indices of a joint step's retain half start here (distinct dropout keys).
 _JOINT_OFFSET = 1 << 16
+
+
+def _largest_entry(updates: Any) -> jax.Array:
+  """The largest ``|update|`` entry of a step: with the logged learning rate, how far one
+  element moved in units of it (DualOptim+'s denominator can collapse at an objective's
+  first step, where the state before it cannot show it)."""
+  return optax.tree.max(jax.tree.map(jnp.abs, updates))
 
 
 def _tree_cosine(a: Any, b: Any) -> tuple[jax.Array, Any]:
