@@ -183,11 +183,19 @@ def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
   return out
 
 
-def pm(stats: tuple[float | None, float | None, int] | None) -> str:
-  """``mean ± std`` (``–`` if missing)."""
+def pm(stats: tuple[float | None, float | None, int] | None, spec: str | None = None) -> str:
+  """``mean ± std`` (``–`` if missing), by :func:`_fmt` or the format ``spec``."""
   if stats is None or stats[0] is None:
     return "–"
+  if spec is not None:
+    return f"{stats[0]:{spec}} ± {stats[1]:{spec}}"
   return f"{_fmt(stats[0])} ± {_fmt(stats[1])}"
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+  """A legend if anything is labelled (matplotlib warns on an empty one)."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(**kwargs)
 
 
 def seed_table(
@@ -201,7 +209,7 @@ def seed_table(
     if group_loss != loss:
       continue
     cells = [variant, str(len(stats["seeds"]))] + [pm(stats.get(k)) for k in keys]
-    cells += [pm(stats.get("unlearn_seconds")), pm(stats.get("eval_seconds"))]
+    cells += [pm(stats.get("unlearn_seconds"), ".0f"), pm(stats.get("eval_seconds"), ".0f")]
     state = stats.get("state_bytes")
     cells.append("–" if not state or state[0] is None else f"{int(state[0]):,}")
     lines.append("| " + " | ".join(cells) + " |")
@@ -270,7 +278,7 @@ def plot_tradeoff_errorbars(
     ylabel=y_key.replace("_", " "),
     title=f"{loss}: trade-off (mean ± std over seeds)",
   )
-  ax.legend(fontsize=7)
+  _legend(ax, fontsize=7)
   _save(fig, path)
 
 
@@ -317,7 +325,7 @@ def plot_cosines_over_steps(
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set(title=f"{name} ({key})", xlabel="step")
   axes[0].set_ylabel("cosine (forget vs retain)")
-  axes[0].legend(fontsize=7)
+  _legend(axes[0], fontsize=7)
   fig.suptitle(title)
   _save(fig, path)
 
@@ -384,7 +392,7 @@ def plot_layer_cosines(
     axes[1, k].hist(matrix[:, 0], bins=bins, alpha=0.6, label=f"step {steps[0]}")
     axes[1, k].hist(matrix[:, -1], bins=bins, alpha=0.6, label=f"step {steps[-1]}")
     axes[1, k].set(xlabel="per-layer gradient cosine", ylabel="layers" if k == 0 else None)
-    axes[1, k].legend(fontsize=7)
+    _legend(axes[1, k], fontsize=7)
   fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.8)
   fig.suptitle(title)
   fig.savefig(path, dpi=110)
@@ -435,7 +443,7 @@ def plot_scalars_over_steps(
     ax.set_xlabel("step")
   for ax in list(axes.flat)[len(keys) :]:
     ax.axis("off")
-  axes[0, 0].legend(fontsize=6)
+  _legend(axes[0, 0], fontsize=6)
   fig.suptitle(title)
   _save(fig, path)
 
