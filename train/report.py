@@ -461,8 +461,10 @@ def _finetune_lines(collected: dict[str, Any]) -> list[str]:
   lines = []
   reference = collected.get("reference") or {}
   for role, record in (collected.get("finetune") or {}).items():
-    if not record:
-      lines.append(f"- {role}: not fine-tuned yet")
+    if not record or "given" in record:
+      lines.append(
+        f"- {role}: " + (f"given ({record['given']})" if record else "not fine-tuned yet")
+      )
       continue
     evaluated = reference.get(role) or {}
     probability = evaluated.get("forget_probability")

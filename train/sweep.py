@@ -58,6 +58,9 @@ class FinetuneSpec:
     control_sets: Also train on the real-authors / world-facts sets (the tiny model's
       stand-in for pretrained knowledge; a pretrained model already has it).
     seed: The fine-tuning data order.
+    target_path, oracle_path: Existing checkpoints to use instead of fine-tuning (e.g.
+      TOFU's released fine-tuned models, for models too large for ``program.finetune``,
+      which trains every weight on one device).
   """
 
   epochs: float = 5.0
@@ -67,6 +70,8 @@ class FinetuneSpec:
   questions_per_author: int = 20
   control_sets: bool = False
   seed: int = 0
+  target_path: str | None = None
+  oracle_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,12 +280,16 @@ def plan(spec: SweepSpec, base: RunConfig | None = None) -> dict[str, Any]:
   root = pathlib.Path(spec.output_root)
   finetune = {}
   for role in ("target", "oracle"):
+    given = given_model(spec, role)
+    if given is not None:  # an existing checkpoint: its path is its identity
+      finetune[role] = (stage_key({"kind": "given", "path": given}), pathlib.Path(given))
+      continue
     payload = finetune_payload(spec, base, role)
     key = stage_key(payload)
     finetune[role] = adopt(root / "finetune" / f"{role}-{key}", payload)
   payload = reference_payload(base, {r: k for r, (k, _) in finetune.items()})
   reference = adopt(root / "reference" / stage_key(payload), payload)
-  target_model = str((finetune["target"][1] / "model").resolve())
+  target_model = model_path(spec, finetune, "target")
   runs = []
   # Seeds outermost: a sweep stopped early has every variant and loss at its first seeds.
   for seed in spec.seeds:
@@ -298,6 +307,17 @@ def plan(spec: SweepSpec, base: RunConfig | None = None) -> dict[str, Any]:
         config = dataclasses.replace(config, output_dir=str(folder))
         runs.append(PlannedRun(variant.label, loss.label, seed, config, key, folder, payload))
   return {"finetune": finetune, "reference": reference, "runs": runs}
+
+
+def given_model(spec: SweepSpec, role: str) -> str | None:
+  """The absolute path of an existing ``role`` checkpoint the sweep file names, or None."""
+  given = getattr(spec.finetune, f"{role}_path")
+  return None if given is None else os.path.abspath(os.path.expanduser(given))
+
+
+def model_path(spec: SweepSpec, finetune: Mapping[str, Any], role: str) -> str:
+  """Where the ``role`` model is: the given checkpoint or the fine-tuning stage's model."""
+  return given_model(spec, role) or str((finetune[role][1] / "model").resolve())
 
 
 def _defaults() -> dict[str, Any]:
@@ -610,7 +630,8 @@ def describe(spec: SweepSpec, planned: Mapping[str, Any]) -> str:
   """The dry-run listing: every stage, its folder and whether it is cached."""
   lines = [f"sweep {spec.name}: output under {spec.output_root}, report in {spec.report_dir}"]
   for role, (_, folder) in planned["finetune"].items():
-    lines.append(f"  finetune {role:<7} {_state(folder)}  {folder}")
+    state = "given  " if given_model(spec, role) else _state(folder)
+    lines.append(f"  finetune {role:<7} {state}  {folder}")
   lines.append(f"  reference        {_state(planned['reference'][1])}  {planned['reference'][1]}")
   runs = planned["runs"]
   for run in runs:
@@ -636,7 +657,10 @@ def collect(spec: SweepSpec, planned: Mapping[str, Any]) -> dict[str, Any]:
       record = {**record, "variant": run.variant, "loss": run.loss, "seed": run.seed}
       record["metrics_path"] = str(run.folder / "metrics.jsonl")
       records.append(record)
-  finetune = {role: read_marker(folder) for role, (_, folder) in planned["finetune"].items()}
+  finetune = {
+    role: read_marker(folder) or ({"given": str(folder)} if given_model(spec, role) else None)
+    for role, (_, folder) in planned["finetune"].items()
+  }
   return {
     "runs": records,
     "finetune": finetune,
@@ -693,10 +717,11 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False) -> dict[str, Any]:
   began = time.perf_counter()
   ctx = make_context(spec, base)
   models = {}
-  for role, (key, folder) in planned["finetune"].items():
-    payload = finetune_payload(spec, base, role)
-    cached_stage(folder, payload, lambda f, role=role: finetune_stage(ctx, role, f))
-    models[role] = str((folder / "model").resolve())
+  for role, (_, folder) in planned["finetune"].items():
+    if given_model(spec, role) is None:
+      payload = finetune_payload(spec, base, role)
+      cached_stage(folder, payload, lambda f, role=role: finetune_stage(ctx, role, f))
+    models[role] = model_path(spec, planned["finetune"], role)
   ref_key, ref_folder = planned["reference"]
   payload = reference_payload(base, {r: k for r, (k, _) in planned["finetune"].items()})
   reference = cached_stage(ref_folder, payload, lambda f: reference_stage(ctx, models, f))

@@ -270,3 +270,20 @@ def test_a_stage_from_before_a_new_field_is_adopted(sweep_file):
   defaults = sweep._defaults()
   assert not sweep.compatible({"a": 1, "gone": 2}, {"a": 1}, {})
   assert not sweep.compatible(older["config"], run.payload["config"] | {"new": 1}, defaults)
+
+
+def test_given_target_and_oracle_skip_fine_tuning(sweep_file, monkeypatch, tmp_path, capsys):
+  target, oracle = tmp_path / "released" / "target", tmp_path / "released" / "oracle"
+  overrides = [f"finetune.target_path={target}", f"finetune.oracle_path={oracle}"]
+  spec = sweep.load_sweep(sweep_file, overrides)
+  planned = sweep.plan(spec)
+  assert planned["finetune"]["target"][1] == target
+  assert all(run.config.model.path == str(target) for run in planned["runs"])
+  other = sweep.plan(sweep.load_sweep(sweep_file, [f"finetune.target_path={oracle}"]))
+  assert not set(_keys(other)) & set(_keys(planned))
+  calls = []
+  _fake_stages(monkeypatch, calls)
+  sweep.run_sweep(spec)
+  assert ("finetune", "target") not in calls and ("finetune", "oracle") not in calls
+  assert "finetune target  given" in capsys.readouterr().out
+  assert f"given ({target})" in (pathlib.Path(spec.report_dir) / "report.md").read_text()
