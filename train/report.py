@@ -437,13 +437,19 @@ def plot_scalars_over_steps(
         ax.plot(steps, mean, marker="o", markersize=3, color=color, label=variant)
         low = [m - s for m, s in zip(mean, std)]
         ax.fill_between(steps, low, [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)
-    if "max_" in key or "unguarded" in key:
-      ax.set_yscale("symlog", linthresh=1e-6)
+    if "max_" in key or "unguarded" in key:  # spans decades; zero at a warmup step
+      positive = all(y > 0 for line in ax.get_lines() for y in line.get_ydata())
+      ax.set_yscale("log") if positive else ax.set_yscale("symlog", linthresh=1e-8)
     ax.set_title(key, fontsize=9)
     ax.set_xlabel("step")
   for ax in list(axes.flat)[len(keys) :]:
     ax.axis("off")
-  _legend(axes[0, 0], fontsize=6)
+  # One legend for the figure, from the panel with the most variants.
+  handles, labels = max(
+    (ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0])
+  )
+  if handles:
+    fig.legend(handles, labels, loc="lower right", fontsize=7)
   fig.suptitle(title)
   _save(fig, path)
 
