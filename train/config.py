@@ -289,6 +289,10 @@ class EvalConfig:
   # all-MiniLM-L6-v2 folder (python -m models.fetch minilm) for the paper's cosine
   # similarity; null: that term is not computed (and named missing in the summary).
   embedding_model: str | None = None
+  # Forget quality's reference: a retain-only model's per-item file (its
+  # eval/tofu_eval_items.json) or an open-unlearning TOFU_EVAL.json; null: not computed
+  # (the experiment and the sweep pass their oracle's).
+  retain_reference: str | None = None
   batch_size: int = 16
 
   def validate(self, key: str) -> None:

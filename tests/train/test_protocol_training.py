@@ -428,3 +428,24 @@ def test_kl_positions_reach_the_loss():
   assert LossSection(name="NPO+KL", kl_tokens="all").build().kl_tokens == "all"
   with pytest.raises(ConfigError, match=r"loss: unknown kl_tokens 'every'"):
     LossSection(name="NPO+KL", kl_tokens="every").validate("loss")
+
+
+def test_eval_retain_reference_gives_forget_quality(tmp_path, data_dir, trained_tokenizer):
+  from train.program.modeling import FunctionalModel, build_model
+
+  config = _tiny_run_config(tmp_path, data_dir, "alternating", "adam")
+  config = dataclasses.replace(
+    config, eval=dataclasses.replace(config.eval, max_items=4, max_new_tokens=2)
+  )
+  module, model_config = build_model(config.model, trained_tokenizer)
+  model, params = FunctionalModel.split(module, model_config)
+  evaluate = program.evaluate_params
+  alone = evaluate(config, model, params, trained_tokenizer, str(data_dir), tmp_path / "a")
+  assert alone["forget_quality"] is None
+  reference = str(tmp_path / "a" / "tofu_eval_items.json")
+  config = dataclasses.replace(
+    config, eval=dataclasses.replace(config.eval, retain_reference=reference)
+  )
+  paired = evaluate(config, model, params, trained_tokenizer, str(data_dir), tmp_path / "b")
+  assert paired["forget_quality_reference"] == reference
+  assert paired["forget_quality"] == pytest.approx(1.0)  # the same model: identical ratios

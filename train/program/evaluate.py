@@ -45,9 +45,12 @@ def evaluate_params(
 ) -> dict[str, Any]:
   """Evaluates ``params`` on the TOFU-format sets of ``data_dir``; writes the JSON files.
 
-  ``paper`` (:func:`paper_models`) may be passed to reuse a loaded sentence encoder across
-  evaluations; ``None`` loads it here.
+  ``retain_reference`` (forget quality's reference file) defaults to
+  ``config.eval.retain_reference``. ``paper`` (:func:`paper_models`) may be passed to reuse
+  a loaded sentence encoder across evaluations; ``None`` loads it here.
   """
+  if retain_reference is None:
+    retain_reference = config.eval.retain_reference
   # A chat template's turn ends with its own token (Phi-3's <|end|> is not its EOS).
   encoder = PromptEncoder.create(config.data.template, tokenizer, config.eval.answer_boundary)
   scoring = ScoringAdapter(model, params, encoder.stop_token_ids, tokenizer.pad_token_id)
