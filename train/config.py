@@ -244,6 +244,10 @@ class TrainingConfig:
   diagnostics_every: int = 10  # both objectives' gradients at the same params, every N
   checkpoint_every: int = 20
   keep_checkpoints: int = 2
+  # A step whose loss or gradients are not finite is skipped (parameters and optimizer
+  # state unchanged) and counted; this many in a row stop the run, keeping the last good
+  # checkpoint.
+  max_nonfinite_steps: int = 3
   seed: int = 0
 
   def validate(self, key: str) -> None:
@@ -251,7 +255,14 @@ class TrainingConfig:
     _positive(
       key,
       self,
-      ("steps", "grad_accum", "diagnostics_every", "checkpoint_every", "keep_checkpoints"),
+      (
+        "steps",
+        "grad_accum",
+        "diagnostics_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+      ),
     )
 
 
