@@ -23,6 +23,10 @@ the trained model's weights from both: by default the trained weights are ``para
 weights). Dropout (LoRA's) draws its masks from the step number, so a resumed run repeats
 them.
 
+Non-finite steps: a step whose loss, gradients or update is not finite (NaN/inf) leaves
+the parameters and optimizer state unchanged and reports ``skipped = 1`` in its metrics;
+the loop counts them and stops after ``training.max_nonfinite_steps`` in a row.
+
 The step functions are pure; :func:`compile_steps` wraps them in ``jax.jit`` with the
 run's shardings, donation and compiler options.
 """
@@ -174,8 +178,7 @@ class TrainStep:
     ``step`` (the step number) turns dropout on; None leaves it off."""
     grad_fn = self._loss_grad(ref_params, objective, step)
     grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
-    updates, opt_state = self.tx.update(grads, opt_state, params, objective=objective)
-    params = optax.apply_updates(params, updates)
+    updates, new_state = self.tx.update(grads, opt_state, params, objective=objective)
     metrics = dict(
       loss=loss,
       nll=nll,
@@ -183,7 +186,7 @@ class TrainStep:
       grad_norm=optax.tree.norm(grads),
       max_update=_largest_entry(updates),
     )
-    return params, opt_state, metrics
+    return _apply_if_finite(params, opt_state, updates, new_state, metrics)
 
   def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs, step=None):
     """One step on ``forget_coeff * L_f + retain_coeff * L_r``."""
@@ -199,22 +202,22 @@ class TrainStep:
       r_loss, (r_nll, r_tokens) = _objective_loss(
         self.loss_config, r_logits, weights, ref_params, r_micro, jnp.int32(1)
       )
-      return f_loss + r_loss, (f_nll, r_nll, f_tokens + r_tokens)
+      return f_loss + r_loss, (f_nll, r_nll, f_tokens + r_tokens, f_loss)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    grads, loss, (f_nll, r_nll, tokens) = _accumulate(grad_fn, (forget, retain), params)
+    grads, loss, (f_nll, r_nll, tokens, f_loss) = _accumulate(grad_fn, (forget, retain), params)
     # Joint steps serve both objectives; RETAIN's learning-rate ratio (1 by convention).
-    updates, opt_state = self.tx.update(grads, opt_state, params, objective=dualoptax.RETAIN)
-    params = optax.apply_updates(params, updates)
+    updates, new_state = self.tx.update(grads, opt_state, params, objective=dualoptax.RETAIN)
     metrics = dict(
       loss=loss,
+      forget_loss=f_loss,  # which half went non-finite, if the step is skipped
       nll=r_nll,
       forget_nll=f_nll,
       tokens=tokens,
       grad_norm=optax.tree.norm(grads),
       max_update=_largest_entry(updates),
     )
-    return params, opt_state, metrics
+    return _apply_if_finite(params, opt_state, updates, new_state, metrics)
 
   def gradient_conflict(
     self, params, ref_params, forget: StepInputs, retain: StepInputs, precondition: Any = None
@@ -248,6 +251,27 @@ class TrainStep:
       jax.tree.map(jnp.multiply, g_f, scale), jax.tree.map(jnp.multiply, g_r, scale)
     )
     return total, per_leaf, scaled_total
+
+
+def _apply_if_finite(params, opt_state, updates, new_state, metrics):
+  """``(params, opt_state, metrics)`` after the step, or unchanged if it is not finite.
+
+  A step is finite when its loss, gradient norm and largest update entry are: the last two
+  are reductions the metrics compute anyway (a NaN or inf anywhere in the gradients or
+  updates reaches them), so the check costs no extra pass or all-reduce. A skipped step
+  keeps the parameters and optimizer state bit for bit (``jnp.where`` per leaf, which
+  keeps the donated buffers' layout) and reports ``skipped = 1``.
+
+  ``optax.apply_if_finite`` is not used: it checks only the gradients (not the loss or
+  what the optimizer made of them), adds its own state (changing the checkpoint layout)
+  and applies the update anyway after its error budget.
+  """
+  finite = jnp.isfinite(metrics["loss"])
+  finite &= jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics["max_update"])
+  keep = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+  opt_state = jax.tree.map(keep, new_state, opt_state)
+  return params, opt_state, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
 # Micro-batch indices of a joint step's retain half start here (distinct dropout keys).

@@ -19,8 +19,11 @@ norm and donate and checkpoint the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import pathlib
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -145,25 +148,29 @@ def unlearn(
   )
   checkpointer = RunCheckpointer(run_dir / "checkpoints", train_config.keep_checkpoints)
   start = 0
-  if resume and checkpointer.latest_step() is not None:
-    start, params, opt_state = restore(checkpointer, params, opt_state, batches.sampler)
+  with _closing_on_error(checkpointer):
+    if resume:
+      start, params, opt_state = restore(checkpointer, params, opt_state, batches.sampler)
   logger = MetricsLogger(run_dir, start_step=start, write=distributed.is_primary())
+  guard = NonFiniteGuard(train_config.max_nonfinite_steps, checkpointer)
   began = time.perf_counter()
   progress = _progress(start, train_config.steps, opt_config.name)
-  for step in progress:
-    objective, batch = batches.next()
-    number = jax.device_put(np.int32(step), shardings.replicated)
-    params, opt_state, metrics = compiled.train(params, opt_state, fixed, *batch, number)
-    record = step_record(opt_config, schedule, step, objective, metrics)
-    if (step + 1) % train_config.diagnostics_every == 0:
-      record.update(diagnostics_record(compiled, batches, params, fixed, opt_state))
-    logger.log(record)
-    progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-    if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == train_config.steps:
-      meta = {"sampler": batches.sampler.state.to_dict(), "optimizer": opt_config.name}
-      checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, meta)
-  checkpointer.close()
-  logger.close()
+  with _closing_on_error(checkpointer, logger):
+    for step in progress:
+      objective, batch = batches.next()
+      number = jax.device_put(np.int32(step), shardings.replicated)
+      params, opt_state, metrics = compiled.train(params, opt_state, fixed, *batch, number)
+      record = guard.check(step_record(opt_config, schedule, step, objective, metrics))
+      if (step + 1) % train_config.diagnostics_every == 0:
+        record.update(diagnostics_record(compiled, batches, params, fixed, opt_state))
+      logger.log(record)
+      guard.stop_if_exhausted()
+      progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+      if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == train_config.steps:
+        meta = {"sampler": batches.sampler.state.to_dict(), "optimizer": opt_config.name}
+        checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, meta)
+    checkpointer.close()
+    logger.close()
   jax.block_until_ready(params)
   seconds = time.perf_counter() - began
   weights = part.join(params, fixed)
@@ -326,15 +333,102 @@ class StepBatches:
 def restore(
   checkpointer: RunCheckpointer, params: Any, opt_state: Any, sampler: Any
 ) -> tuple[int, Any, Any]:
-  """Restores the latest checkpoint into the placed ``params`` and ``opt_state`` (each host
-  reads its shards straight into place) and moves ``sampler`` to where it was.
+  """Restores the newest good checkpoint into the placed ``params`` and ``opt_state`` (each
+  host reads its shards straight into place) and moves ``sampler`` to where it was.
+
+  Broken newer checkpoints are reported and set aside
+  (:meth:`RunCheckpointer.restore_latest_good`).
 
   Returns:
-    ``(step, params, opt_state)``.
+    ``(step, params, opt_state)``: ``(0, params, opt_state)`` if there is no checkpoint.
+
+  Raises:
+    train.runtime.checkpointing.CheckpointError: if checkpoints exist but none restores.
   """
-  step, state, meta = checkpointer.restore({"params": params, "opt_state": opt_state})
+  restored = checkpointer.restore_latest_good(
+    {"params": params, "opt_state": opt_state},
+    check=lambda meta: data_lib.SamplerState.from_dict(meta["sampler"]),
+  )
+  if restored is None:
+    return 0, params, opt_state
+  step, state, meta = restored
   sampler.restore(data_lib.SamplerState.from_dict(meta["sampler"]))
   return step, state["params"], state["opt_state"]
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss, gradient or update; the message is
+  one line naming the steps, the objective and the checkpoint kept."""
+
+
+class NonFiniteGuard:
+  """Counts the steps the train step skipped as non-finite (``skipped`` in its metrics).
+
+  Each record gains ``nonfinite_steps`` (the run's total so far); each skipped step prints
+  a one-line warning, and ``limit`` consecutive ones stop the run (:meth:`stop_if_exhausted`
+  raises :class:`NonFiniteError`). The parameters then are those before the first of them,
+  and the checkpoints are untouched.
+  """
+
+  def __init__(self, limit: int, checkpointer: RunCheckpointer):
+    self.limit, self.total, self.checkpointer = limit, 0, checkpointer
+    self.streak: list[tuple[int, str]] = []  # (step number, what went non-finite)
+
+  def check(self, record: dict[str, Any]) -> dict[str, Any]:
+    if record.get("skipped", 0.0) > 0:
+      self.total += 1
+      self.streak.append((record["step"], _nonfinite_part(record)))
+      if distributed.is_primary():
+        tqdm.write(
+          f"warning: step {record['step']}: the {self.streak[-1][1]} is not finite; step "
+          "skipped (parameters and optimizer state unchanged)",
+          file=sys.stderr,
+        )
+    else:
+      self.streak.clear()
+    record["nonfinite_steps"] = self.total
+    return record
+
+  def stop_if_exhausted(self) -> None:
+    if len(self.streak) < self.limit:
+      return
+    (first, what), last = self.streak[0], self.streak[-1][0]
+    kept = self.checkpointer.latest_step()
+    where = f"step {kept} in {self.checkpointer.directory}" if kept else "none"
+    raise NonFiniteError(
+      f"steps {first}-{last}: {len(self.streak)} non-finite steps in a row "
+      f"(training.max_nonfinite_steps={self.limit}), first the {what} at step {first}; "
+      f"stopped with the parameters of step {first - 1}; last checkpoint kept: {where}"
+    )
+
+
+def _nonfinite_part(record: dict[str, Any]) -> str:
+  """Which value of a skipped step was not finite: the forget or retain loss, or (finite
+  losses) that objective's gradients or update."""
+  objective = record["objective"]
+  finite_loss = math.isfinite(record["loss"])
+  if objective == -1:  # joint: the forget half, or else the retain half
+    if finite_loss:
+      return "gradient or update of the joint loss"
+    return "forget loss" if not math.isfinite(record["forget_loss"]) else "retain loss"
+  name = "forget" if objective == data_lib.FORGET else "retain"
+  return f"{name} loss" if not finite_loss else f"{name} gradient or update"
+
+
+@contextlib.contextmanager
+def _closing_on_error(*closables: RunCheckpointer | MetricsLogger):
+  """On an error in the loop, closes the checkpointer and logs before it propagates (an
+  unclosed orbax manager's threads otherwise die with "Event loop is closed" tracebacks
+  at exit); errors while closing are dropped, the loop's own is the one to report."""
+  try:
+    yield
+  except BaseException:
+    for closable in closables:
+      try:
+        closable.close()
+      except Exception:  # noqa: BLE001,S110
+        pass
+    raise
 
 
 def diagnostics_record(

@@ -3,7 +3,9 @@
 :class:`MetricsLogger` is the one place a run writes its metrics. On a resumed run it first
 drops what a killed run logged after the checkpoint it resumes from, from both logs, so the
 logs hold each step once and match the restored state. Only the primary process writes;
-every process keeps the records (the run's history) in memory.
+every process keeps the records (the run's history) in memory. A failed write (full or
+read-only disk) raises an ``OSError`` naming the log's path; the rewrite on resume goes
+through a temporary file, so it never truncates the log.
 """
 
 from __future__ import annotations
@@ -56,8 +58,13 @@ class MetricsLogger:
     self.history.append(dict(record))
     if self._tensorboard is None:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full or read-only disk: say which file, not just the errno
+      raise OSError(
+        e.errno, f"cannot write the metrics log: {e.strerror or e}", str(self.path)
+      ) from e
     for tag, value in record.items():
       if isinstance(value, float) and tag != "step":
         self._tensorboard.add_scalar(tag, value, record["step"])
@@ -80,7 +87,14 @@ def _keep_lines_through(path: pathlib.Path, step: int) -> None:
   kept = [
     line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
   ]
-  path.write_text("".join(line + "\n" for line in kept))
+  # Written aside and renamed: a full disk fails the write, not the log it would replace.
+  partial = path.with_name(path.name + ".tmp")
+  try:
+    partial.write_text("".join(line + "\n" for line in kept))
+  except OSError as e:
+    partial.unlink(missing_ok=True)
+    raise OSError(e.errno, f"cannot rewrite the metrics log: {e.strerror or e}", str(path)) from e
+  os.replace(partial, path)
 
 
 def _summary_writer(log_dir: pathlib.Path, start_step: int):
