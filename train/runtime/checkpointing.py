@@ -25,7 +25,9 @@ What survives faults (orbax 0.12 on a local or network file system):
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +35,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+# Test hook (tests/integration/test_faults_run.py): the process SIGKILLs itself inside the
+# save of this step, after orbax started its asynchronous writes and before they finish.
+KILL_IN_SAVE_ENV = "DUALOPTAX_TEST_KILL_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -105,6 +111,8 @@ class RunCheckpointer:
     except Exception as e:  # noqa: BLE001 (any orbax/tensorstore/OS failure)
       raise self._save_error(step, e) from e
     self._pending = step
+    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):  # test hook: die with writes in flight
+      os.kill(os.getpid(), signal.SIGKILL)
     if wait:
       self._finish_pending()
 
