@@ -32,10 +32,13 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import tempfile
+import traceback
 
 from train.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 
 COMMANDS = ("experiment", "finetune", "unlearn", "evaluate", "sweep")
+ERROR_LOG = "error.log"  # in the run folder: the traceback of a failed run
 
 
 def _stage(command: str, config: RunConfig) -> None:
@@ -110,24 +113,60 @@ def main(argv=None) -> int:
   overrides = list(options.args)
   if overrides and "=" not in overrides[0]:
     config_path = overrides.pop(0)
+  log_dir: list[pathlib.Path] = []  # where a failure's traceback goes, once it is known
   try:
-    from train.runtime import distributed  # noqa: PLC0415
-
-    distributed.initialize_from_env()  # multi-host jobs; a no-op on one process
-    if options.command == "sweep":
-      return _sweep(config_path, overrides, options.dry_run, options.report_only)
-    if options.command == "experiment":
-      from train import experiment  # noqa: PLC0415
-
-      config = (
-        load_config(config_path, overrides)
-        if config_path
-        else apply_overrides(experiment.default_config(), overrides)
-      )
-      experiment.run(config)
-    else:
-      _stage(options.command, load_config(config_path, overrides))
+    return _dispatch(options, config_path, overrides, log_dir)
   except (ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 (the cause in one line, the traceback in a file)
+    return _report_failure(e, log_dir[-1] if log_dir else None)
+
+
+def _dispatch(options, config_path, overrides, log_dir: list[pathlib.Path]) -> int:
+  """Runs the command; appends the run folder to ``log_dir`` as soon as it is known."""
+  from train.runtime import distributed  # noqa: PLC0415
+
+  distributed.initialize_from_env()  # multi-host jobs; a no-op on one process
+  if options.command == "sweep":
+    return _sweep(config_path, overrides, options.dry_run, options.report_only)
+  if options.command == "experiment":
+    from train import experiment  # noqa: PLC0415
+
+    config = (
+      load_config(config_path, overrides)
+      if config_path
+      else apply_overrides(experiment.default_config(), overrides)
+    )
+    log_dir.append(pathlib.Path(config.output_dir))
+    experiment.run(config)
+  else:
+    config = load_config(config_path, overrides)
+    log_dir.append(pathlib.Path(config.output_dir))
+    _stage(options.command, config)
   return 0
+
+
+def _report_failure(error: BaseException, run_dir: pathlib.Path | None) -> int:
+  """Prints one line naming the cause (the error's type and its message's first line) and
+  writes the whole traceback to ``<run_dir>/error.log`` (or a temporary file); exit code 1.
+
+  The library traceback of a failed run (orbax, tensorstore, asyncio) can run to screens
+  and bury the cause; the user needs the cause, a developer the traceback."""
+  text = "".join(traceback.format_exception(error))
+  try:
+    if run_dir is None:
+      raise OSError("no run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / ERROR_LOG
+    log.write_text(text)
+  except OSError:  # an unwritable (or full) run folder must not hide the cause
+    with tempfile.NamedTemporaryFile("w", suffix=".log", prefix="dualoptax-", delete=False) as f:
+      f.write(text)
+      log = pathlib.Path(f.name)
+  message = (str(error).strip().splitlines() or [""])[0]
+  print(f"error: {type(error).__name__}: {message} (traceback: {log})", file=sys.stderr)
+  return 1
