@@ -122,11 +122,15 @@ class DataConfig:
   # model tokenizer's own chat template (answers end with its end-of-turn token).
   template: str = "plain"
   max_length: int = 128
+  # Training sequences longer than max_length: "truncate" (lose answer tokens from the end;
+  # the count is reported) or "refuse" (an error naming the file, row and length).
+  overlong: str = "truncate"
   batch_size: int = 8
   seed: int = 0
 
   def validate(self, key: str) -> None:
     _positive(key, self, ("max_length", "batch_size"))
+    _one_of(f"{key}.overlong", self.overlong, ("truncate", "refuse"))
     from train.data import prompting  # deferred: it imports transformers
 
     _one_of(f"{key}.template", self.template, prompting.template_names())
