@@ -41,17 +41,30 @@ COMMANDS = ("experiment", "finetune", "unlearn", "evaluate", "sweep")
 ERROR_LOG = "error.log"  # in the run folder: the traceback of a failed run
 
 
-def _stage(command: str, config: RunConfig) -> None:
-  from train import program  # noqa: PLC0415 (heavy imports)
-  from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
-  from train.runtime import distributed  # noqa: PLC0415
+def _stage(command: str, config: RunConfig, fresh: bool = False, override: bool = False) -> None:
+  """Runs one stage in ``config.output_dir``, holding the folder's lock (process 0 of a
+  multi-host job takes it); ``unlearn`` first checks the folder's saved config against
+  ``config`` (:func:`train.runtime.run_guard.check_resume`, with ``--fresh`` / ``--override``)."""
+  from train.runtime import distributed, run_guard  # noqa: PLC0415
 
   if command == "finetune" and config.model.lora.enabled:
     raise ConfigError("model.lora.enabled applies to unlearn; finetune trains every weight")
   out = pathlib.Path(config.output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  if distributed.is_primary():
-    save_config(config, out / "config.yaml")
+  primary = distributed.is_primary()
+  with run_guard.locked(out, take=primary):
+    if command == "unlearn" and primary:
+      run_guard.check_resume(out, config, fresh=fresh, override=override)
+    distributed.barrier("run_guard")
+    if primary:
+      save_config(config, out / "config.yaml")
+    _run_stage(command, config, out)
+
+
+def _run_stage(command: str, config: RunConfig, out: pathlib.Path) -> None:
+  from train import program  # noqa: PLC0415 (heavy imports)
+  from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
+
   tokenizer, data_dir = program.prepare_data(config)
   module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
   model, params = FunctionalModel.split(module, model_config)
@@ -105,6 +118,16 @@ def main(argv=None) -> int:
   parser.add_argument("args", nargs="*", help="[config.yaml] then section.key=value overrides")
   parser.add_argument("--dry-run", action="store_true", help="sweep: list stages, run nothing")
   parser.add_argument("--report-only", action="store_true", help="sweep: rewrite the report")
+  parser.add_argument(
+    "--fresh",
+    action="store_true",
+    help="unlearn: move the run folder's checkpoints aside (checkpoints.old-<time>), start at 0",
+  )
+  parser.add_argument(
+    "--override",
+    action="store_true",
+    help="unlearn: resume although the config differs from the saved one (logged)",
+  )
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
     argv.insert(0, "experiment")  # `run.py key=value ...` configures the default experiment
@@ -146,7 +169,7 @@ def _dispatch(options, config_path, overrides, log_dir: list[pathlib.Path]) -> i
   else:
     config = load_config(config_path, overrides)
     log_dir.append(pathlib.Path(config.output_dir))
-    _stage(options.command, config)
+    _stage(options.command, config, fresh=options.fresh, override=options.override)
   return 0
 
 
