@@ -35,6 +35,8 @@ class TokenizationConfig:
     pad_to_max_length: Pad every batch to exactly ``max_length`` (one compiled shape).
     append_eos: End each answer with EOS (scored like the answer), as TOFU does; with a
       chat template, its end-of-turn token.
+    warn_truncated: :class:`QADataset` warns of truncated sequences itself; off when the
+      caller reports them (naming the file: ``train.program.streams``).
   """
 
   template: str | Template = "phi"
@@ -42,6 +44,7 @@ class TokenizationConfig:
   pad_to_multiple_of: int = 16
   pad_to_max_length: bool = False
   append_eos: bool = True
+  warn_truncated: bool = True
 
   def __post_init__(self):
     get_prompt_template(self.template)  # fails early on an unknown preset name
@@ -211,8 +214,9 @@ class QADataset:
     self._encoded_idk: dict[tuple[int, int], EncodedAnswer] = {}
     self._mismatch_prompts: dict[int, str] = {}
     self._encoded_mismatch: dict[tuple[int, int], EncodedAnswer] = {}
-    self.num_truncated = sum(e.truncated for e in self._encoded)
-    if self.num_truncated:
+    self.truncated_indices = tuple(i for i, e in enumerate(self._encoded) if e.truncated)
+    self.num_truncated = len(self.truncated_indices)
+    if self.num_truncated and config.warn_truncated:
       warnings.warn(
         f"{self.num_truncated} of {len(self.items)} sequences are longer than "
         f"max_length={config.max_length} and lose answer tokens",

@@ -213,9 +213,10 @@ def load_unlearning_data(
     added = other_task_items(forget_path, task_id, retain, excluded)
     retain += added
   if not retain:
+    retain_path = os.path.join(data_dir, f"{retain_split}.json")
     raise ValueError(
-      f"every question of {retain_split!r} is in {forget_split!r} task_id={task_id}; "
-      "choose another retain_split"
+      f"empty retain set: every one of the {num_retain} questions of {retain_path} is in "
+      f"{forget_path} task_id={task_id}; choose another retain_split"
     )
   if idk_path is None:
     idk_path = find_idk_file(data_dir)

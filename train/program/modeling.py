@@ -79,6 +79,7 @@ def build_model(
 
   Raises:
     FileNotFoundError: If ``section.path`` does not exist.
+    VocabularyError: If the tokenizer has more tokens than the loaded model's vocabulary.
   """
   dtype, param_dtype = dtype_of(section.dtype), dtype_of(section.param_dtype)
   if section.path is not None:
@@ -88,6 +89,7 @@ def build_model(
         ".gguf file)"
       )
     module, config = models.load_pretrained(section.path, dtype=dtype, param_dtype=param_dtype)
+    check_vocabulary(section.path, config.vocab_size, tokenizer)
   else:
     hf = tiny_hf_config(
       section,
@@ -100,6 +102,25 @@ def build_model(
     module = models.CausalLM(config, rngs=nnx.Rngs(seed))
   module.set_remat(section.remat)  # before the split: the graph carries it
   return module, module.config
+
+
+class VocabularyError(ValueError):
+  """The tokenizer makes token ids the model has no embedding for."""
+
+
+def check_vocabulary(path: str, vocab_size: int, tokenizer: Any) -> None:
+  """Refuses a tokenizer with more tokens than the model's embedding has rows: its higher
+  ids would index past the table, which XLA clamps silently instead of failing.
+
+  Raises:
+    VocabularyError: naming both sizes.
+  """
+  size = None if tokenizer is None else len(tokenizer)
+  if size is not None and size > vocab_size:
+    raise VocabularyError(
+      f"{path}: the tokenizer has {size} tokens (ids up to {size - 1}) but the model's "
+      f"embedding has vocab_size={vocab_size} rows"
+    )
 
 
 def lora_config(section: LoRASection) -> models.LoRAConfig:

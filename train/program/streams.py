@@ -8,7 +8,9 @@ the EOS tokens padding it to 500 are scored as well; here padding is never score
 
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
 from typing import Any
 
 from train import data as data_lib
@@ -69,14 +71,20 @@ def make_streams(
   batch size and seed, IDK answers for each stream whose loss needs them (when the data has
   any), mismatch rows on the retain stream for LLMU, forget rows scoring their prompt with
   ``loss.mask=false``, and this process's rows of every global batch (all of them in one
-  process)."""
+  process). Over-long rows follow ``data.overlong`` (:func:`refuse_overlong`,
+  :func:`warn_truncated`)."""
+  if config.data.overlong == "refuse":
+    refuse_overlong(config, splits, tokenizer)
   batching = data_lib.BatchingConfig(batch_size or config.data.batch_size, seed=config.data.seed)
   has_idk = bool(splits.idk_answers)
-  return data_lib.make_batch_streams(
+  streams = data_lib.make_batch_streams(
     splits,
     tokenizer,
     data_lib.TokenizationConfig(
-      template=config.data.template, max_length=config.data.max_length, pad_to_max_length=True
+      template=config.data.template,
+      max_length=config.data.max_length,
+      pad_to_max_length=True,
+      warn_truncated=False,
     ),
     batching,
     forget_with_idk=losses.needs_idk_batch(loss_config, "forget") and has_idk,
@@ -85,3 +93,61 @@ def make_streams(
     retain_with_mismatch=losses.needs_mismatch_batch(loss_config),
     score_forget_prompt=not config.loss.mask,
   )
+  warn_truncated(config, splits, *(stream.dataset for stream in streams))
+  return streams
+
+
+class OverlongError(ValueError):
+  """A training sequence is longer than ``data.max_length`` with ``data.overlong=refuse``."""
+
+
+def item_file(splits: data_lib.TofuSplits, forget_set: bool, index: int) -> str:
+  """The file item ``index`` of the forget (or retain) set was read from: retain rows past
+  the retain split's own come from the forget file (``data.retain_other_tasks``)."""
+  forget_file = os.path.join(splits.data_dir, f"{splits.forget_split}.json")
+  if forget_set or index >= len(splits.retain) - splits.num_retain_added:
+    return forget_file
+  return os.path.join(splits.data_dir, f"{splits.retain_split}.json")
+
+
+def refuse_overlong(config: RunConfig, splits: data_lib.TofuSplits, tokenizer: Any) -> None:
+  """With ``data.overlong=refuse``: raises :class:`OverlongError` naming the file, line and
+  length of the first forget or retain sequence longer than ``data.max_length``.
+
+  The sets are tokenized uncut for this (a prompt alone may pass ``max_length``, which a
+  cut encoding cannot even represent)."""
+  uncut = data_lib.TokenizationConfig(template=config.data.template, warn_truncated=False)
+  limit = config.data.max_length
+  for name, items in (("forget", splits.forget), ("retain", splits.retain)):
+    dataset = data_lib.QADataset(items, tokenizer, uncut)
+    lengths = [len(dataset.encoded(i).input_ids) for i in range(len(dataset))]
+    over = [i for i, length in enumerate(lengths) if length > limit]
+    if over:
+      first = over[0]
+      raise OverlongError(
+        f"{item_file(splits, name == 'forget', first)} line {items[first].line_number}: the "
+        f"{name} sequence has {lengths[first]} tokens, more than data.max_length={limit} "
+        f"({len(over)} of {len(items)} {name} rows are; data.overlong=truncate cuts them)"
+      )
+
+
+def warn_truncated(
+  config: RunConfig,
+  splits: data_lib.TofuSplits,
+  forget: data_lib.QADataset,
+  retain: data_lib.QADataset,
+) -> None:
+  """One warning line per set with sequences cut to ``data.max_length``: its file and count.
+
+  A cut sequence loses answer tokens (or its end token) in the loss without a trace; a
+  user who sized ``max_length`` to the data wants to know."""
+  if not distributed.is_primary():
+    return
+  for name, dataset in (("forget", forget), ("retain", retain)):
+    if dataset.num_truncated:
+      path = item_file(splits, name == "forget", dataset.truncated_indices[0])
+      print(
+        f"warning: {dataset.num_truncated} of {len(dataset)} {name} sequences ({path}) are "
+        f"longer than data.max_length={config.data.max_length} and lose answer tokens",
+        file=sys.stderr,
+      )
