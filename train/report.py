@@ -184,12 +184,12 @@ def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
 
 
 def pm(stats: tuple[float | None, float | None, int] | None, spec: str | None = None) -> str:
-  """``mean ± std`` (``–`` if missing), by :func:`_fmt` or the format ``spec``."""
+  """``mean ± std`` (``–`` if missing; the mean alone for one value, which has no spread to
+  state), by :func:`_fmt` or the format ``spec``."""
   if stats is None or stats[0] is None:
     return "–"
-  if spec is not None:
-    return f"{stats[0]:{spec}} ± {stats[1]:{spec}}"
-  return f"{_fmt(stats[0])} ± {_fmt(stats[1])}"
+  fmt = (lambda x: f"{x:{spec}}") if spec is not None else _fmt
+  return fmt(stats[0]) if stats[2] == 1 else f"{fmt(stats[0])} ± {fmt(stats[1])}"
 
 
 def _legend(ax: Any, **kwargs: Any) -> None:
@@ -604,7 +604,7 @@ def write_sweep(out: pathlib.Path, collected: dict[str, Any]) -> pathlib.Path:
     f"Wall time of the last invocation: {_fmt_seconds(collected.get('wall_seconds'))}; "
     f"compute summed over all stages: {_fmt_seconds(compute)}.",
     "",
-    "Mean ± sample std over seeds (std 0 for a single seed).",
+    "Mean ± sample std over seeds (the value alone where one seed is complete).",
     "",
     "### Fine-tuning and reference models",
     "",
