@@ -437,6 +437,18 @@ def test_forget_quality_refuses_another_convention_or_template(word_tokenizer, s
     )
   same = run(word_tokenizer, sets[:1]).summary
   assert same["forget_quality"] is None  # no reference given
+  # Another tokenizer (class or vocabulary size), recorded in the reference, is refused too.
+  bigger = dict(items, tokenizer=dict(items["tokenizer"], vocab_size=len(VOCAB) + 1))
+  (tmp_path / "bigger.json").write_text(json.dumps(bigger))
+  with pytest.raises(ValueError, match=r"tokenizer .*'vocab_size': \d+.* but this evaluation"):
+    ev.evaluate(
+      bigram_logits,
+      word_tokenizer,
+      sets[:1],
+      template=TEMPLATE,
+      config=ev.EvalConfig(max_new_tokens=2, show_progress=False),
+      retain_reference=tmp_path / "bigger.json",
+    )
   # A version-1 file (before the field) counts as "answer".
   del items["answer_boundary"]
   items["format"] = "dualoptax.tofu_eval_items/1"

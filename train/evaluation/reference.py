@@ -100,9 +100,12 @@ def check_reference(
   *,
   answer_boundary: str | None = None,
   template: dict[str, Any] | None = None,
+  tokenizer: dict[str, Any] | None = None,
 ) -> None:
-  """Refuses a reference measured with another convention or template than given (``None``
-  skips that check; a reference without a recorded template is not checked for it).
+  """Refuses a reference measured with another convention, template or tokenizer than given
+  (``None`` skips that check; a reference without a recorded template or tokenizer is not
+  checked for it). Tokenizers are compared by class and vocabulary size: the same
+  tokenizer saved beside another model has another path.
 
   Raises:
     ValueError: A mismatch; the message names both values.
@@ -119,6 +122,18 @@ def check_reference(
       f"forget-quality reference {path} was evaluated with template {reference.template} but "
       f"this evaluation uses {template}; evaluate both models with the same template"
     )
+  if tokenizer is not None and reference.tokenizer is not None:
+    kind = {k: reference.tokenizer.get(k) for k in _TOKENIZER_IDENTITY}
+    ours = {k: tokenizer.get(k) for k in _TOKENIZER_IDENTITY}
+    if kind != ours:
+      raise ValueError(
+        f"forget-quality reference {path} was scored with tokenizer {kind} but this "
+        f"evaluation uses {ours}; token-level truth ratios of two tokenizers are not "
+        "comparable"
+      )
+
+
+_TOKENIZER_IDENTITY = ("class", "vocab_size")
 
 
 def load_forget_truth_ratios(

@@ -85,11 +85,13 @@ def _reference_ratios(
     return "array", np.asarray(retain_reference, np.float64), None
   name = os.fspath(retain_reference)
   ref = reference.load_forget_reference(name)
-  reference.check_reference(ref, name, answer_boundary=answer_boundary, template=template)
+  reference.check_reference(
+    ref, name, answer_boundary=answer_boundary, template=template, tokenizer=tokenizer
+  )
   if ref.template is None:
     notes.append(f"forget-quality reference {name} records no template (not checked)")
   if ref.tokenizer is not None and tokenizer is not None and ref.tokenizer != tokenizer:
-    notes.append(f"forget-quality reference tokenizer {ref.tokenizer} differs from {tokenizer}")
+    notes.append(f"forget-quality reference tokenizer {ref.tokenizer} recorded as {tokenizer}")
   return name, ref.ratios, ref.answer_boundary
 
 
