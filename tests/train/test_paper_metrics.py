@@ -478,18 +478,13 @@ def test_an_open_unlearning_reference_counts_as_open_unlearning(word_tokenizer, 
   assert any("records no template" in note for note in s["notes"])
 
 
-# --- the real sentence encoder, when available -----------------------------------------------
+# --- the real sentence encoder -----------------------------------------------
 
 
-def test_cosine_with_the_real_minilm_encoder_when_available():
-  try:
-    from models import bert, fetch
-  except ImportError as error:
-    pytest.skip(f"models.bert not available: {error}")
-  folder = fetch.cached_path("minilm") if hasattr(fetch, "cached_path") else None
-  if folder is None:
-    pytest.skip("all-MiniLM-L6-v2 is not cached (python -m models.fetch minilm)")
-  encoder = bert.load_sentence_encoder(folder)
+def test_cosine_with_the_real_minilm_encoder(minilm_folder):
+  from models import bert
+
+  encoder = bert.load_sentence_encoder(minilm_folder)
   generations = ["The capital of France is Paris.", "I like green apples.", ""]
   answers = ["Paris is the capital of France.", "Paris is the capital of France.", "Paris"]
   ours = ev.cosine_similarities(encoder, generations, answers)
