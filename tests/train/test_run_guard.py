@@ -1,6 +1,7 @@
 """Run-folder guards: a resume under a changed config is refused (unless --fresh or
 --override), and a second process in the same folder is refused by its lock."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -8,9 +9,10 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from train import cli
-from train.config import ConfigError, load_config, save_config
+from train.config import ConfigError, RunConfig, load_config, save_config
 from train.runtime import run_guard
 
 
@@ -123,3 +125,15 @@ def test_locked_releases_on_errors(tmp_path):
     assert (tmp_path / run_guard.LOCK_NAME).exists()
     raise RuntimeError("boom")
   assert not (tmp_path / run_guard.LOCK_NAME).exists()
+
+
+def test_a_setting_added_since_the_save_counts_as_its_default(tmp_path):
+  config = RunConfig(output_dir=str(tmp_path))
+  saved = config.to_dict()
+  del saved["data"]["overlong"]  # a folder written before data.overlong existed
+  (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  run_guard.check_resume(tmp_path, config)  # the default: no change
+  refuse = dataclasses.replace(config, data=dataclasses.replace(config.data, overlong="refuse"))
+  with pytest.raises(ConfigError, match=r"data\.overlong: 'truncate' -> 'refuse'"):
+    run_guard.check_resume(tmp_path, refuse)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from train.config import ConfigError, RunConfig
+from train.config import ConfigError, RunConfig, deep_merge
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.yaml"
@@ -99,7 +99,8 @@ def check_resume(
   saved = run_dir / CONFIG_NAME
   if not saved.is_file() or not has_checkpoint(run_dir):
     return
-  old = yaml.safe_load(saved.read_text()) or {}
+  # A setting added since the folder's config was saved had its default then.
+  old = deep_merge(RunConfig().to_dict(), yaml.safe_load(saved.read_text()) or {})
   changes = config_changes(old, config.to_dict())
   if not changes:
     return
