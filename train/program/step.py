@@ -179,14 +179,8 @@ class TrainStep:
     grad_fn = self._loss_grad(ref_params, objective, step)
     grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
     updates, new_state = self.tx.update(grads, opt_state, params, objective=objective)
-    metrics = dict(
-      loss=loss,
-      nll=nll,
-      tokens=tokens,
-      grad_norm=optax.tree.norm(grads),
-      max_update=_largest_entry(updates),
-    )
-    return _apply_if_finite(params, opt_state, updates, new_state, metrics)
+    metrics = dict(loss=loss, nll=nll, tokens=tokens)
+    return _apply_if_finite(params, opt_state, grads, updates, new_state, metrics)
 
   def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs, step=None):
     """One step on ``forget_coeff * L_f + retain_coeff * L_r``."""
@@ -214,10 +208,8 @@ class TrainStep:
       nll=r_nll,
       forget_nll=f_nll,
       tokens=tokens,
-      grad_norm=optax.tree.norm(grads),
-      max_update=_largest_entry(updates),
     )
-    return _apply_if_finite(params, opt_state, updates, new_state, metrics)
+    return _apply_if_finite(params, opt_state, grads, updates, new_state, metrics)
 
   def gradient_conflict(
     self, params, ref_params, forget: StepInputs, retain: StepInputs, precondition: Any = None
@@ -253,12 +245,13 @@ class TrainStep:
     return total, per_leaf, scaled_total
 
 
-def _apply_if_finite(params, opt_state, updates, new_state, metrics):
-  """``(params, opt_state, metrics)`` after the step, or unchanged if it is not finite.
+def _apply_if_finite(params, opt_state, grads, updates, new_state, metrics):
+  """``(params, opt_state, metrics)`` after the step, or unchanged if it is not finite;
+  the metrics gain ``grad_norm`` and ``max_update`` (:func:`_largest_entry`).
 
   A step is finite when its loss, gradient norm and largest update entry are: the last two
-  are reductions the metrics compute anyway (a NaN or inf anywhere in the gradients or
-  updates reaches them), so the check costs no extra pass or all-reduce. A skipped step
+  are reductions logged anyway (a NaN or inf anywhere in the gradients or updates reaches
+  them), so the check costs no extra pass or all-reduce. A skipped step
   keeps the parameters and optimizer state bit for bit (``jnp.where`` per leaf, which
   keeps the donated buffers' layout) and reports ``skipped = 1``.
 
@@ -266,6 +259,7 @@ def _apply_if_finite(params, opt_state, updates, new_state, metrics):
   what the optimizer made of them), adds its own state (changing the checkpoint layout)
   and applies the update anyway after its error budget.
   """
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), max_update=_largest_entry(updates))
   finite = jnp.isfinite(metrics["loss"])
   finite &= jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics["max_update"])
   keep = lambda new, old: jnp.where(finite, new, old)
