@@ -428,6 +428,18 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
   node[parts[-1]] = value
 
 
+def flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the inverse of :func:`set_dotted`."""
+  out: dict[str, Any] = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten_dotted(value, f"{name}."))
+    else:
+      out[name] = value
+  return out
+
+
 def override_tree(overrides: Sequence[str]) -> dict[str, Any]:
   """``["a.b=1", "a.c=x"]`` -> ``{"a": {"b": 1, "c": "x"}}``, values parsed as YAML scalars.
 

@@ -44,6 +44,7 @@ from train.config import (
   RunConfig,
   apply_overrides,
   deep_merge,
+  flatten_dotted,
   override_tree,
   set_dotted,
 )
@@ -202,7 +203,7 @@ def base_config(spec: SweepSpec) -> RunConfig:
   _set_path(values, "model", "path", spec.model_fetch)
   _set_path(values, "eval", "embedding_model", spec.embedding_fetch)
   values["output_dir"] = spec.output_root
-  return apply_overrides(RunConfig(), _flat_overrides(_flatten(values)))
+  return apply_overrides(RunConfig(), _flat_overrides(flatten_dotted(values)))
 
 
 def _set_path(values: dict[str, Any], section: str, key: str, fetch_name: str | None) -> None:
@@ -216,17 +217,6 @@ def _set_path(values: dict[str, Any], section: str, key: str, fetch_name: str | 
     set_dotted(values, f"{section}.{key}", str(found))
   elif given is not None:
     set_dotted(values, f"{section}.{key}", os.path.abspath(os.path.expanduser(given)))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
 
 
 def finetune_payload(spec: SweepSpec, base: RunConfig, role: str) -> dict[str, Any]:
@@ -668,7 +658,7 @@ def settings(spec: SweepSpec, planned: Mapping[str, Any]) -> dict[str, Any]:
     "embedding_fetch": spec.embedding_fetch,
     "compilation_cache": spec.compilation_cache,
     "finetune": dataclasses.asdict(spec.finetune),
-    "base": _flatten(spec.base),
+    "base": flatten_dotted(spec.base),
     "variants": {v.label: dict(v.overrides) for v in spec.variants},
     "losses": {v.label: dict(v.overrides) for v in spec.losses},
     "seeds": list(spec.seeds),

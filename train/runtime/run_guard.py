@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from train.config import ConfigError, RunConfig, deep_merge
+from train.config import ConfigError, RunConfig, deep_merge, flatten_dotted
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.yaml"
@@ -37,24 +37,13 @@ RESUMABLE_KEYS = (
 )
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{name}."))
-    else:
-      out[name] = value
-  return out
-
-
 def _allowed(key: str) -> bool:
   return key in RESUMABLE_KEYS or any(key.startswith(p) or key == p for p in RESUMABLE)
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """``"key: old -> new"`` for each setting that differs and may not change on resume."""
-  before, after = _flat(old), _flat(new)
+  before, after = flatten_dotted(old), flatten_dotted(new)
   changes = []
   for key in sorted(set(before) | set(after)):
     if _allowed(key):
