@@ -436,6 +436,12 @@ class SweepContext:
   splits: Any  # the fine-tuning and unlearning data: forget + the chosen retain authors
   retain_rows: list[str]
   loaded: dict[str, Any] = dataclasses.field(default_factory=dict)
+  paper: Any = None  # the paper's models for base.eval, loaded once (see paper_models_for)
+
+  def paper_models_for(self, config: RunConfig) -> Any:
+    """The sentence encoder and IDK answers of ``config.eval``: the ones loaded for the
+    base config when its eval settings are the base's, else None (evaluate loads them)."""
+    return self.paper if config.eval == self.base.eval else None
 
 
 def make_context(spec: SweepSpec, base: RunConfig) -> SweepContext:
@@ -448,7 +454,8 @@ def make_context(spec: SweepSpec, base: RunConfig) -> SweepContext:
   splits = program.load_splits(base, data_dir)
   retain, rows = retain_subset(spec.finetune, splits, data_dir)
   splits = dataclasses.replace(splits, retain=retain)
-  return SweepContext(spec, base, tokenizer, data_dir, splits, rows)
+  paper = program.evaluate.paper_models(base, data_dir)
+  return SweepContext(spec, base, tokenizer, data_dir, splits, rows, paper=paper)
 
 
 def load_model(ctx: SweepContext, path: str | None, seed: int = 0) -> tuple[Any, Any]:
@@ -535,7 +542,7 @@ def reference_stage(ctx: SweepContext, models: Mapping[str, str], folder: pathli
     model, params = load_model(ctx, models[role])
     began = time.perf_counter()
     summary = program.evaluate_params(
-      ctx.base, model, params, ctx.tokenizer, ctx.data_dir, folder / role, reference
+      ctx.base, model, params, ctx.tokenizer, ctx.data_dir, folder / role, reference, ctx.paper
     )
     seconds = time.perf_counter() - began
     if role == "oracle":
@@ -567,7 +574,14 @@ def unlearn_stage(
   unlearn_seconds = time.perf_counter() - began
   began = time.perf_counter()
   summary = program.evaluate_params(
-    config, result.model, result.params, ctx.tokenizer, ctx.data_dir, folder / "eval", reference
+    config,
+    result.model,
+    result.params,
+    ctx.tokenizer,
+    ctx.data_dir,
+    folder / "eval",
+    reference,
+    ctx.paper_models_for(config),
   )
   eval_seconds = time.perf_counter() - began
   shutil.rmtree(folder / "checkpoints", ignore_errors=True)
