@@ -317,11 +317,48 @@ class EvalConfig:
       raise ConfigError(f"{key}.max_items must be positive or null, got {self.max_items!r}")
 
 
+SCENARIOS = ("tofu", "safety")
+"""What a run does: ``tofu`` unlearns a forget set of TOFU-format data; ``safety`` aligns a
+model on harmful instructions with refusals and ordinary instructions with answers
+(``train.scenarios.safety``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetySection:
+  """Safety alignment (``scenario=safety``): both objectives descend.
+
+  The first objective (the program's "forget" role) fine-tunes on harmful instructions
+  with refusals, the second ("retain") on ordinary instructions with helpful answers,
+  alternated through one optimizer (DualOptim+ keeps a delta per objective). Files are in
+  the instruction-tuning JSON format (``train.data.instructions``), named relative to
+  ``path`` (or absolute). Evaluation: the refusal rate of greedy generations on held-out
+  harmful instructions (should rise) and on benign but scary-sounding ones (over-refusal,
+  should stay low), and the NLL / ROUGE-L recall of the utility answers.
+  """
+
+  # Folder of the files; null: the embedded synthetic set, written to <output_dir>/data.
+  path: str | None = None
+  harmful_train: str = "harmful_train.json"
+  utility_train: str = "utility_train.json"
+  harmful_eval: str = "harmful_eval.json"
+  benign_eval: str = "benign_eval.json"
+  utility_eval: str = "utility_eval.json"
+  # Tokens generated for the refusal judge, which reads a generation's beginning.
+  refusal_tokens: int = 48
+
+  def validate(self, key: str) -> None:
+    _positive(key, self, ("refusal_tokens",))
+    for name in ("harmful_train", "utility_train", "harmful_eval", "benign_eval", "utility_eval"):
+      if not getattr(self, name):
+        raise ConfigError(f"{key}.{name} must name a file, got {getattr(self, name)!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything a run needs; see the section classes for the fields."""
 
   output_dir: str = "runs/default"
+  scenario: str = "tofu"  # one of SCENARIOS
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
@@ -329,12 +366,19 @@ class RunConfig:
   training: TrainingConfig = TrainingConfig()
   mesh: MeshConfig = MeshConfig()
   eval: EvalConfig = EvalConfig()
+  safety: SafetySection = SafetySection()
 
   def validate(self) -> RunConfig:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if dataclasses.is_dataclass(value):
         value.validate(field.name)
+    _one_of("scenario", self.scenario, SCENARIOS)
+    if self.scenario == "safety" and self.loss.build().forget not in losses.DESCENT_FORGET_LOSSES:
+      raise ConfigError(
+        f"scenario=safety trains both objectives by descent, so loss.name must start with one "
+        f"of {list(losses.DESCENT_FORGET_LOSSES)} (e.g. SFT+GD), got {self.loss.name!r}"
+      )
     if self.data.template == "chat" and self.model.path is None:
       raise ConfigError(
         "data.template='chat' renders prompts with the model's own chat template, but the "

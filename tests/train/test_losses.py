@@ -138,11 +138,13 @@ def test_bf16_logits_are_scored_in_float32():
 # ------------------------------------------------------------------ forget losses
 
 
-def test_ga_gd_idk_are_token_mean_nll():
+def test_ga_gd_idk_sft_are_token_mean_nll():
   logits = _logits(3)
   expected = np_mean_token_nll(logits, LABELS)
   np.testing.assert_allclose(L.gd_loss(logits, LABELS), expected, **TOL)
   np.testing.assert_allclose(L.ga_loss(logits, LABELS), -expected, **TOL)
+  # SFT descends on the forget rows' own answers (safety alignment's refusals).
+  np.testing.assert_allclose(L.sft_loss(logits, LABELS), expected, **TOL)
   np.testing.assert_allclose(
     L.idk_loss(logits, IDK_LABELS), np_mean_token_nll(logits, IDK_LABELS), **TOL
   )
@@ -496,6 +498,7 @@ def _direct_forget(name, config, params, ref):
     ),
     "ME": lambda: L.me_loss(lg(params, FORGET), FORGET),
     "IDK": lambda: L.idk_loss(lg(params, FORGET_IDK), FORGET_IDK),
+    "SFT": lambda: L.sft_loss(lg(params, FORGET), FORGET),
   }[name]()
 
 

@@ -1,5 +1,6 @@
-"""Unlearning losses: forget GA / NPO / SimNPO / DPO / ME / IDK, retain GD / KL / AP / LLMU
-(``"LLMU"`` alone is the method: GA forget, LLMU's mismatch + KL retain).
+"""Unlearning losses: forget GA / NPO / SimNPO / DPO / ME / IDK / SFT, retain GD / KL / AP /
+LLMU (``"LLMU"`` alone is the method: GA forget, LLMU's mismatch + KL retain; ``SFT`` descends
+on the forget rows' own answers, for safety alignment).
 
 Every loss is a pure, jittable function of **logits** (and, where it needs one, the logits
 of a frozen reference model), never of a model. :func:`forget_loss`, :func:`retain_loss` and
@@ -57,10 +58,19 @@ True
 ('NPO+GD', True, False)
 """
 
-from train.losses.forget import dpo_loss, ga_loss, idk_loss, me_loss, npo_loss, simnpo_loss
+from train.losses.forget import (
+  dpo_loss,
+  ga_loss,
+  idk_loss,
+  me_loss,
+  npo_loss,
+  sft_loss,
+  simnpo_loss,
+)
 from train.losses.objectives import combined_loss, forget_loss, retain_loss
 from train.losses.retain import ap_loss, gd_loss, kl_loss, llmu_terms
 from train.losses.spec import (
+  DESCENT_FORGET_LOSSES,
   FORGET_LOSSES,
   KL_TOKENS,
   LLMU_SPEC,
@@ -86,6 +96,7 @@ from train.losses.tokens import (
 )
 
 __all__ = [
+  "DESCENT_FORGET_LOSSES",
   "FORGET_LOSSES",
   "IGNORE_INDEX",
   "KL_TOKENS",
@@ -111,6 +122,7 @@ __all__ = [
   "needs_mismatch_batch",
   "needs_reference_model",
   "npo_loss",
+  "sft_loss",
   "parse_loss_spec",
   "retain_loss",
   "sequence_nll",

@@ -176,6 +176,20 @@ def me_loss(logits: Array, batch: Any) -> Array:
   return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def sft_loss(logits: Array, batch: Any) -> Array:
+  """Supervised fine-tuning: the token-mean NLL of the batch's own answers (descent).
+
+  ``L_SFT = sum_b NLL_b / max(sum_b n_b, 1)``, i.e. ``-L_GA``. In safety alignment the
+  first objective's rows are harmful instructions with refusals, which the model should
+  learn, not unlearn.
+
+  Args:
+    logits: Current model's ``[B, T, V]`` logits on the batch.
+    batch: The batch (or its labels).
+  """
+  return mean_token_nll(logits, batch)
+
+
 def idk_loss(logits: Array, idk_batch: Any) -> Array:
   """IDK fine-tuning: token-mean NLL of "I don't know"-style answers to forget questions.
 

@@ -7,7 +7,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from train.losses.forget import dpo_loss, ga_loss, idk_loss, me_loss, npo_loss, simnpo_loss
+from train.losses.forget import (
+  dpo_loss,
+  ga_loss,
+  idk_loss,
+  me_loss,
+  npo_loss,
+  sft_loss,
+  simnpo_loss,
+)
 from train.losses.retain import ap_loss, gd_loss, kl_loss, llmu_terms
 from train.losses.spec import (
   _IDK_FORGET,
@@ -114,6 +122,8 @@ def forget_loss(
     )
   elif name == "ME":
     raw = me_loss(logits, forget)
+  elif name == "SFT":
+    raw = sft_loss(logits, forget)
   elif name == "IDK":
     raw = idk_loss(_logits(logits_fn, params, idk), idk)
     metrics["forget/tokens"] = jnp.sum(token_counts(idk))

@@ -6,8 +6,13 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-FORGET_LOSSES: tuple[str, ...] = ("GA", "NPO", "SimNPO", "DPO", "ME", "IDK")
-"""Canonical names of the forget losses."""
+FORGET_LOSSES: tuple[str, ...] = ("GA", "NPO", "SimNPO", "DPO", "ME", "IDK", "SFT")
+"""Canonical names of the forget losses. ``SFT`` is supervised fine-tuning on the forget
+batch's own answers (descent, not ascent): the first objective of safety alignment, whose
+"forget" rows are harmful instructions with refusals (``scenario=safety``)."""
+DESCENT_FORGET_LOSSES: tuple[str, ...] = ("IDK", "SFT")
+"""Forget losses that descend on answers the model should give (IDK answers, the rows' own
+answers), rather than push the forget answers away: the ones safety alignment can use."""
 RETAIN_LOSSES: tuple[str, ...] = ("GD", "KL", "AP", "LLMU")
 """Canonical names of the retain (regularization) losses. ``LLMU`` is LLMU's (Yao et al.
 2024): the NLL of forget questions with random retain answers plus KL to the reference on
