@@ -15,6 +15,11 @@ the same start, evaluates all of them and prints a comparison table (see
 ``data.path`` a TOFU-format folder. Settings are described in ``train/config.py``;
 ``unlearn`` resumes from the run folder's latest checkpoint.
 
+``scenario=safety`` (``train/scenarios/safety.py``) swaps the data and the evaluation: the
+two objectives are refusals to harmful instructions and answers to ordinary ones, both
+descended (``loss.name=SFT+GD``), and ``evaluate`` / ``experiment`` report refusal rates
+(``python train/run.py experiment configs/safety_tiny.yaml``).
+
 ``sweep`` runs a replication sweep (``train/sweep.py``): target and oracle fine-tuning,
 unlearning with every variant, loss and seed of the sweep file, evaluation and a report
 with mean ± std over seeds. Each stage is cached under a hash of its full configuration,
@@ -62,20 +67,16 @@ def _stage(command: str, config: RunConfig, fresh: bool = False, override: bool 
 
 
 def _run_stage(command: str, config: RunConfig, out: pathlib.Path) -> None:
-  from train import program  # noqa: PLC0415 (heavy imports)
+  from train import program, scenarios  # noqa: PLC0415 (heavy imports)
   from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
 
-  tokenizer, data_dir = program.prepare_data(config)
+  tokenizer, data_dir = scenarios.prepare_data(config)
   module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
   model, params = FunctionalModel.split(module, model_config)
   if command == "evaluate":
-    summary = program.evaluate_params(config, model, params, tokenizer, data_dir, out / "eval")
-    print(
-      f"evaluation written to {out / 'eval'}: model utility {summary['model_utility']}, "
-      f"forget efficacy {summary['forget_efficacy']}"
-    )
+    print(scenarios.evaluate(config, model, params, tokenizer, data_dir, out / "eval"))
     return
-  splits = program.load_splits(config, data_dir)
+  splits = scenarios.load_splits(config, data_dir)
   loss_config = config.loss.build()
   forget_stream, retain_stream = program.make_streams(config, splits, tokenizer, loss_config)
   if command == "finetune":
@@ -157,7 +158,7 @@ def _dispatch(options, config_path, overrides, log_dir: list[pathlib.Path]) -> i
   if options.command == "sweep":
     return _sweep(config_path, overrides, options.dry_run, options.report_only)
   if options.command == "experiment":
-    from train import experiment  # noqa: PLC0415
+    from train import experiment, scenarios  # noqa: PLC0415
 
     config = (
       load_config(config_path, overrides)
@@ -165,7 +166,7 @@ def _dispatch(options, config_path, overrides, log_dir: list[pathlib.Path]) -> i
       else apply_overrides(experiment.default_config(), overrides)
     )
     log_dir.append(pathlib.Path(config.output_dir))
-    experiment.run(config)
+    scenarios.run_experiment(config)
   else:
     config = load_config(config_path, overrides)
     log_dir.append(pathlib.Path(config.output_dir))

@@ -1,0 +1,63 @@
+"""What a run does, chosen by ``config.scenario``: its data, its evaluation and its
+experiment. ``tofu`` (unlearning TOFU-format data) lives in ``train.program`` and
+``train.experiment``; ``safety`` (alignment on refusals and utility answers) in
+:mod:`train.scenarios.safety`. The CLI's stages reach either through these functions."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from train.config import RunConfig
+
+
+def prepare_data(config: RunConfig) -> tuple[Any, str]:
+  """The run's tokenizer and data folder."""
+  if config.scenario == "safety":
+    from train.scenarios import safety  # noqa: PLC0415
+
+    return safety.prepare_data(config)
+  from train import program  # noqa: PLC0415 (jax-heavy)
+
+  return program.prepare_data(config)
+
+
+def load_splits(config: RunConfig, data_dir: str) -> Any:
+  """The two objectives' items (``train.data.TofuSplits``)."""
+  if config.scenario == "safety":
+    from train.scenarios import safety  # noqa: PLC0415
+
+    return safety.load_splits(config)
+  from train import program  # noqa: PLC0415
+
+  return program.load_splits(config, data_dir)
+
+
+def evaluate(
+  config: RunConfig, model: Any, params: Any, tokenizer: Any, data_dir: str, out: pathlib.Path
+) -> str:
+  """Evaluates ``params`` into ``out`` and returns a one-line summary to print."""
+  if config.scenario == "safety":
+    from train.scenarios import safety  # noqa: PLC0415
+
+    summary = safety.evaluate_safety(config, model, params, tokenizer, out)
+    shown = ", ".join(f"{k} {summary[k]:.3f}" for k in safety.HEADLINE)
+    return f"evaluation written to {out}: {shown}"
+  from train import program  # noqa: PLC0415
+
+  summary = program.evaluate_params(config, model, params, tokenizer, data_dir, out)
+  return (
+    f"evaluation written to {out}: model utility {summary['model_utility']}, "
+    f"forget efficacy {summary['forget_efficacy']}"
+  )
+
+
+def run_experiment(config: RunConfig) -> Any:
+  """``python train/run.py experiment``: the scenario's whole experiment."""
+  if config.scenario == "safety":
+    from train.scenarios import safety  # noqa: PLC0415
+
+    return safety.run(config)
+  from train import experiment  # noqa: PLC0415
+
+  return experiment.run(config)
