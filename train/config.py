@@ -317,10 +317,98 @@ class EvalConfig:
       raise ConfigError(f"{key}.max_items must be positive or null, got {self.max_items!r}")
 
 
-SCENARIOS = ("tofu", "safety")
-"""What a run does: ``tofu`` unlearns a forget set of TOFU-format data; ``safety`` aligns a
-model on harmful instructions with refusals and ordinary instructions with answers
-(``train.scenarios.safety``)."""
+SCENARIOS = ("tofu", "real_world", "safety", "multitask")
+"""What a run does: ``tofu`` unlearns a forget set of TOFU-format data; ``real_world``
+unlearns real people a pretrained model knows (the authors' real-world format);
+``safety`` aligns a model on harmful instructions with refusals and ordinary instructions
+with answers; ``multitask`` learns K >= 2 tasks as K objectives (``train.scenarios``)."""
+ANSWER_KEYS = ("golden_answer", "answer")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealWorldSection:
+  """Real-world unlearning (``scenario=real_world``): forget what a pretrained model knows
+  about real people.
+
+  The authors' format (JSON lines): ``forget.json`` rows ``name``, ``question``,
+  ``answer``, ``golden_answer``, ``task_id`` (20 questions about one person per task);
+  ``neighbor.json`` the same without ``task_id`` (other people: the retain role); the
+  ``*_perturbed.json`` files add ``paraphrased_question``, ``paraphrased_answer`` and 5
+  ``perturbed_answer``. Training uses ``answer``; evaluation scores ``answer_key``.
+  """
+
+  # Folder of the four files; null: the embedded generator's, written to <output_dir>/data.
+  path: str | None = None
+  # The people to forget (one task each); empty: every task of the forget file.
+  task_ids: tuple[int, ...] = (1,)
+  forget: str = "forget.json"
+  neighbor: str = "neighbor.json"
+  forget_eval: str = "forget_perturbed.json"
+  neighbor_eval: str = "neighbor_perturbed.json"
+  # The answer evaluation scores (ROUGE-L, probability): golden_answer | answer.
+  answer_key: str = "golden_answer"
+  # Extra utility sets (question, answer, perturbed_answer rows, e.g. TOFU's
+  # world_facts_perturbed.json), paths relative to ``path`` or absolute.
+  utility_sets: tuple[str, ...] = ()
+
+  def validate(self, key: str) -> None:
+    _one_of(f"{key}.answer_key", self.answer_key, ANSWER_KEYS)
+    if len(set(self.task_ids)) != len(self.task_ids) or any(t < 1 for t in self.task_ids):
+      raise ConfigError(f"{key}.task_ids must be distinct ids >= 1, got {list(self.task_ids)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultitaskSection:
+  """Multi-task learning (``scenario=multitask``): K >= 2 named tasks, each a question /
+  answer file learnt by descent (NLL) as an objective of its own: one base + K deltas with
+  DualOptim+, K Adam states with DualOptim, one Adam on the summed loss with ``adam``.
+
+  A task's file is ``<path>/<task>.json`` (JSON lines with ``question`` and ``answer``);
+  tuples below are per task, in ``tasks`` order, and empty means 1 for every task.
+  """
+
+  # Folder of the task files; null: the embedded tasks, written to <output_dir>/data.
+  path: str | None = None
+  tasks: tuple[str, ...] = ("facts", "arithmetic", "strings")
+  coeffs: tuple[float, ...] = ()  # loss coefficient per task
+  steps: tuple[int, ...] = ()  # consecutive steps per task in the alternating schedule
+  lr_ratios: tuple[float, ...] = ()  # learning-rate ratio per task
+
+  def validate(self, key: str) -> None:
+    if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
+      raise ConfigError(f"{key}.tasks must name >= 2 distinct tasks, got {list(self.tasks)!r}")
+    for name in ("coeffs", "steps", "lr_ratios"):
+      values = getattr(self, name)
+      if values and len(values) != len(self.tasks):
+        raise ConfigError(
+          f"{key}.{name} must have one value per task ({len(self.tasks)}: "
+          f"{list(self.tasks)}) or none, got {list(values)!r}"
+        )
+      if any(v <= 0 for v in values):
+        raise ConfigError(f"{key}.{name} must be positive, got {list(values)!r}")
+
+  def per_task(self, name: str) -> tuple[float, ...]:
+    """``coeffs``, ``steps`` or ``lr_ratios`` with the empty default filled in."""
+    return getattr(self, name) or (1,) * len(self.tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualSection:
+  """Continual unlearning (``python train/run.py continual``): forget tasks one after
+  another, each from the model the previous one left, for ``training.steps`` steps each;
+  the retain set holds the forget tasks not yet unlearned (the authors' ``forget.py`` with
+  ``TASK_LIST``)."""
+
+  task_ids: tuple[int, ...] = (1, 2, 3)
+  # A fresh optimizer state for every task, as the authors' (one Trainer per task);
+  # false carries the moments (and DualOptim+'s deltas) from task to task.
+  reset_optimizer: bool = True
+
+  def validate(self, key: str) -> None:
+    if not self.task_ids or len(set(self.task_ids)) != len(self.task_ids):
+      raise ConfigError(f"{key}.task_ids must be distinct ids, got {list(self.task_ids)!r}")
+    if any(t < 1 for t in self.task_ids):
+      raise ConfigError(f"{key}.task_ids must be >= 1, got {list(self.task_ids)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +454,10 @@ class RunConfig:
   training: TrainingConfig = TrainingConfig()
   mesh: MeshConfig = MeshConfig()
   eval: EvalConfig = EvalConfig()
+  real_world: RealWorldSection = RealWorldSection()
   safety: SafetySection = SafetySection()
+  multitask: MultitaskSection = MultitaskSection()
+  continual: ContinualSection = ContinualSection()
 
   def validate(self) -> RunConfig:
     for field in dataclasses.fields(self):
