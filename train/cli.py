@@ -5,6 +5,7 @@
     dualoptax-unlearn unlearn [config.yaml] [section.key=value ...]
     dualoptax-unlearn finetune [config.yaml] [section.key=value ...]
     dualoptax-unlearn evaluate [config.yaml] [section.key=value ...]
+    dualoptax-unlearn continual [config.yaml] [section.key=value ...]
     dualoptax-unlearn sweep sweep.yaml [key.path=value ...] [--dry-run | --report-only]
 
 With no arguments it generates a small fictitious-author benchmark, trains a tiny model on
@@ -14,6 +15,10 @@ the same start, evaluates all of them and prints a comparison table (see
 ``model.path`` is a local Hugging Face folder (e.g. a Phi-1.5 fine-tuned on TOFU) or GGUF file,
 ``data.path`` a TOFU-format folder. Settings are described in ``train/config.py``;
 ``unlearn`` resumes from the run folder's latest checkpoint.
+
+``continual`` (``train/scenarios/continual.py``) unlearns ``continual.task_ids`` one after
+another from the model each task leaves, evaluating after each, and resumes inside the
+task a killed run was in.
 
 ``scenario=safety`` (``train/scenarios/safety.py``) swaps the data and the evaluation: the
 two objectives are refusals to harmful instructions and answers to ordinary ones, both
@@ -42,7 +47,7 @@ import traceback
 
 from train.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 
-COMMANDS = ("experiment", "finetune", "unlearn", "evaluate", "sweep")
+COMMANDS = ("experiment", "finetune", "unlearn", "evaluate", "continual", "sweep")
 ERROR_LOG = "error.log"  # in the run folder: the traceback of a failed run
 
 
@@ -58,15 +63,22 @@ def _stage(command: str, config: RunConfig, fresh: bool = False, override: bool 
   out.mkdir(parents=True, exist_ok=True)
   primary = distributed.is_primary()
   with run_guard.locked(out, take=primary):
+    if command == "continual" and fresh:
+      raise ConfigError("continual resumes task by task: for a fresh start use a new output_dir")
     if command == "unlearn" and primary:
       run_guard.check_resume(out, config, fresh=fresh, override=override)
     distributed.barrier("run_guard")
     if primary:
       save_config(config, out / "config.yaml")
-    _run_stage(command, config, out)
+    _run_stage(command, config, out, override)
 
 
-def _run_stage(command: str, config: RunConfig, out: pathlib.Path) -> None:
+def _run_stage(command: str, config: RunConfig, out: pathlib.Path, override: bool) -> None:
+  if command == "continual":
+    from train.scenarios import continual  # noqa: PLC0415
+
+    continual.run(config, override=override)
+    return
   from train import program, scenarios  # noqa: PLC0415 (heavy imports)
   from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
 
@@ -74,7 +86,8 @@ def _run_stage(command: str, config: RunConfig, out: pathlib.Path) -> None:
   module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
   model, params = FunctionalModel.split(module, model_config)
   if command == "evaluate":
-    print(scenarios.evaluate(config, model, params, tokenizer, data_dir, out / "eval"))
+    summary = scenarios.evaluate(config, model, params, tokenizer, data_dir, out / "eval")
+    print(scenarios.summary_line(config, summary, out / "eval"))
     return
   splits = scenarios.load_splits(config, data_dir)
   loss_config = config.loss.build()

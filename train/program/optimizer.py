@@ -165,6 +165,22 @@ def make_optimizer(
   return tx
 
 
+def restart_learning_rate_schedule(opt_state: Any) -> Any:
+  """``opt_state`` with its learning-rate schedule back at step 0 (warmup, then decay,
+  again) and everything else kept: the moments, DualOptim+'s base and deltas and their
+  bias-correction counts. Continual unlearning carries a state into the next task this way;
+  restarting the bias-correction counts instead would divide warm moments by
+  ``1 - b^1``."""
+
+  def restart(state: Any) -> Any:
+    if isinstance(state, dualoptax.ScaleByObjectiveLearningRateState):
+      return state._replace(count=jnp.zeros_like(state.count))
+    return state
+
+  is_schedule = lambda x: isinstance(x, dualoptax.ScaleByObjectiveLearningRateState)  # noqa: E731
+  return jax.tree.map(restart, opt_state, is_leaf=is_schedule)
+
+
 def optimizer_diagnostics_fn(
   config: OptimizerConfig, **jit_kwargs: Any
 ) -> Callable[[Any], dict[str, Any]] | None:

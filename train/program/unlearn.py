@@ -117,6 +117,7 @@ def unlearn(
   retain_stream: data_lib.BatchStream,
   run_dir: pathlib.Path,
   resume: bool = True,
+  opt_state: Any | None = None,
 ) -> UnlearnResult:
   """Unlearns with the configured optimizer and losses; checkpoints and resumes exactly.
 
@@ -126,13 +127,17 @@ def unlearn(
   :func:`train.program.optimizer.learning_rate_schedule` over ``training.steps`` with the
   streams' epoch length (:func:`schedule_args`). With ``config.model.lora`` enabled,
   ``params`` stay frozen (adapters train) and ``ref_params`` must be ``params`` or None.
+  ``opt_state`` starts the optimizer from a carried state (continual unlearning) instead of
+  a fresh one; a checkpoint in ``run_dir`` still takes precedence.
   """
   opt_config, train_config = config.optimizer, config.training
   schedule = schedule_args(config, forget_stream, retain_stream)
   tx = optimizer_lib.make_optimizer(opt_config, **schedule)
   part = trained_part(config, model, params, ref_params)
+  if opt_state is None:
+    opt_state = tx.init(part.params)
   shardings, params, fixed, opt_state = place_on_mesh(
-    config.mesh, part.params, part.fixed, tx.init(part.params)
+    config.mesh, part.params, part.fixed, opt_state
   )
   compiled = step_lib.compile_steps(
     make_train_step(part, tx, config),

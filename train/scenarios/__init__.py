@@ -35,21 +35,28 @@ def load_splits(config: RunConfig, data_dir: str) -> Any:
 
 def evaluate(
   config: RunConfig, model: Any, params: Any, tokenizer: Any, data_dir: str, out: pathlib.Path
-) -> str:
-  """Evaluates ``params`` into ``out`` and returns a one-line summary to print."""
+) -> dict[str, Any]:
+  """Evaluates ``params`` into ``out`` (JSON files); returns the summary."""
   if config.scenario == "safety":
     from train.scenarios import safety  # noqa: PLC0415
 
-    summary = safety.evaluate_safety(config, model, params, tokenizer, out)
-    shown = ", ".join(f"{k} {summary[k]:.3f}" for k in safety.HEADLINE)
-    return f"evaluation written to {out}: {shown}"
+    return safety.evaluate_safety(config, model, params, tokenizer, out)
   from train import program  # noqa: PLC0415
 
-  summary = program.evaluate_params(config, model, params, tokenizer, data_dir, out)
-  return (
-    f"evaluation written to {out}: model utility {summary['model_utility']}, "
-    f"forget efficacy {summary['forget_efficacy']}"
-  )
+  return program.evaluate_params(config, model, params, tokenizer, data_dir, out)
+
+
+def summary_line(config: RunConfig, summary: dict[str, Any], out: pathlib.Path) -> str:
+  """One line naming the evaluation's headline numbers and where it was written."""
+  if config.scenario == "safety":
+    from train.scenarios import safety  # noqa: PLC0415
+
+    shown = ", ".join(f"{k} {summary[k]:.3f}" for k in safety.HEADLINE)
+  else:
+    shown = (
+      f"model utility {summary['model_utility']}, forget efficacy {summary['forget_efficacy']}"
+    )
+  return f"evaluation written to {out}: {shown}"
 
 
 def run_experiment(config: RunConfig) -> Any:
