@@ -55,8 +55,10 @@ def _stage(command: str, config: RunConfig, fresh: bool = False, override: bool 
   """Runs one stage in ``config.output_dir``, holding the folder's lock (process 0 of a
   multi-host job takes it); ``unlearn`` first checks the folder's saved config against
   ``config`` (:func:`train.runtime.run_guard.check_resume`, with ``--fresh`` / ``--override``)."""
+  from train import scenarios  # noqa: PLC0415
   from train.runtime import distributed, run_guard  # noqa: PLC0415
 
+  scenarios.check_stage(command, config)
   if command == "finetune" and config.model.lora.enabled:
     raise ConfigError("model.lora.enabled applies to unlearn; finetune trains every weight")
   out = pathlib.Path(config.output_dir)

@@ -43,3 +43,12 @@ def test_config_errors_keep_exit_code_2(tmp_path, capsys):
   assert cli.main(["unlearn", "training.steps=0", f"output_dir={tmp_path}"]) == 2
   (line,) = _error_lines(capsys)
   assert "training.steps must be positive, got 0" in line
+
+
+def test_a_stage_the_scenario_lacks_names_the_command_that_runs_it(tmp_path, capsys):
+  assert cli.main(["unlearn", "scenario=multitask", f"output_dir={tmp_path}"]) == 2
+  (line,) = _error_lines(capsys)
+  assert "scenario=multitask has no unlearn stage" in line and "experiment CONFIG" in line
+  assert cli.main(["continual", f"output_dir={tmp_path}", "--fresh"]) == 2
+  (line,) = _error_lines(capsys)
+  assert "use a new output_dir" in line

@@ -1,14 +1,29 @@
 """What a run does, chosen by ``config.scenario``: its data, its evaluation and its
 experiment. ``tofu`` (unlearning TOFU-format data) lives in ``train.program`` and
 ``train.experiment``; ``safety`` (alignment on refusals and utility answers) in
-:mod:`train.scenarios.safety`. The CLI's stages reach either through these functions."""
+:mod:`train.scenarios.safety`; ``multitask`` (K tasks as K objectives, its own loop) in
+:mod:`train.scenarios.multitask`, run by the ``experiment`` command only. The CLI's stages
+reach them through these functions; :mod:`train.scenarios.continual` chains unlearning
+runs of ``tofu`` or ``real_world``."""
 
 from __future__ import annotations
 
 import pathlib
 from typing import Any
 
-from train.config import RunConfig
+from train.config import ConfigError, RunConfig
+
+STAGE_SCENARIOS = ("tofu", "real_world", "safety")
+"""Scenarios the single stages (``unlearn``, ``evaluate``, ``finetune``) run."""
+
+
+def check_stage(command: str, config: RunConfig) -> None:
+  """Refuses a stage the scenario does not have, naming what does run it."""
+  if command in ("unlearn", "evaluate", "finetune") and config.scenario not in STAGE_SCENARIOS:
+    raise ConfigError(
+      f"scenario={config.scenario} has no {command} stage: run it with "
+      f"`python train/run.py experiment CONFIG` (stages run {list(STAGE_SCENARIOS)})"
+    )
 
 
 def prepare_data(config: RunConfig) -> tuple[Any, str]:
@@ -65,6 +80,10 @@ def run_experiment(config: RunConfig) -> Any:
     from train.scenarios import safety  # noqa: PLC0415
 
     return safety.run(config)
+  if config.scenario == "multitask":
+    from train.scenarios import multitask  # noqa: PLC0415
+
+    return multitask.run(config)
   from train import experiment  # noqa: PLC0415
 
   return experiment.run(config)
