@@ -134,11 +134,9 @@ def unlearn(
   schedule = schedule_args(config, forget_stream, retain_stream)
   tx = optimizer_lib.make_optimizer(opt_config, **schedule)
   part = trained_part(config, model, params, ref_params)
-  if opt_state is None:
-    opt_state = tx.init(part.params)
-  shardings, params, fixed, opt_state = place_on_mesh(
-    config.mesh, part.params, part.fixed, opt_state
-  )
+  opt_state = tx.init(part.params) if opt_state is None else opt_state
+  placed = place_on_mesh(config.mesh, part.params, part.fixed, opt_state)
+  shardings, params, fixed, opt_state = placed
   compiled = step_lib.compile_steps(
     make_train_step(part, tx, config),
     shardings,
@@ -177,9 +175,8 @@ def unlearn(
     checkpointer.close()
     logger.close()
   jax.block_until_ready(params)
-  seconds = time.perf_counter() - began
+  seconds, state_bytes = time.perf_counter() - began, dualoptax.state_nbytes(opt_state)
   weights = part.join(params, fixed)
-  state_bytes = dualoptax.state_nbytes(opt_state)
   return UnlearnResult(part.model, weights, opt_state, logger.history, seconds, state_bytes)
 
 
