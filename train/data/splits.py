@@ -77,17 +77,28 @@ def resolve_retain_split(
 
   Args:
     data_dir: The TOFU-format folder.
-    forget_split: E.g. ``"forget01"``.
+    forget_split: E.g. ``"forget01"``; any name (e.g. ``"forget"``) when ``retain_split``
+      is given.
     retain_split: An explicit choice, returned if its file exists.
 
   Raises:
     FileNotFoundError: The chosen file, or both the complement and ``retain90``, are
       missing; the message lists the retain files present.
-    ValueError: ``forget_split`` is malformed.
+    ValueError: ``forget_split`` is not ``forgetXX`` and no ``retain_split`` is given (the
+      message says to pass one).
   """
   data_dir = os.fspath(data_dir)
-  complement = complement_retain_split(forget_split)
-  candidates = [retain_split] if retain_split is not None else [complement, FALLBACK_RETAIN_SPLIT]
+  if retain_split is not None:
+    candidates = [retain_split]  # any forget file name works with an explicit retain split
+  else:
+    try:
+      complement = complement_retain_split(forget_split)
+    except ValueError as e:
+      raise ValueError(
+        f"{e}; a forget file named otherwise (e.g. the real-world scenario's 'forget') "
+        "needs its retain split given: pass retain_split (e.g. retain_split='neighbor')"
+      ) from None
+    candidates = [complement, FALLBACK_RETAIN_SPLIT]
   for candidate in candidates:
     if os.path.isfile(os.path.join(data_dir, f"{candidate}.json")):
       return candidate
@@ -173,7 +184,8 @@ def load_unlearning_data(
   Args:
     data_dir: Folder with ``<forget_split>.json`` and a retain split (see
       :func:`resolve_retain_split`).
-    forget_split: E.g. ``"forget01"``, ``"forget05"``, ``"forget10"``.
+    forget_split: E.g. ``"forget01"``, ``"forget05"``, ``"forget10"``; a file named
+      otherwise (``"forget"``) needs ``retain_split``.
     task_id: Which of the file's disjoint forget sets (continual unlearning); 1 is the
       standard one and the evaluator's default. ``None`` takes every row (all tasks).
     retain_split: Overrides the retain split (e.g. ``"retain50"``).

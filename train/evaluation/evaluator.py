@@ -40,11 +40,15 @@ from train.evaluation.scoring import ScoringModel, as_scoring_model, generate_gr
 from train.evaluation.summary import markdown_table as markdown_table
 from train.evaluation.summary import summarize
 
-Role = Literal["forget", "retain", "real_authors", "world_facts"]
-ROLES: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")
+Role = Literal["forget", "retain", "real_authors", "world_facts", "utility"]
+ROLES: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts", "utility")
 """What a set is for. forget / retain sets score the paraphrased answer in the truth ratio;
-real_authors / world_facts sets score the true answer against its perturbed options."""
+real_authors / world_facts sets score the true answer against its perturbed options, and
+so does ``utility``: any other real-knowledge control set (e.g. the real-world scenario's),
+which enters model utility under its own name. Every set but the forget one counts in
+model utility (:mod:`train.evaluation.summary`)."""
 _PARAPHRASE_ROLES = ("forget", "retain")
+TaskSelection = int | tuple[int, ...] | None
 
 ITEMS_FILE, SUMMARY_FILE, TABLE_FILE = (
   "tofu_eval_items.json",
@@ -62,17 +66,28 @@ class EvalSetSpec:
     name: Key of the set in the outputs (unique within one evaluation).
     path: The TOFU-format JSON-lines file.
     role: One of :data:`ROLES`; decides the required keys and the metric definitions.
-    task_id: Keep only rows with this ``task_id`` (forget files); ``None`` keeps all.
+    task_id: Keep only rows with this ``task_id`` (forget files), or with one of these
+      (a tuple: several tasks, e.g. several people to forget at once); ``None`` keeps all.
+    answer_key: The row key holding the answer that is scored, generated against (ROUGE)
+      and compared in the paper's terms. ``"answer"`` is TOFU's; the real-world files
+      train on ``answer`` (long chat answers) but are scored on ``golden_answer``.
   """
 
   name: str
   path: str
   role: Role
-  task_id: int | None = None
+  task_id: TaskSelection = None
+  answer_key: str = "answer"
 
   def __post_init__(self):
     if self.role not in ROLES:
       raise ValueError(f"role of set {self.name!r} must be one of {ROLES}, got {self.role!r}")
+    if not isinstance(self.answer_key, str) or not self.answer_key:
+      raise ValueError(
+        f"answer_key of set {self.name!r} must be a row key, got {self.answer_key!r}"
+      )
+    if isinstance(self.task_id, tuple) and not self.task_id:
+      raise ValueError(f"task_id of set {self.name!r} is an empty tuple; use None for every row")
 
 
 def tofu_eval_sets(
@@ -200,7 +215,8 @@ class SetResult:
     out: dict[str, Any] = {
       "role": self.spec.role,
       "file": self.spec.path,
-      "task_id": self.spec.task_id,
+      "task_id": _json_task(self.spec.task_id),
+      "answer_key": self.spec.answer_key,
       "num_items": len(self.items),
       "probability": float(np.mean(self.probability)),
       "rouge_l_recall": None
@@ -265,8 +281,49 @@ class SetResult:
     return rows
 
 
+def _json_task(task_id: TaskSelection) -> int | list[int] | None:
+  return list(task_id) if isinstance(task_id, tuple) else task_id
+
+
 def _required_keys(role: str) -> tuple[str, ...]:
   return tofu.PARAPHRASE_KEYS if role in _PARAPHRASE_ROLES else tofu.OPTION_KEYS
+
+
+def _select_tasks(path: str, items: Sequence[tofu.TofuItem], task_ids: tuple[int, ...]) -> list:
+  """The rows of any of ``task_ids`` (each must occur), in file order."""
+  wanted = set(task_ids)
+  for item in items:
+    if item.task_id is None:
+      raise tofu.TofuFormatError(
+        path, item.line_number, f"task_id={list(task_ids)} was requested but the row has none"
+      )
+  kept = [item for item in items if item.task_id in wanted]
+  absent = sorted(wanted - {item.task_id for item in kept})
+  if absent:
+    present = sorted({item.task_id for item in items})
+    raise tofu.TofuFormatError(
+      path, None, f"no row has task_id {absent}; the file has task ids {present}"
+    )
+  return kept
+
+
+def _with_answer_key(spec: EvalSetSpec, items: Sequence[tofu.TofuItem]) -> list:
+  """The items with ``answer`` taken from the row's ``spec.answer_key``."""
+  rows = dict(tofu.iter_json_lines(spec.path))
+  out = []
+  for item in items:
+    row = rows[item.line_number]
+    value = row.get(spec.answer_key)
+    if not isinstance(value, str):
+      problem = "missing" if value is None else f"not a string ({type(value).__name__})"
+      raise tofu.TofuFormatError(
+        spec.path,
+        item.line_number,
+        f"{spec.answer_key!r} is {problem}: set {spec.name!r} scores answer_key="
+        f"{spec.answer_key!r}; the row has {sorted(row)}",
+      )
+    out.append(dataclasses.replace(item, answer=value))
+  return out
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -294,14 +351,18 @@ def _prompt_encoder(
 
 
 def _load_items(spec: EvalSetSpec, config: EvalConfig) -> tuple[tofu.TofuItem, ...]:
-  items = tuple(
-    tofu.load_tofu(
-      spec.path,
-      required_keys=_required_keys(spec.role),
-      task_id=spec.task_id,
-      max_items=config.max_items,
-    )
+  several = isinstance(spec.task_id, tuple)
+  items = tofu.load_tofu(
+    spec.path,
+    required_keys=_required_keys(spec.role),
+    task_id=None if several else spec.task_id,
+    max_items=None if several else config.max_items,
   )
+  if several:
+    items = _select_tasks(spec.path, items, spec.task_id)[: config.max_items]
+  if spec.answer_key != "answer":
+    items = _with_answer_key(spec, items)
+  items = tuple(items)
   if not items:
     raise ValueError(f"set {spec.name!r} has no item to evaluate (max_items={config.max_items})")
   return items
@@ -462,7 +523,8 @@ def _generation_terms(
   answers = [item.answer for item in items]
   rouge = metrics.rouge_l_recall(generations, answers)
   paper_values = paper_metrics.paper_item_values(
-    spec.role,
+    # A utility set is compared like world facts (its original_answer, where it has one).
+    "world_facts" if spec.role == "utility" else spec.role,
     encoder.tokenizer,
     generations,
     answers,
@@ -553,7 +615,8 @@ class EvaluationResult:
         name: {
           "role": r.spec.role,
           "file": r.spec.path,
-          "task_id": r.spec.task_id,
+          "task_id": _json_task(r.spec.task_id),
+          "answer_key": r.spec.answer_key,
           "items": r.items_json(),
         }
         for name, r in self.sets.items()
@@ -597,8 +660,9 @@ def evaluate(
       ``logits_fn(input_ids, attention_mask) -> logits`` (wrapped in ``FunctionModel``).
     tokenizer: The model's Hugging Face tokenizer (needs an EOS token; pads with the pad
       token, else EOS).
-    eval_sets: The sets (e.g. :func:`tofu_eval_sets`); names must be unique. The
-      aggregates use the one set of each role.
+    eval_sets: The sets (e.g. :func:`tofu_eval_sets`); names must be unique. Forget
+      quality and efficacy use the one forget set; model utility every other set present
+      (TOFU's three give its 9 terms; the summary names the sets used and what is missing).
     template: A :class:`~train.data.prompting.PromptTemplate` or preset name (``"plain"``,
       ``"phi"``, ``"llama2-chat"``, ``"phi3-chat"``), or a
       :class:`~train.data.prompting.ChatTemplate` or ``"chat"``: the tokenizer's chat

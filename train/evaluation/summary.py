@@ -4,6 +4,10 @@ Two families of aggregates, both always written:
 
 * TOFU / open-unlearning (``forget_quality``, the 9-term ``model_utility``) and this
   project's ``forget_efficacy`` and ``ranking_score`` (see :mod:`train.evaluation.metrics`);
+  model utility takes every non-forget set present (TOFU's three give its 9 terms; other
+  scenarios, e.g. real-world unlearning, bring their own sets) and names them in
+  ``model_utility_sets``, with ``model_utility_missing`` for TOFU roles without a set and
+  terms not computed;
 * the DualOptim+ paper's, as its authors' ``get_eval_results`` computes them
   (``paper_metrics`` under their names and ``paper_model_utility``,
   ``paper_model_utility_retain``, ``paper_untargeted_forget_efficacy``,
@@ -26,6 +30,9 @@ from train.evaluation import metrics, paper_metrics, reference
 
 SUMMARY_FORMAT = "dualoptax.tofu_eval_summary/2"
 UTILITY_ROLES: tuple[str, ...] = ("retain", "real_authors", "world_facts")
+"""TOFU's utility sets: one of each gives its 9-term model utility."""
+UTILITY_SET_ROLES: tuple[str, ...] = (*UTILITY_ROLES, "utility")
+"""Every role whose sets count in model utility (all but forget)."""
 UTILITY_METRICS: tuple[str, ...] = ("probability", "rouge_l_recall", "truth_ratio")
 PAPER_ONLY_FORGET_TERMS: tuple[str, ...] = ("cosine_similarity", "entailment_score")
 """Terms of the paper's forget efficacy that ``forget_efficacy`` leaves out unless they are
@@ -132,26 +139,56 @@ def forget_quality_fields(
   }
 
 
+def _utility_prefix(role: str, name: str, counts: Mapping[str, int]) -> str:
+  """A term's set label: TOFU's role name for its one set of a TOFU role (its keys stay
+  ``retain.probability``...), ``role:name`` otherwise (unambiguous)."""
+  return role if role in UTILITY_ROLES and counts[role] == 1 else f"{role}:{name}"
+
+
+def _utility_definition(sets: Mapping[str, str], num_terms: int) -> str:
+  """TOFU's definition for its three sets, else one naming the sets present."""
+  if sorted(sets.values()) == sorted(UTILITY_ROLES):
+    return DEFINITIONS["model_utility"]
+  names = ", ".join(f"{name} ({role})" for name, role in sets.items())
+  return (
+    f"harmonic mean of the {num_terms} {{{names}}} x {{probability, rouge_l_recall, "
+    "truth_ratio}} scores of the non-forget sets present (0 if any is 0; TOFU's has 9: "
+    "{retain, real_authors, world_facts})"
+  )
+
+
 def _model_utility(results: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
-  """TOFU's model utility: the harmonic mean of every utility set's metrics (``None``
-  unless each utility role has one set and ROUGE-L was computed)."""
+  """Model utility from the non-forget sets present: the harmonic mean of each one's
+  probability, ROUGE-L and truth ratio (TOFU's 9 terms with its three sets). ``None``
+  without such a set or without ROUGE-L; the sets used and what is missing are named."""
+  present = [r for r in results.values() if r.spec.role in UTILITY_SET_ROLES]
+  counts = {role: sum(r.spec.role == role for r in present) for role in UTILITY_SET_ROLES}
+  missing = [f"{role} (no set)" for role in UTILITY_ROLES if not counts[role]]
   terms: dict[str, float] = {}
+  for r in present:
+    prefix, scores = _utility_prefix(r.spec.role, r.spec.name, counts), r.summary()
+    for metric in UTILITY_METRICS:
+      if scores[metric] is None:
+        missing.append(f"{prefix}.{metric}")
+      else:
+        terms[f"{prefix}.{metric}"] = scores[metric]
   utility = None
-  utility_sets = [_only_set_of_role(results, role, notes) for role in UTILITY_ROLES]
-  if all(s is not None for s in utility_sets):
-    for s in utility_sets:
-      scores = s.summary()
-      for metric in UTILITY_METRICS:
-        if scores[metric] is not None:
-          terms[f"{s.spec.role}.{metric}"] = scores[metric]
-    if len(terms) == len(UTILITY_ROLES) * len(UTILITY_METRICS):
-      utility = metrics.model_utility(terms)
-    else:
-      notes.append("model utility needs ROUGE-L (EvalConfig(generate=True))")
+  if not present:
+    notes.append(
+      f"model utility needs a set with a role among {list(UTILITY_SET_ROLES)}; "
+      f"none of {list(UTILITY_ROLES)} has one"
+    )
+  elif len(terms) < len(present) * len(UTILITY_METRICS):
+    notes.append("model utility needs ROUGE-L (EvalConfig(generate=True))")
+  else:
+    utility = metrics.model_utility(terms)
+  sets = {r.spec.name: r.spec.role for r in present}
   return {
     "model_utility": utility,
-    "model_utility_definition": DEFINITIONS["model_utility"],
+    "model_utility_definition": _utility_definition(sets, len(present) * len(UTILITY_METRICS)),
     "model_utility_terms": terms,
+    "model_utility_sets": sets,
+    "model_utility_missing": missing,
   }
 
 
@@ -177,15 +214,42 @@ def _forget_efficacy(forget: Any | None) -> dict[str, Any]:
   }
 
 
+def _utility_set_metrics(name: str, scores: Mapping[str, Any]) -> dict[str, float | None]:
+  """A ``utility`` set's paper metrics, as world facts' but labelled ``Utility <name>``."""
+  label = paper_metrics.PAPER_SET_LABELS["world_facts"]
+  values = paper_metrics.paper_set_metrics("world_facts", scores)
+  return {f"Utility {name}{key[len(label) :]}": v for key, v in values.items()}
+
+
+def _add_utility_terms(out: dict[str, Any], extra: Mapping[str, float | None]) -> None:
+  """Folds the ``utility`` sets' metrics into the paper's model utility, as the authors'
+  ``get_eval_results`` counts every non-forget metric it was given."""
+  key = "paper_model_utility"
+  out[f"{key}_terms"].update({k: v for k, v in extra.items() if v is not None})
+  out[f"{key}_missing"] += [k for k, v in extra.items() if v is None]
+  terms = list(out[f"{key}_terms"].values())
+  out[key] = metrics.harmonic_mean(terms) if terms else None
+  out[f"{key}_definition"] += "; plus the 6 terms of each utility set (Utility <set> ...)"
+
+
 def paper_fields(results: Mapping[str, Any], paper_models: Any | None) -> dict[str, Any]:
   """``paper_metrics`` (the authors' per-set names; ``None`` where not computed) and the
-  paper's four aggregates with their terms, missing terms and definitions."""
+  paper's four aggregates with their terms, missing terms and definitions; each aggregate
+  takes the sets present (``paper_model_utility_sets`` names the non-forget ones)."""
   values: dict[str, float | None] = {}
+  extra: dict[str, float | None] = {}
   for r in results.values():
     if r.spec.role in paper_metrics.PAPER_SET_LABELS:
       values.update(paper_metrics.paper_set_metrics(r.spec.role, r.summary()))
-  out: dict[str, Any] = {"paper_metrics": values}
+    elif r.spec.role == "utility":
+      extra.update(_utility_set_metrics(r.spec.name, r.summary()))
+  out: dict[str, Any] = {"paper_metrics": {**values, **extra}}
   out.update(paper_metrics.paper_aggregates(values))
+  if extra:
+    _add_utility_terms(out, extra)
+  out["paper_model_utility_sets"] = {
+    r.spec.name: r.spec.role for r in results.values() if r.spec.role in UTILITY_SET_ROLES
+  }
   out["paper_models"] = (paper_models or paper_metrics.PaperModels()).describe()
   return out
 
