@@ -32,6 +32,10 @@ def prepare_data(config: RunConfig) -> tuple[Any, str]:
     from train.scenarios import safety  # noqa: PLC0415
 
     return safety.prepare_data(config)
+  if config.scenario == "real_world":
+    from train.scenarios import real_world  # noqa: PLC0415
+
+    return real_world.prepare_data(config)
   from train import program  # noqa: PLC0415 (jax-heavy)
 
   return program.prepare_data(config)
@@ -43,6 +47,10 @@ def load_splits(config: RunConfig, data_dir: str) -> Any:
     from train.scenarios import safety  # noqa: PLC0415
 
     return safety.load_splits(config)
+  if config.scenario == "real_world":
+    from train.scenarios import real_world  # noqa: PLC0415
+
+    return real_world.load_splits(config, data_dir)
   from train import program  # noqa: PLC0415
 
   return program.load_splits(config, data_dir)
@@ -56,6 +64,10 @@ def evaluate(
     from train.scenarios import safety  # noqa: PLC0415
 
     return safety.evaluate_safety(config, model, params, tokenizer, out)
+  if config.scenario == "real_world":
+    from train.scenarios import real_world  # noqa: PLC0415
+
+    return real_world.evaluate_real_world(config, model, params, tokenizer, out)
   from train import program  # noqa: PLC0415
 
   return program.evaluate_params(config, model, params, tokenizer, data_dir, out)
@@ -63,15 +75,20 @@ def evaluate(
 
 def summary_line(config: RunConfig, summary: dict[str, Any], out: pathlib.Path) -> str:
   """One line naming the evaluation's headline numbers and where it was written."""
-  if config.scenario == "safety":
-    from train.scenarios import safety  # noqa: PLC0415
+  if config.scenario in ("safety", "real_world"):
+    from train.scenarios import real_world, safety  # noqa: PLC0415
 
-    shown = ", ".join(f"{k} {summary[k]:.3f}" for k in safety.HEADLINE)
+    keys = (safety if config.scenario == "safety" else real_world).HEADLINE
+    shown = ", ".join(f"{k} {_number(summary.get(k))}" for k in keys)
   else:
     shown = (
       f"model utility {summary['model_utility']}, forget efficacy {summary['forget_efficacy']}"
     )
   return f"evaluation written to {out}: {shown}"
+
+
+def _number(value: Any) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
 
 
 def run_experiment(config: RunConfig) -> Any:
@@ -84,6 +101,10 @@ def run_experiment(config: RunConfig) -> Any:
     from train.scenarios import multitask  # noqa: PLC0415
 
     return multitask.run(config)
+  if config.scenario == "real_world":
+    from train.scenarios import real_world  # noqa: PLC0415
+
+    return real_world.run(config)
   from train import experiment  # noqa: PLC0415
 
   return experiment.run(config)
