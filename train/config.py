@@ -363,8 +363,10 @@ class MultitaskSection:
   answer file learnt by descent (NLL) as an objective of its own: one base + K deltas with
   DualOptim+, K Adam states with DualOptim, one Adam on the summed loss with ``adam``.
 
-  A task's file is ``<path>/<task>.json`` (JSON lines with ``question`` and ``answer``);
-  tuples below are per task, in ``tasks`` order, and empty means 1 for every task.
+  A task's rows are ``<path>/<task>.json`` (training) and ``<path>/<task>_eval.json``
+  (held out), JSON lines with ``question`` and ``answer``; tuples below are per task, in
+  ``tasks`` order, and empty means 1 for every task. Adam takes one batch of every task per
+  step (K times the batches of the K-objective optimizers, one task per step).
   """
 
   # Folder of the task files; null: the embedded tasks, written to <output_dir>/data.

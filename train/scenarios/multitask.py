@@ -58,11 +58,11 @@ from train.program.modeling import FunctionalModel, ScoringAdapter, build_model
 from train.runtime import distributed
 from train.runtime.compiler import step_compiler_options
 from train.runtime.metrics import MetricsLogger
+from train.scenarios import multitask_report as mt_report
+from train.scenarios.multitask_report import HEADLINE
 
 OPTIMIZERS = ("adam", "dualoptim", "dualoptim_plus")
 """The optimizers :func:`run` compares, in table order."""
-HEADLINE = ("nll", "exact_match", "rouge_l_recall")
-"""The per-task metrics (and their average over tasks) of :func:`evaluate_multitask`."""
 DEFINITIONS = {
   "nll": "token-mean NLL of the held-out answers (lower is better)",
   "exact_match": "share of held-out questions whose greedy answer equals the reference after "
@@ -517,102 +517,7 @@ def evaluate_multitask(
   return summary
 
 
-# --- The experiment and its report.
-
-
-def report_table(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> str:
-  """A Markdown table: one row per model, ``nll / exact match / ROUGE-L`` per task and
-  their average over tasks."""
-  columns = [*tasks, "average"]
-  lines = [
-    "| model | " + " | ".join(f"{c} (NLL / EM / RL)" for c in columns) + " |",
-    "|---" * (len(columns) + 1) + "|",
-  ]
-  for label, summary in rows.items():
-    cells = [summary["tasks"][t] for t in tasks] + [summary["average"]]
-    shown = [" / ".join(f"{c[k]:.3f}" for k in HEADLINE) for c in cells]
-    lines.append(f"| {label} | " + " | ".join(shown) + " |")
-  return "\n".join(lines)
-
-
-def cosine_table(cosines: Mapping[str, Sequence[dict]], tasks: Sequence[str]) -> str:
-  """A Markdown table of each pair's gradient cosine per optimizer: its mean over the run's
-  measurements and its last value."""
-  pairs = list(itertools.combinations(range(len(tasks)), 2))
-  header = " | ".join(f"{tasks[i]} / {tasks[j]}" for i, j in pairs)
-  lines = [f"| optimizer | {header} |", "|---" * (len(pairs) + 1) + "|"]
-  for name, records in cosines.items():
-    matrices = np.asarray([r["matrix"] for r in records])
-    cells = [f"{matrices[:, i, j].mean():+.3f} (last {matrices[-1, i, j]:+.3f})" for i, j in pairs]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def plot_results(rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], path) -> None:
-  """Grouped bars: one panel per headline metric, one group per task (and the average),
-  one bar per model."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  columns = [*tasks, "average"]
-  fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 3.6))
-  width = 0.8 / len(rows)
-  for axis, key in zip(axes, HEADLINE):
-    for n, (label, summary) in enumerate(rows.items()):
-      values = [summary["tasks"][t][key] for t in tasks] + [summary["average"][key]]
-      axis.bar(np.arange(len(columns)) + n * width, values, width, label=label)
-    axis.set_xticks(np.arange(len(columns)) + width * (len(rows) - 1) / 2, columns)
-    axis.set_title(key)
-  handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="upper center", ncol=len(rows), fontsize=8)
-  fig.tight_layout(rect=(0, 0, 1, 0.9))
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_cosines(cosines: Mapping[str, Sequence[dict]], tasks: Sequence[str], path) -> None:
-  """The gradient cosine of every pair of tasks over the run: one panel per pair, one line
-  per optimizer (below 0: the tasks' gradients conflict)."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  pairs = list(itertools.combinations(range(len(tasks)), 2))
-  fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.4), squeeze=False)
-  for axis, (i, j) in zip(axes[0], pairs):
-    for name, records in cosines.items():
-      steps = [r["step"] for r in records]
-      axis.plot(steps, [r["matrix"][i][j] for r in records], marker=".", label=name)
-    axis.axhline(0.0, color="grey", linewidth=0.8)
-    axis.set_title(f"cos(grad {tasks[i]}, grad {tasks[j]})", fontsize=9)
-    axis.set_xlabel("step")
-  axes[0][0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def _report(config: RunConfig, tasks, rows, cosines, seconds) -> str:
-  mt = config.multitask
-  setting = (
-    f"{config.training.steps} steps, batch {config.data.batch_size}, learning rate "
-    f"{config.optimizer.learning_rate}; steps per task {list(mt.per_task('steps'))}, "
-    f"lr ratios {list(mt.per_task('lr_ratios'))}, coefficients {list(mt.per_task('coeffs'))}"
-  )
-  times = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-  return (
-    f"# Multi-task learning: {', '.join(tasks)}\n\n{setting}. Adam trains on the weighted "
-    "sum of the task losses (one batch of every task per step); DualOptim and DualOptim+ "
-    "serve one task per step, in the schedule.\n\n"
-    f"## Held-out results (NLL / exact match / ROUGE-L recall)\n\n{report_table(rows, tasks)}"
-    f"\n\n## Gradient cosines between tasks (Figure 2)\n\nMean over the measurements every "
-    f"{config.training.diagnostics_every} steps (last value):\n\n{cosine_table(cosines, tasks)}"
-    f"\n\nTraining time: {times}.\n\n![results](multitask_results.png)\n\n"
-    "![cosines](multitask_cosines.png)\n"
-  )
+# --- The experiment.
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -643,12 +548,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     rows[name] = evaluate_multitask(run_config, model, result.params, tokenizer, held, out / name)
     cosines[name], results[name] = result.cosines, result
   if distributed.is_primary():
-    (out / REPORT_FILE).write_text(_report(config, names, rows, cosines, seconds))
+    (out / REPORT_FILE).write_text(mt_report.report(config, names, rows, cosines, seconds))
     stored = {"tasks": names, "rows": rows, "cosines": cosines, "train_seconds": seconds}
     (out / "results.json").write_text(json.dumps(stored, indent=1))
-    plot_results(rows, names, out / "multitask_results.png")
-    plot_cosines(cosines, names, out / "multitask_cosines.png")
-  print(f"{report_table(rows, names)}\n\n{cosine_table(cosines, names)}")
+    mt_report.plot_results(rows, names, out / "multitask_results.png")
+    mt_report.plot_cosines(cosines, names, out / "multitask_cosines.png")
+  print(f"{mt_report.report_table(rows, names)}\n\n{mt_report.cosine_table(cosines, names)}")
   print(f"report: {out / REPORT_FILE} ({time.perf_counter() - began:.0f} s)")
   return {"rows": rows, "cosines": cosines, "results": results}
 
