@@ -301,3 +301,18 @@ def test_non_finite_steps_are_skipped_counted_then_stop_the_run(
   reference = RunCheckpointer(tmp_path / "clean" / "checkpoints").restore(abstract, 2)[1]
   for a, b in zip(jax.tree.leaves(stopped), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_only_orbax_coroutines_abandoned_by_a_failed_restore_are_silenced():
+  import types
+
+  from train.runtime import checkpointing
+
+  def unraisable(filename):
+    code = types.SimpleNamespace(co_filename=filename)
+    return types.SimpleNamespace(object=types.SimpleNamespace(cr_code=code))
+
+  orbax_read = unraisable(f"{os.sep}site-packages{os.sep}orbax{os.sep}checkpoint{os.sep}x.py")
+  assert checkpointing._is_abandoned_read(orbax_read)
+  assert not checkpointing._is_abandoned_read(unraisable(f"{os.sep}work{os.sep}mine.py"))
+  assert not checkpointing._is_abandoned_read(types.SimpleNamespace(object=object()))

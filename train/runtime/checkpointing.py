@@ -57,6 +57,33 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
   return f"{type(root).__name__}: {text}" if text else type(root).__name__
 
 
+def _is_abandoned_read(unraisable: Any) -> bool:
+  """Whether an unraisable exception comes from an orbax coroutine (a read abandoned by a
+  failed restore, finalized after its event loop closed)."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def silence_abandoned_reads() -> None:
+  """Drops the "Exception ignored in <coroutine ...>" tracebacks of a failed restore.
+
+  When a step fails to restore, orbax leaves its other reads as pending coroutines; when
+  the garbage collector finalizes them (any time later, often after their event loop
+  closed) each raises inside its ``except`` and Python prints a screen of traceback for a
+  failure already reported in one line. Installed once, after the first failed restore,
+  in front of the process's hook; every other unraisable exception still reaches it."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_dualoptax_orbax_filter", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook._dualoptax_orbax_filter = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
 def _warn(message: str) -> None:
   if jax.process_index() == 0:
     print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -194,6 +221,7 @@ class RunCheckpointer:
           check(restored[2])
       except Exception as e:  # noqa: BLE001 (any reason the step cannot be resumed)
         problems.append((step, describe_error(e)))
+        silence_abandoned_reads()
         continue
       for bad, why in problems:
         moved = self._set_aside(bad)
