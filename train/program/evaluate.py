@@ -33,6 +33,18 @@ def paper_models(config: RunConfig, data_dir: str) -> PaperModels:
   )
 
 
+def eval_config(config: RunConfig) -> EvalConfig:
+  """The evaluator's settings of a run (``config.eval``), without progress bars."""
+  return EvalConfig(
+    batch_size=config.eval.batch_size,
+    max_new_tokens=config.eval.max_new_tokens,
+    max_length=config.eval.max_length,
+    max_items=config.eval.max_items,
+    show_progress=False,
+    answer_boundary=config.eval.answer_boundary,
+  )
+
+
 def evaluate_params(
   config: RunConfig,
   model: FunctionalModel,
@@ -62,14 +74,7 @@ def evaluate_params(
     tokenizer,
     eval_sets,
     template=config.data.template,
-    config=EvalConfig(
-      batch_size=config.eval.batch_size,
-      max_new_tokens=config.eval.max_new_tokens,
-      max_length=config.eval.max_length,
-      max_items=config.eval.max_items,
-      show_progress=False,
-      answer_boundary=config.eval.answer_boundary,
-    ),
+    config=eval_config(config),
     retain_reference=retain_reference,
     paper=paper if paper is not None else paper_models(config, data_dir),
   )

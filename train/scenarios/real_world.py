@@ -26,15 +26,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 from typing import Any
 
-from train.config import RunConfig, save_config
+from train.config import RunConfig
 from train.data import real_world as data_rw
 from train.data import tofu
 from train.data import tokenizer as tokenizer_lib
 from train.evaluation.evaluator import SUMMARY_FILE, EvalSetSpec
 from train.runtime import distributed
+from train.scenarios import before_after
 
 REPORT_FILE = "real_world_report.md"
 HEADLINE = (
@@ -153,8 +153,8 @@ def evaluate_real_world(
   (``tofu_eval_items.json``, ``tofu_eval_summary.json``, ``.md``) to ``out_dir`` and
   returns the summary with the :data:`HEADLINE` keys and the people forgotten added."""
   from train.data.prompting import PromptEncoder  # noqa: PLC0415 (jax-heavy below)
-  from train.evaluation import EvalConfig, evaluate  # noqa: PLC0415
-  from train.program.evaluate import paper_models  # noqa: PLC0415
+  from train.evaluation import evaluate  # noqa: PLC0415
+  from train.program.evaluate import eval_config, paper_models  # noqa: PLC0415
   from train.program.modeling import ScoringAdapter  # noqa: PLC0415
 
   data = load_data(config)
@@ -166,14 +166,7 @@ def evaluate_real_world(
     tokenizer,
     eval_sets(config),
     template=config.data.template,
-    config=EvalConfig(
-      batch_size=config.eval.batch_size,
-      max_new_tokens=config.eval.max_new_tokens,
-      max_length=config.eval.max_length,
-      max_items=config.eval.max_items,
-      show_progress=False,
-      answer_boundary=config.eval.answer_boundary,
-    ),
+    config=eval_config(config),
     retain_reference=config.eval.retain_reference,
     paper=paper_models(config, folder),
   )
@@ -187,41 +180,16 @@ def evaluate_real_world(
 
 def report_table(rows: dict[str, dict[str, Any]]) -> str:
   """A Markdown table: one row per evaluated model, one column per :data:`HEADLINE` key."""
-  lines = ["| model | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
-  for label, summary in rows.items():
-    cells = ("–" if summary[k] is None else f"{summary[k]:.3f}" for k in HEADLINE)
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return before_after.report_table(rows, HEADLINE)
 
 
 def run(config: RunConfig) -> dict[str, Any]:
   """Evaluates the model, unlearns the selected people (the unlearning stage with this
   scenario's data), evaluates again; writes ``real_world_report.md``, ``results.json`` and
   the model under ``config.output_dir``."""
-  from train import program  # noqa: PLC0415 (jax-heavy)
-  from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
-
-  out = pathlib.Path(config.output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  save_config(config, out / "config.yaml")
-  began = time.perf_counter()
-  tokenizer, _ = prepare_data(config)
-  splits = load_splits(config)
-  print(f"data: {len(splits.forget)} forget rows, {len(splits.retain)} neighbor rows")
-  module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
-  model, params = FunctionalModel.split(module, model_config)
-  rows = {"before": evaluate_real_world(config, model, params, tokenizer, out / "eval_before")}
-  streams = program.make_streams(config, splits, tokenizer, config.loss.build())
-  result = program.unlearn(config, model, params, params, *streams, out)
-  label = f"after {config.training.steps} steps ({config.optimizer.name}, {config.loss.name})"
-  rows[label] = evaluate_real_world(config, result.model, result.params, tokenizer, out / "eval")
-  save_model(result.model, result.params, str(out / "model"), tokenizer)
-  people = ", ".join(rows["before"]["forgotten_people"].values())
-  table = report_table(rows)
-  (out / REPORT_FILE).write_text(f"# Real-world unlearning of {people}\n\n{table}\n")
-  (out / "results.json").write_text(json.dumps(rows, indent=1))
-  print(f"{table}\n\nreport: {out / REPORT_FILE} ({time.perf_counter() - began:.0f} s)")
-  return {"rows": rows, "history": result.history}
+  people = ", ".join(load_data(config).people.values())
+  title = f"Real-world unlearning of {people}"
+  return before_after.run(config, evaluate_real_world, HEADLINE, REPORT_FILE, title)
 
 
 __all__ = [

@@ -27,20 +27,20 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from train import data as data_lib
-from train.config import RunConfig, save_config
+from train.config import RunConfig
 from train.data import instructions, safety_synthetic
 from train.data import tokenizer as tokenizer_lib
 from train.data.prompting import PromptEncoder
 from train.evaluation import metrics, refusal
 from train.evaluation.scoring import generate_greedy, score_answers
 from train.runtime import distributed
+from train.scenarios import before_after
 
 TRAIN_FILES = ("harmful_train", "utility_train")
 EVAL_FILES = ("harmful_eval", "benign_eval", "utility_eval")
@@ -226,39 +226,15 @@ def evaluate_safety(
 
 def report_table(rows: dict[str, dict[str, Any]]) -> str:
   """A Markdown table: one row per evaluated model, one column per :data:`HEADLINE` key."""
-  lines = ["| model | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
-  for label, summary in rows.items():
-    lines.append(f"| {label} | " + " | ".join(f"{summary[k]:.3f}" for k in HEADLINE) + " |")
-  return "\n".join(lines)
+  return before_after.report_table(rows, HEADLINE)
 
 
 def run(config: RunConfig) -> dict[str, Any]:
   """Evaluates the model, aligns it (the unlearning stage with this scenario's data and
   losses), evaluates it again; writes ``safety_report.md``, ``results.json`` and the aligned
   model under ``config.output_dir``."""
-  from train import program  # noqa: PLC0415 (jax-heavy)
-  from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
-
-  out = pathlib.Path(config.output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  save_config(config, out / "config.yaml")
-  began = time.perf_counter()
-  tokenizer, _ = prepare_data(config)
-  splits = load_splits(config)
-  print(f"data: {len(splits.forget)} harmful / {len(splits.retain)} utility instructions")
-  module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
-  model, params = FunctionalModel.split(module, model_config)
-  rows = {"before": evaluate_safety(config, model, params, tokenizer, out / "eval_before")}
-  streams = program.make_streams(config, splits, tokenizer, config.loss.build())
-  result = program.unlearn(config, model, params, params, *streams, out)
-  label = f"after {config.training.steps} steps ({config.optimizer.name})"
-  rows[label] = evaluate_safety(config, result.model, result.params, tokenizer, out / "eval")
-  save_model(result.model, result.params, str(out / "model"), tokenizer)
-  table = report_table(rows)
-  (out / REPORT_FILE).write_text(f"# Safety alignment: {config.loss.name}\n\n{table}\n")
-  (out / "results.json").write_text(json.dumps(rows, indent=1))
-  print(f"{table}\n\nreport: {out / REPORT_FILE} ({time.perf_counter() - began:.0f} s)")
-  return {"rows": rows, "history": result.history}
+  title = f"Safety alignment: {config.loss.name}"
+  return before_after.run(config, evaluate_safety, HEADLINE, REPORT_FILE, title)
 
 
 __all__ = [
