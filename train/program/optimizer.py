@@ -119,12 +119,20 @@ def learning_rate_at(
 
 
 def make_optimizer(
-  config: OptimizerConfig, *, total_steps: int | None = None, steps_per_epoch: int | None = None
+  config: OptimizerConfig,
+  *,
+  total_steps: int | None = None,
+  steps_per_epoch: int | None = None,
+  objectives: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
 ) -> optax.GradientTransformation:
   """The configured optimizer: clipping, then dualoptax's optimizer with the learning rate of
   :func:`learning_rate_schedule` (same arguments), weight decay on :func:`decayed_leaves`
   and, for 8-bit states with ``keep_fp32_embeddings``, float32 states on
-  :func:`embedding_leaves`."""
+  :func:`embedding_leaves`.
+
+  ``objectives`` = ``(steps per objective, lr ratio per objective)`` builds the K-objective
+  DualOptim / DualOptim+ (multi-task learning) instead of the forget / retain pair of
+  ``config``; Adam then has a single objective (the caller sums the losses)."""
   learning_rate = learning_rate_schedule(
     config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
   )
@@ -134,32 +142,35 @@ def make_optimizer(
     eps=config.eps,
     weight_decay=config.weight_decay,
     mask=decayed_leaves,
+  )
+  pair = dict(
     forget_lr_ratio=config.forget_lr_ratio,
     retain_lr_ratio=config.retain_lr_ratio,
     forget_steps=config.forget_steps,
     retain_steps=config.retain_steps,
   )
   if config.name == "adam":
-    tx = dualoptax.adamw(learning_rate, **common)
+    tx = dualoptax.adamw(learning_rate, **common, **({} if objectives else pair))
   else:
     storage = dualoptax.MomentStorage(
       state_bits=config.state_bits,
       keep_fp32=embedding_leaves if config.keep_fp32_embeddings else None,
     )
-    if config.name == "dualoptim":
-      tx = dualoptax.dualoptim(learning_rate, storage=storage, **common)
-    else:
-      floor = {}
+    plus = {}
+    if config.name == "dualoptim_plus":
+      plus = dict(base_b1=config.base_b1, base_b2=config.base_b2)
       if config.denominator_floor is not None:
-        floor = {"denominator_floor": config.denominator_floor}
-      tx = dualoptax.dualoptim_plus(
-        learning_rate,
-        base_b1=config.base_b1,
-        base_b2=config.base_b2,
-        storage=storage,
-        **floor,
-        **common,
+        plus["denominator_floor"] = config.denominator_floor
+    if objectives is None:
+      alias = dualoptax.dualoptim if config.name == "dualoptim" else dualoptax.dualoptim_plus
+      tx = alias(learning_rate, storage=storage, **plus, **common, **pair)
+    else:
+      alias = (
+        dualoptax.multi_objective_dualoptim
+        if config.name == "dualoptim"
+        else dualoptax.multi_objective_dualoptim_plus
       )
+      tx = alias(learning_rate, *objectives, storage=storage, **plus, **common)
   if config.clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
   return tx

@@ -43,7 +43,6 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-import dualoptax
 from train import data as data_lib
 from train import losses
 from train.config import RunConfig, save_config
@@ -194,42 +193,18 @@ def exact_match(generations: Sequence[str], references: Sequence[str]) -> np.nda
 def make_multitask_optimizer(
   config: RunConfig, *, total_steps: int | None = None, steps_per_epoch: int | None = None
 ) -> optax.GradientTransformation:
-  """``train.program.optimizer.make_optimizer`` for K tasks: clipping, then the K-objective
-  DualOptim+ / DualOptim with ``multitask.steps`` and ``multitask.lr_ratios`` (8-bit
-  states with ``optimizer.state_bits=8``), or Adam (one objective: the summed loss, so the
-  ratios do not apply); the learning-rate schedule, weight-decay mask and float32
-  embedding states as ``make_optimizer``'s."""
-  opt, mt = config.optimizer, config.multitask
-  learning_rate = optimizer_lib.learning_rate_schedule(
-    opt, total_steps=total_steps, steps_per_epoch=steps_per_epoch
-  )
-  common = dict(
-    b1=opt.b1,
-    b2=opt.b2,
-    eps=opt.eps,
-    weight_decay=opt.weight_decay,
-    mask=optimizer_lib.decayed_leaves,
-  )
+  """``train.program.optimizer.make_optimizer`` for K tasks: the K-objective DualOptim+ /
+  DualOptim with ``multitask.steps`` and ``multitask.lr_ratios``, or Adam (one objective:
+  the summed loss, so the ratios do not apply)."""
+  mt = config.multitask
   steps = tuple(int(s) for s in mt.per_task("steps"))
   ratios = tuple(float(r) for r in mt.per_task("lr_ratios"))
-  if opt.name == "adam":
-    tx = dualoptax.adamw(learning_rate, **common)
-  else:
-    keep = optimizer_lib.embedding_leaves if opt.keep_fp32_embeddings else None
-    storage = dualoptax.MomentStorage(state_bits=opt.state_bits, keep_fp32=keep)
-    if opt.name == "dualoptim":
-      tx = dualoptax.multi_objective_dualoptim(
-        learning_rate, steps, ratios, storage=storage, **common
-      )
-    else:
-      floor = {} if opt.denominator_floor is None else {"denominator_floor": opt.denominator_floor}
-      tx = dualoptax.multi_objective_dualoptim_plus(
-        learning_rate, steps, ratios, base_b1=opt.base_b1, base_b2=opt.base_b2,
-        storage=storage, **floor, **common,
-      )  # fmt: skip
-  if opt.clip_norm is not None:
-    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
-  return tx
+  return optimizer_lib.make_optimizer(
+    config.optimizer,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
+    objectives=(steps, ratios),
+  )
 
 
 @dataclasses.dataclass
