@@ -26,11 +26,16 @@ def report_table(rows: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> str:
 
 
 def run(
-  config: RunConfig, evaluate: Evaluate, keys: tuple[str, ...], report_file: str, title: str
+  config: RunConfig,
+  evaluate: Evaluate,
+  keys: tuple[str, ...],
+  report_file: str,
+  title: Callable[[RunConfig], str],
 ) -> dict[str, Any]:
   """Evaluates ``config.model``, runs the unlearning stage on the scenario's two
   objectives (``train.scenarios.load_splits``), evaluates the result; writes
-  ``report_file`` (``# title`` and the table of ``keys``), ``results.json``, the model
+  ``report_file`` (``# title(config)``, read once the data are in place, and the table of
+  ``keys``), ``results.json``, the model
   and both evaluations (``eval_before/``, ``eval/``) under ``config.output_dir``."""
   from train import program, scenarios  # noqa: PLC0415 (jax-heavy)
   from train.program.modeling import FunctionalModel, build_model, save_model  # noqa: PLC0415
@@ -52,7 +57,7 @@ def run(
   rows[label] = evaluate(config, result.model, result.params, tokenizer, out / "eval")
   save_model(result.model, result.params, str(out / "model"), tokenizer)
   table = report_table(rows, keys)
-  (out / report_file).write_text(f"# {title}\n\n{table}\n")
+  (out / report_file).write_text(f"# {title(config)}\n\n{table}\n")
   (out / "results.json").write_text(json.dumps(rows, indent=1))
   print(f"{table}\n\nreport: {out / report_file} ({time.perf_counter() - began:.0f} s)")
   return {"rows": rows, "history": result.history}

@@ -50,15 +50,9 @@ forgotten people (forget set) and of the others (neighbor set), and the aggregat
 
 
 def data_folder(config: RunConfig) -> str:
-  """``real_world.path``, or ``<output_dir>/data`` after writing the embedded files there
-  (by the primary process; the others wait at a barrier)."""
-  if config.real_world.path is not None:
-    return config.real_world.path
-  folder = str(pathlib.Path(config.output_dir) / "data")
-  if distributed.is_primary():
-    data_rw.write_synthetic_real_world(folder, seed=config.data.seed)
-  distributed.barrier("synthetic real-world data")
-  return folder
+  """``real_world.path``, or ``<output_dir>/data`` where :func:`prepare_data` writes the
+  embedded files."""
+  return config.real_world.path or str(pathlib.Path(config.output_dir) / "data")
 
 
 def utility_paths(config: RunConfig, folder: str) -> list[str]:
@@ -102,7 +96,13 @@ def corpus_texts(config: RunConfig, folder: str) -> list[str]:
 def prepare_data(config: RunConfig) -> tuple[Any, str]:
   """The run's tokenizer and data folder (``program.prepare_data``'s contract): the
   model's own tokenizer, or one trained on the files' texts for the tiny model. The files
-  are validated here, so a bad file fails before any model is built."""
+  are validated here, so a bad file fails before any model is built. Without
+  ``real_world.path`` the embedded files are written first (once per run, by the primary
+  process; the others wait at a barrier)."""
+  if config.real_world.path is None:
+    if distributed.is_primary():
+      data_rw.write_synthetic_real_world(data_folder(config), seed=config.data.seed)
+    distributed.barrier("synthetic real-world data")
   data = load_data(config)
   folder = os.path.dirname(data.paths["forget"])
   if config.model.path is not None:
@@ -119,10 +119,13 @@ def load_splits(config: RunConfig, data_dir: str | None = None) -> Any:
   return data_rw.real_world_splits(load_data(config))
 
 
-def eval_sets(config: RunConfig) -> tuple[EvalSetSpec, ...]:
+def eval_sets(
+  config: RunConfig, data: data_rw.RealWorldData | None = None
+) -> tuple[EvalSetSpec, ...]:
   """forget (selected tasks), neighbor (retain role), then one ``utility`` set per
-  ``real_world.utility_sets`` file, named by its file's stem."""
-  data = load_data(config)
+  ``real_world.utility_sets`` file, named by its file's stem; ``data``: the files already
+  loaded (:func:`load_data`), else they are read here."""
+  data = load_data(config) if data is None else data
   key = config.real_world.answer_key
   sets = [
     EvalSetSpec("forget", data.paths["forget_eval"], "forget", data.task_ids, key),
@@ -164,7 +167,7 @@ def evaluate_real_world(
   result = evaluate(
     scoring,
     tokenizer,
-    eval_sets(config),
+    eval_sets(config, data),
     template=config.data.template,
     config=eval_config(config),
     retain_reference=config.eval.retain_reference,
@@ -187,8 +190,10 @@ def run(config: RunConfig) -> dict[str, Any]:
   """Evaluates the model, unlearns the selected people (the unlearning stage with this
   scenario's data), evaluates again; writes ``real_world_report.md``, ``results.json`` and
   the model under ``config.output_dir``."""
-  people = ", ".join(load_data(config).people.values())
-  title = f"Real-world unlearning of {people}"
+
+  def title(config: RunConfig) -> str:
+    return f"Real-world unlearning of {', '.join(load_data(config).people.values())}"
+
   return before_after.run(config, evaluate_real_world, HEADLINE, REPORT_FILE, title)
 
 

@@ -65,19 +65,13 @@ DEFINITIONS = {
 
 
 def safety_files(config: RunConfig) -> dict[str, str]:
-  """The five files of ``config.safety`` by role, after writing the embedded set when
-  ``safety.path`` is null (by the primary process; the others wait at a barrier).
+  """The five files of ``config.safety`` by role: in ``safety.path``, or in
+  ``<output_dir>/data`` where :func:`prepare_data` writes the embedded set.
 
   Raises:
     FileNotFoundError: Naming every missing file and its ``safety.<role>`` key.
   """
-  folder = config.safety.path
-  if folder is None:
-    folder = str(pathlib.Path(config.output_dir) / "data")
-    if distributed.is_primary():
-      synthetic = safety_synthetic.SafetySyntheticConfig(seed=config.data.seed)
-      safety_synthetic.write_synthetic_safety(folder, synthetic)
-    distributed.barrier("synthetic safety data")
+  folder = config.safety.path or str(pathlib.Path(config.output_dir) / "data")
   files = {
     role: os.path.join(folder, getattr(config.safety, role)) for role in TRAIN_FILES + EVAL_FILES
   }
@@ -88,8 +82,15 @@ def safety_files(config: RunConfig) -> dict[str, str]:
 
 
 def prepare_data(config: RunConfig) -> tuple[Any, str]:
-  """The run's tokenizer and the folder of its files (``program.prepare_data``'s contract):
-  the model's own tokenizer, or one trained on every text of the files for the tiny model."""
+  """The run's tokenizer and the folder of its files (``program.prepare_data``'s contract),
+  after writing the embedded set to ``<output_dir>/data`` when ``safety.path`` is null (once
+  per run, by the primary process; the others wait at a barrier): the model's own
+  tokenizer, or one trained on every text of the files for the tiny model."""
+  if config.safety.path is None:
+    if distributed.is_primary():
+      synthetic = safety_synthetic.SafetySyntheticConfig(seed=config.data.seed)
+      safety_synthetic.write_synthetic_safety(pathlib.Path(config.output_dir) / "data", synthetic)
+    distributed.barrier("synthetic safety data")
   files = safety_files(config)
   if config.model.path is not None:
     import models  # noqa: PLC0415 (the model library, only for a pretrained model)
@@ -233,7 +234,10 @@ def run(config: RunConfig) -> dict[str, Any]:
   """Evaluates the model, aligns it (the unlearning stage with this scenario's data and
   losses), evaluates it again; writes ``safety_report.md``, ``results.json`` and the aligned
   model under ``config.output_dir``."""
-  title = f"Safety alignment: {config.loss.name}"
+
+  def title(config: RunConfig) -> str:
+    return f"Safety alignment: {config.loss.name}"
+
   return before_after.run(config, evaluate_safety, HEADLINE, REPORT_FILE, title)
 
 
