@@ -118,6 +118,18 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
   return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
 
 
+def item_corpus_texts(items: Iterable[tofu.TofuItem], template: str | Template) -> list[str]:
+  """The prompt (as ``template`` renders it, so a preset's tags get tokens of their own;
+  a chat template's question as is) and the answer of every item, in order: the corpus of
+  a tiny model's tokenizer for data read as items (instruction files, multi-task files)."""
+  preset = get_prompt_template(template)
+  texts: list[str] = []
+  for item in items:
+    prompt = preset.prompt(item.question) if isinstance(preset, PromptTemplate) else item.question
+    texts += [prompt, item.answer]
+  return texts
+
+
 def tofu_corpus_texts(
   data_dir: str | os.PathLike[str], template: str | Template | None = None
 ) -> list[str]:

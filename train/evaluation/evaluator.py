@@ -36,7 +36,7 @@ from train.data.prompting import ANSWER_BOUNDARIES, EncodedAnswer, PromptEncoder
 from train.evaluation import metrics, paper_metrics, summary
 from train.evaluation.reference import ITEMS_FORMAT as ITEMS_FORMAT
 from train.evaluation.reference import load_forget_truth_ratios as load_forget_truth_ratios
-from train.evaluation.scoring import ScoringModel, as_scoring_model, generate_greedy, score_answers
+from train.evaluation.scoring import ScoringModel, as_scoring_model, generate_texts, score_answers
 from train.evaluation.summary import markdown_table as markdown_table
 from train.evaluation.summary import summarize
 
@@ -453,18 +453,18 @@ def _generations(
 ) -> tuple[str, ...]:
   """Greedy generations, cut at the template's end token or EOS and decoded without special
   tokens; not stripped (the authors' token entropy counts a leading space token)."""
-  new_tokens = generate_greedy(
-    model,
-    [encoder.encode_prompt(p) for p in prompts],
-    max_new_tokens=config.max_new_tokens,
-    eos_token_id=encoder.stop_token_ids,
-    pad_token_id=pad_id,
-    batch_size=config.batch_size,
-    length_multiple=config.length_multiple,
-    progress_description=f"{spec.name}: generating" if config.show_progress else None,
+  return tuple(
+    generate_texts(
+      model,
+      encoder,
+      prompts,
+      max_new_tokens=config.max_new_tokens,
+      pad_token_id=pad_id,
+      batch_size=config.batch_size,
+      length_multiple=config.length_multiple,
+      progress_description=f"{spec.name}: generating" if config.show_progress else None,
+    )
   )
-  decode = encoder.tokenizer.decode
-  return tuple(decode(t, skip_special_tokens=True) for t in new_tokens)
 
 
 def _extra_term_values(

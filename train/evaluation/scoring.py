@@ -286,3 +286,30 @@ def generate_greedy(
       end = next((k for k, t in enumerate(tokens) if t in stop_ids), len(tokens))
       outputs[i] = tokens[:end]
   return outputs
+
+
+def generate_texts(
+  model: ScoringModel,
+  encoder: Any,
+  prompts: Sequence[str],
+  *,
+  max_new_tokens: int,
+  pad_token_id: int,
+  batch_size: int,
+  length_multiple: int,
+  progress_description: str | None = None,
+) -> list[str]:
+  """Greedy answers to rendered ``prompts`` (``encoder``: a
+  ``train.data.prompting.PromptEncoder``), cut at its stop tokens and decoded without
+  special tokens; not stripped (the paper's token entropy counts a leading space)."""
+  new_tokens = generate_greedy(
+    model,
+    [encoder.encode_prompt(p) for p in prompts],
+    max_new_tokens=max_new_tokens,
+    eos_token_id=encoder.stop_token_ids,
+    pad_token_id=pad_token_id,
+    batch_size=batch_size,
+    length_multiple=length_multiple,
+    progress_description=progress_description,
+  )
+  return [encoder.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]

@@ -50,7 +50,7 @@ from train.data import multitask_synthetic, tofu
 from train.data import tokenizer as tokenizer_lib
 from train.data.prompting import PromptEncoder
 from train.evaluation import metrics
-from train.evaluation.scoring import generate_greedy, score_answers
+from train.evaluation.scoring import generate_texts, score_answers
 from train.losses.tokens import IGNORE_INDEX
 from train.program import optimizer as optimizer_lib
 from train.program.modeling import FunctionalModel, ScoringAdapter, build_model
@@ -137,17 +137,10 @@ def load_tasks(config: RunConfig) -> dict[str, TaskData]:
 
 
 def corpus_texts(tasks: Mapping[str, TaskData], template: str) -> list[str]:
-  """Prompts (as ``template`` renders them, so its tags get tokens of their own) and
-  answers of every task's rows, in order: the tiny model's tokenizer corpus."""
-  from train.data.prompting import PromptTemplate, get_prompt_template  # noqa: PLC0415
-
-  preset = get_prompt_template(template)
-  texts = []
-  for task in tasks.values():
-    for item in task.train + task.eval:
-      prompt = preset.prompt(item.question) if isinstance(preset, PromptTemplate) else item.question
-      texts += [prompt, item.answer]
-  return texts
+  """Prompts (as ``template`` renders them) and answers of every task's rows, in order:
+  the tiny model's tokenizer corpus."""
+  items = [item for task in tasks.values() for item in task.train + task.eval]
+  return tokenizer_lib.item_corpus_texts(items, template)
 
 
 def prepare(config: RunConfig) -> tuple[Any, dict[str, TaskData]]:
@@ -424,16 +417,12 @@ def eval_items(tasks: Mapping[str, TaskData]) -> dict[str, tuple[tofu.TofuItem, 
 
 
 def _generate(config: RunConfig, scoring: Any, encoder: Any, questions: Sequence[str]) -> list:
-  tokens = generate_greedy(
-    scoring,
-    [encoder.encode_prompt(encoder.prompt(q)) for q in questions],
-    max_new_tokens=config.eval.max_new_tokens,
-    eos_token_id=encoder.stop_token_ids,
-    pad_token_id=encoder.tokenizer.pad_token_id,
-    batch_size=config.eval.batch_size,
-    length_multiple=32,
-  )
-  return [encoder.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+  texts = generate_texts(
+    scoring, encoder, [encoder.prompt(q) for q in questions],
+    max_new_tokens=config.eval.max_new_tokens, pad_token_id=encoder.tokenizer.pad_token_id,
+    batch_size=config.eval.batch_size, length_multiple=32,
+  )  # fmt: skip
+  return [t.strip() for t in texts]
 
 
 def _evaluate_task(config: RunConfig, scoring: Any, encoder: Any, items) -> tuple[dict, list]:

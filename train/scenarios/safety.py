@@ -38,7 +38,7 @@ from train.data import instructions, safety_synthetic
 from train.data import tokenizer as tokenizer_lib
 from train.data.prompting import PromptEncoder
 from train.evaluation import metrics, refusal
-from train.evaluation.scoring import generate_greedy, score_answers
+from train.evaluation.scoring import generate_texts, score_answers
 from train.runtime import distributed
 from train.scenarios import before_after
 
@@ -102,17 +102,9 @@ def prepare_data(config: RunConfig) -> tuple[Any, str]:
 
 
 def corpus_texts(paths: Sequence[str], template: str) -> list[str]:
-  """The prompts (as ``template`` renders them, so its tags get tokens of their own) and
-  answers of every file, in order."""
-  from train.data.prompting import PromptTemplate, get_prompt_template  # noqa: PLC0415
-
-  preset = get_prompt_template(template)
-  texts = []
-  for path in paths:
-    for item in instructions.load_instructions(path):
-      prompt = preset.prompt(item.question) if isinstance(preset, PromptTemplate) else item.question
-      texts += [prompt, item.answer]
-  return texts
+  """The prompts (as ``template`` renders them) and answers of every file, in order."""
+  items = [item for path in paths for item in instructions.load_instructions(path)]
+  return tokenizer_lib.item_corpus_texts(items, template)
 
 
 def load_splits(config: RunConfig) -> data_lib.TofuSplits:
@@ -134,16 +126,11 @@ def load_splits(config: RunConfig) -> data_lib.TofuSplits:
 
 
 def _generate(scoring: Any, encoder: PromptEncoder, questions, max_new_tokens, batch) -> list:
-  tokens = generate_greedy(
-    scoring,
-    [encoder.encode_prompt(encoder.prompt(q)) for q in questions],
-    max_new_tokens=max_new_tokens,
-    eos_token_id=encoder.stop_token_ids,
-    pad_token_id=encoder.tokenizer.pad_token_id,
-    batch_size=batch,
-    length_multiple=32,
-  )
-  return [encoder.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+  texts = generate_texts(
+    scoring, encoder, [encoder.prompt(q) for q in questions], max_new_tokens=max_new_tokens,
+    pad_token_id=encoder.tokenizer.pad_token_id, batch_size=batch, length_multiple=32,
+  )  # fmt: skip
+  return [t.strip() for t in texts]
 
 
 def _capped(path: str, max_items: int | None) -> tuple[Any, ...]:
