@@ -38,6 +38,8 @@ LORA_TARGETS = (
   "down_proj",
   "lm_head",
 )
+# The MLP projections among them: the adapters that ``bounded`` LoRA bounds.
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # models.config.REMAT_OPTIONS, restated so that reading a config does not import flax
 # (tests/train/test_config.py checks that the two agree).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -59,9 +61,15 @@ class LoRASection:
   alpha: float = 32.0
   dropout: float = 0.05  # on the adapters' input, in training steps only
   targets: tuple[str, ...] = LORA_TARGETS[:-1]  # every projection but an untied lm_head
+  # Bounded parameter-efficient unlearning (Garg et al. 2025): the MLP adapters among
+  # ``targets`` add ``(alpha / rank) sin(frequency A B) / frequency`` (each entry at most
+  # alpha / (rank * frequency) however far ascent pushes A and B); attention adapters stay
+  # plain. See ``models.lora``.
+  bounded: bool = False
+  frequency: float = 100.0
 
   def validate(self, key: str) -> None:
-    _positive(key, self, ("rank", "alpha"))
+    _positive(key, self, ("rank", "alpha", "frequency"))
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout!r}")
     if not self.targets:
@@ -72,6 +80,16 @@ class LoRASection:
         f"{key}.targets must be distinct names among {list(LORA_TARGETS)}, got "
         f"{list(self.targets)!r}"
       )
+    if self.bounded and not set(self.targets) & set(MLP_PROJECTIONS):
+      raise ConfigError(
+        f"{key}.bounded bounds the MLP adapters, but {key}.targets {list(self.targets)!r} "
+        f"names none of {list(MLP_PROJECTIONS)}"
+      )
+
+  @property
+  def bounded_targets(self) -> tuple[str, ...]:
+    """The targets whose adapters are bounded: the MLP ones when ``bounded``, else none."""
+    return tuple(t for t in self.targets if t in MLP_PROJECTIONS) if self.bounded else ()
 
 
 @dataclasses.dataclass(frozen=True)
