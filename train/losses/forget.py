@@ -1,4 +1,4 @@
-"""The forget losses: GA, NPO, SimNPO, DPO, ME and IDK, as functions of logits."""
+"""The forget losses: GA, NPO, SimNPO, DPO, ME, FLAT, IDK and SFT, as functions of logits."""
 
 from __future__ import annotations
 
@@ -174,6 +174,47 @@ def me_loss(logits: Array, batch: Any) -> Array:
   kl = -math.log(vocab) - jnp.mean(log_probs, axis=-1)
   mask = target_mask(labels)
   return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def flat_loss(logits: Array, batch: Any) -> Array:
+  """Logit-margin flattening (Entesari et al. 2025): the spread of the logits, softmax-free.
+
+  ``L_FLAT = sum_{b,t} m_bt flat(z_bt) / max(sum m, 1)``, with
+  ``flat(z) = (1/V) sum_v (z_v - zbar)^2`` and ``zbar = (1/V) sum_v z_v``,
+
+  where ``z_bt`` are the float32 logits at position ``t`` (which predicts answer token
+  ``t+1``) and ``m`` the target mask, exactly as in :func:`me_loss`; only the mask of the
+  labels matters. ``flat`` is the population variance of the logits: >= 0, 0 exactly when
+  all ``V`` logits are equal (the uniform prediction) and unchanged by adding a constant to
+  them (as softmax is), so like ME it pushes forget predictions toward uniform, but without
+  a softmax. Why that matters: its gradient ``(2/V)(z - zbar)`` grows linearly with the
+  margin of a peaked logit, so a confidently memorised token gets the strongest push, while
+  the entropy's gradient vanishes as the prediction becomes one-hot and ME's
+  (``softmax(z) - 1/V``) saturates below norm 1.
+
+  The centred form is used, never ``mean(z^2) - zbar^2``, which cancels catastrophically
+  when ``|zbar|`` dwarfs the spread; it costs one extra ``[B, T-1, V]`` float32.
+
+  The authors' released trainer (open-unlearning's ``PDU``) penalises the squared
+  max-minus-mean margin ``(max_v z_v - zbar)^2`` instead, over every position (prompt and
+  padding included). This variance variant moves every logit toward the mean, not only the
+  largest one down, and scores the answer positions only, as ME does.
+
+  Args:
+    logits: Current model's logits on the forget batch (any float dtype; float32 inside).
+    batch: The forget batch (or its labels).
+  """
+  labels = jnp.asarray(_labels(batch))
+  _check_shapes(logits, labels)
+  z = jnp.asarray(logits)[:, :-1].astype(jnp.float32)
+  # flat is shift-invariant, so subtracting one logit changes nothing mathematically (hence
+  # no gradient through it) but removes a large common offset before the mean, and makes
+  # positions whose logits are all equal exactly 0 whatever their value.
+  z = z - jax.lax.stop_gradient(z[..., :1])
+  centred = z - jnp.mean(z, axis=-1, keepdims=True)
+  flat = jnp.mean(jnp.square(centred), axis=-1)
+  mask = target_mask(labels)
+  return jnp.sum(flat * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def sft_loss(logits: Array, batch: Any) -> Array:

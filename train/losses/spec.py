@@ -6,10 +6,13 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-FORGET_LOSSES: tuple[str, ...] = ("GA", "NPO", "SimNPO", "DPO", "ME", "IDK", "SFT")
+FORGET_LOSSES: tuple[str, ...] = ("GA", "NPO", "SimNPO", "DPO", "ME", "IDK", "SFT", "FLAT")
 """Canonical names of the forget losses. ``SFT`` is supervised fine-tuning on the forget
 batch's own answers (descent, not ascent): the first objective of safety alignment, whose
-"forget" rows are harmful instructions with refusals (``scenario=safety``)."""
+"forget" rows are harmful instructions with refusals (``scenario=safety``). ``FLAT`` is the
+logit-margin flattening loss (Entesari et al. 2025, see :func:`flat_loss`): like ME it pushes
+forget predictions toward uniform, from the logits alone (no reference model, no IDK
+answers)."""
 DESCENT_FORGET_LOSSES: tuple[str, ...] = ("IDK", "SFT")
 """Forget losses that descend on answers the model should give (IDK answers, the rows' own
 answers), rather than push the forget answers away: the ones safety alignment can use."""
