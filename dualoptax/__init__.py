@@ -8,7 +8,9 @@ for 8-bit states, the ``scale_by_*`` transforms to compose your own,
 ``dualoptim_plus_diagnostics`` for the conflict cosines of the paper's Figure 2,
 ``dualoptim_plus_conditioning`` for how often a delta cancels the base second moment (and
 ``denominator_floor`` to guard against it), ``state_shardings`` to place a state beside its
-sharded parameters, and ``multi_steps`` for gradient accumulation within one objective.
+sharded parameters, ``multi_steps`` for gradient accumulation within one objective, and
+``scale_by_lagrange_multiplier`` for primal-dual constrained unlearning (a retain-loss bound
+whose multiplier acts as the retain learning-rate ratio).
 ``update`` takes the objective as ``objective=`` (an int, or an int32 array under ``jit``
 and ``vmap``).
 """
@@ -22,6 +24,12 @@ from dualoptax.alias import (
   dualoptim_plus,
   multi_objective_dualoptim,
   multi_objective_dualoptim_plus,
+)
+from dualoptax.constrained import (
+  LagrangeMultiplierState,
+  constraint_metrics,
+  lagrange_multiplier,
+  scale_by_lagrange_multiplier,
 )
 from dualoptax.diagnostics import (
   ConditioningDiagnostics,
@@ -58,6 +66,7 @@ __all__ = [
   "RETAIN",
   "ConditioningDiagnostics",
   "ConflictDiagnostics",
+  "LagrangeMultiplierState",
   "MomentStorage",
   "MultiStepsObjectiveState",
   "QuantizedArray",
@@ -67,6 +76,7 @@ __all__ = [
   "adam",
   "adamw",
   "bytes_per_parameter",
+  "constraint_metrics",
   "dualoptim",
   "dualoptim_diagnostics",
   "dualoptim_plus",
@@ -74,9 +84,11 @@ __all__ = [
   "dualoptim_plus_diagnostics",
   "find_state",
   "hyperparameters",
+  "lagrange_multiplier",
   "multi_objective_dualoptim",
   "multi_objective_dualoptim_plus",
   "multi_steps",
+  "scale_by_lagrange_multiplier",
   "scale_by_dualoptim",
   "scale_by_dualoptim_plus",
   "scale_by_objective_learning_rate",

@@ -257,6 +257,44 @@ class LossSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConstraintSection:
+  """Primal-dual constrained unlearning (Entesari et al. 2025): minimise the forget loss
+  subject to ``retain loss <= bound``, with a Lagrange multiplier ``lambda`` that rises by
+  dual ascent while the bound is exceeded and falls (to 0 at most) while it holds
+  (``dualoptax.scale_by_lagrange_multiplier``). ``lambda`` lives in the optimizer state, so
+  checkpoints keep it. Alternating steps apply it as the retain steps' learning-rate ratio
+  (each objective's step is normalised by its own moments, so weighting the retain loss
+  would barely change it); joint steps weight the retain loss by it."""
+
+  enabled: bool = False
+  # The bound on the retain loss; null: bound_ratio times the first retain loss of the run
+  # (the paper's eps = (1 + alpha) L_r(reference) with alpha = bound_ratio - 1).
+  bound: float | None = None
+  bound_ratio: float = 1.1
+  dual_learning_rate: float = 1.0  # lambda += dual_learning_rate * (retain loss - bound)
+  initial_multiplier: float = 1.0  # 1: the unconstrained schedule's first steps
+  max_multiplier: float | None = None  # null: no upper limit
+
+  def validate(self, key: str) -> None:
+    from dualoptax import scale_by_lagrange_multiplier  # noqa: PLC0415 (pure optax)
+
+    try:
+      scale_by_lagrange_multiplier(**self.transform_kwargs())
+    except ValueError as e:
+      raise ConfigError(f"{key}.{_field_named_in(self, str(e))}: {e}") from e
+
+  def transform_kwargs(self) -> dict[str, Any]:
+    """The keyword arguments of ``dualoptax.scale_by_lagrange_multiplier``."""
+    return dict(
+      bound=self.bound,
+      bound_ratio=None if self.bound is not None else self.bound_ratio,
+      dual_learning_rate=self.dual_learning_rate,
+      initial_multiplier=self.initial_multiplier,
+      max_multiplier=self.max_multiplier,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingConfig:
   """Steps, modes and periodic work of the unlearning run."""
 
@@ -472,6 +510,7 @@ class RunConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   loss: LossSection = LossSection()
   training: TrainingConfig = TrainingConfig()
+  constraint: ConstraintSection = ConstraintSection()
   mesh: MeshConfig = MeshConfig()
   eval: EvalConfig = EvalConfig()
   real_world: RealWorldSection = RealWorldSection()
@@ -490,6 +529,7 @@ class RunConfig:
         f"scenario=safety trains both objectives by descent, so loss.name must start with one "
         f"of {list(losses.DESCENT_FORGET_LOSSES)} (e.g. SFT+GD), got {self.loss.name!r}"
       )
+    self._check_constraint()
     if self.data.template == "chat" and self.model.path is None:
       raise ConfigError(
         "data.template='chat' renders prompts with the model's own chat template, but the "
@@ -497,6 +537,17 @@ class RunConfig:
         "preset template"
       )
     return self
+
+  def _check_constraint(self) -> None:
+    if not self.constraint.enabled:
+      return
+    if self.loss.build().retain is None:
+      raise ConfigError(
+        f"constraint.enabled bounds the retain loss, but loss.name {self.loss.name!r} has none "
+        "(use e.g. FLAT+GD)"
+      )
+    if self.scenario == "multitask":
+      raise ConfigError("constraint.enabled is not supported with scenario=multitask")
 
   def to_dict(self) -> dict[str, Any]:
     """Plain values (tuples as lists), as YAML writes and :func:`load_config` reads them."""

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import dualoptax
-from train.config import OptimizerConfig, RunConfig
+from train.config import ConstraintSection, OptimizerConfig, RunConfig
 
 # Hugging Face's names of parameters without weight decay (biases, LayerNorm / RMSNorm), as
 # this project's models name them (``attn_norm``, ``final_norm``, ``lm_head_bias``, ...).
@@ -174,6 +174,18 @@ def make_optimizer(
   if config.clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
   return tx
+
+
+def with_constraint(
+  tx: optax.GradientTransformation, section: ConstraintSection, *, joint: bool
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` followed by the retain constraint's Lagrange multiplier
+  (``dualoptax.scale_by_lagrange_multiplier``): it scales the retain steps' updates
+  (alternating) or only tracks ``lambda``, which the joint step puts on the retain loss."""
+  multiplier = dualoptax.scale_by_lagrange_multiplier(
+    **section.transform_kwargs(), scale_updates=not joint
+  )
+  return optax.chain(tx, multiplier)
 
 
 def restart_learning_rate_schedule(opt_state: Any) -> Any:

@@ -138,6 +138,9 @@ class TrainStep:
     join: ``(params, ref_params) -> weights`` of the trained model (see the module doc).
     train_logits_fn: Training-mode logits with a dropout key, or None (no dropout).
     dropout_seed: With the step number, seeds the dropout keys.
+    constrained: ``tx`` ends in ``dualoptax.scale_by_lagrange_multiplier`` (primal-dual
+      unlearning): steps pass it their losses, the joint step weights the retain loss by
+      its multiplier, and the metrics gain the constraint's (:func:`_constraint_metrics`).
   """
 
   logits_fn: LogitsFn
@@ -146,6 +149,22 @@ class TrainStep:
   join: Callable[[Any, Any], Any] = trained_weights
   train_logits_fn: TrainLogitsFn | None = None
   dropout_seed: int = 0
+  constrained: bool = False
+
+  def _update(self, grads, opt_state, params, objective, objective_losses):
+    """``tx.update`` on ``objective``, with each objective's loss (NaN: not evaluated) when
+    the optimizer keeps a constraint's multiplier."""
+    extra = {"objective_losses": objective_losses} if self.constrained else {}
+    return self.tx.update(grads, opt_state, params, objective=objective, **extra)
+
+  def _finish(self, params, opt_state, grads, updates, new_state, metrics):
+    """:func:`_apply_if_finite`, then the constraint's metrics from the kept state."""
+    params, opt_state, metrics = _apply_if_finite(
+      params, opt_state, grads, updates, new_state, metrics
+    )
+    if self.constrained:
+      metrics.update(_constraint_metrics(opt_state))
+    return params, opt_state, metrics
 
   def _loss_grad(self, ref_params, objective, step):
     """``value_and_grad`` of ``(params, micro_batch, index) -> (loss, (nll, tokens))`` on
@@ -178,12 +197,15 @@ class TrainStep:
     ``step`` (the step number) turns dropout on; None leaves it off."""
     grad_fn = self._loss_grad(ref_params, objective, step)
     grads, loss, (nll, tokens) = _accumulate(grad_fn, inputs, params)
-    updates, new_state = self.tx.update(grads, opt_state, params, objective=objective)
+    observed = jnp.full([2], jnp.nan, jnp.float32).at[objective].set(loss)
+    updates, new_state = self._update(grads, opt_state, params, objective, observed)
     metrics = dict(loss=loss, nll=nll, tokens=tokens)
-    return _apply_if_finite(params, opt_state, grads, updates, new_state, metrics)
+    return self._finish(params, opt_state, grads, updates, new_state, metrics)
 
   def joint(self, params, opt_state, ref_params, forget: StepInputs, retain: StepInputs, step=None):
-    """One step on ``forget_coeff * L_f + retain_coeff * L_r``."""
+    """One step on ``forget_coeff * L_f + retain_coeff * L_r`` (constrained: the retain
+    term times the multiplier ``lambda``, the Lagrangian's primal step)."""
+    weight = dualoptax.lagrange_multiplier(opt_state) if self.constrained else 1.0
 
     def loss_fn(p, micro, index):
       f_micro, r_micro = micro
@@ -196,12 +218,14 @@ class TrainStep:
       r_loss, (r_nll, r_tokens) = _objective_loss(
         self.loss_config, r_logits, weights, ref_params, r_micro, jnp.int32(1)
       )
-      return f_loss + r_loss, (f_nll, r_nll, f_tokens + r_tokens, f_loss)
+      return f_loss + weight * r_loss, (f_nll, r_nll, f_tokens + r_tokens, f_loss, r_loss)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    grads, loss, (f_nll, r_nll, tokens, f_loss) = _accumulate(grad_fn, (forget, retain), params)
+    accumulated = _accumulate(grad_fn, (forget, retain), params)
+    grads, loss, (f_nll, r_nll, tokens, f_loss, r_loss) = accumulated
     # Joint steps serve both objectives; RETAIN's learning-rate ratio (1 by convention).
-    updates, new_state = self.tx.update(grads, opt_state, params, objective=dualoptax.RETAIN)
+    observed = jnp.stack([f_loss, r_loss])
+    updates, new_state = self._update(grads, opt_state, params, dualoptax.RETAIN, observed)
     metrics = dict(
       loss=loss,
       forget_loss=f_loss,  # which half went non-finite, if the step is skipped
@@ -209,7 +233,7 @@ class TrainStep:
       forget_nll=f_nll,
       tokens=tokens,
     )
-    return _apply_if_finite(params, opt_state, grads, updates, new_state, metrics)
+    return self._finish(params, opt_state, grads, updates, new_state, metrics)
 
   def gradient_conflict(
     self, params, ref_params, forget: StepInputs, retain: StepInputs, precondition: Any = None
@@ -266,6 +290,19 @@ def _apply_if_finite(params, opt_state, grads, updates, new_state, metrics):
   params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
   opt_state = jax.tree.map(keep, new_state, opt_state)
   return params, opt_state, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
+
+
+def _constraint_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """``multiplier`` (lambda after the step's dual update), ``bound``, ``slack`` (bound minus
+  the last retain loss: negative while the constraint is violated) and the last loss seen of
+  each objective (``last_forget_loss``, ``last_retain_loss``: both, every step)."""
+  state = dualoptax.constraint_metrics(opt_state)
+  last = state.pop("last_losses")
+  return {
+    **state,
+    "last_forget_loss": last[dualoptax.FORGET],
+    "last_retain_loss": last[dualoptax.RETAIN],
+  }
 
 
 # Micro-batch indices of a joint step's retain half start here (distinct dropout keys).

@@ -133,6 +133,8 @@ def unlearn(
   opt_config, train_config = config.optimizer, config.training
   schedule = schedule_args(config, forget_stream, retain_stream)
   tx = optimizer_lib.make_optimizer(opt_config, **schedule)
+  if config.constraint.enabled:
+    tx = optimizer_lib.with_constraint(tx, config.constraint, joint=train_config.mode == "joint")
   part = trained_part(config, model, params, ref_params)
   opt_state = tx.init(part.params) if opt_state is None else opt_state
   placed = place_on_mesh(config.mesh, part.params, part.fixed, opt_state)
@@ -224,6 +226,7 @@ def make_train_step(part: TrainedPart, tx: Any, config: RunConfig) -> step_lib.T
     join=part.join,
     train_logits_fn=part.model.train_logits if dropout else None,
     dropout_seed=config.training.seed,
+    constrained=config.constraint.enabled,
   )
 
 

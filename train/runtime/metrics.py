@@ -11,6 +11,7 @@ through a temporary file, so it never truncates the log.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import time
@@ -66,7 +67,9 @@ class MetricsLogger:
         e.errno, f"cannot write the metrics log: {e.strerror or e}", str(self.path)
       ) from e
     for tag, value in record.items():
-      if isinstance(value, float) and tag != "step":
+      # NaN marks a value not observed yet (e.g. a constraint's bound before the first
+      # retain step): the JSON log keeps it, TensorBoard's curves skip it.
+      if isinstance(value, float) and tag != "step" and math.isfinite(value):
         self._tensorboard.add_scalar(tag, value, record["step"])
 
   def close(self) -> None:
