@@ -499,6 +499,7 @@ def _direct_forget(name, config, params, ref):
     "ME": lambda: L.me_loss(lg(params, FORGET), FORGET),
     "IDK": lambda: L.idk_loss(lg(params, FORGET_IDK), FORGET_IDK),
     "SFT": lambda: L.sft_loss(lg(params, FORGET), FORGET),
+    "LMF": lambda: L.lmf_loss(lg(params, FORGET), FORGET),
   }[name]()
 
 

@@ -1,6 +1,6 @@
-"""Unlearning losses: forget GA / NPO / SimNPO / DPO / ME / FLAT / IDK / SFT, retain GD / KL /
+"""Unlearning losses: forget GA / NPO / SimNPO / DPO / ME / LMF / IDK / SFT, retain GD / KL /
 AP / LLMU (``"LLMU"`` alone is the method: GA forget, LLMU's mismatch + KL retain; ``SFT``
-descends on the forget rows' own answers, for safety alignment; ``FLAT`` flattens the logits
+descends on the forget rows' own answers, for safety alignment; ``LMF`` flattens the logits
 toward uniform without a softmax, Entesari et al. 2025).
 
 Every loss is a pure, jittable function of **logits** (and, where it needs one, the logits
@@ -27,14 +27,14 @@ holds right- or left-padded int ``[B, T]`` arrays:
 :func:`token_counts` counts them. An evaluator-style ``target_mask`` aligned with
 ``input_ids`` converts with :func:`labels_from_target_mask`.
 
-**Numerics.** Log-softmax and FLAT's logit variance are always taken in float32 (bf16
+**Numerics.** Log-softmax and LMF's logit variance are always taken in float32 (bf16
 logits are upcast first); log-sigmoid is ``jax.nn.log_sigmoid`` (``-softplus(-x)``, no
 overflow).
 
 **Reductions** (they follow the reference trainer, CityU-MLO/DualOptim ``LLM/trainer/losses.py``,
 which uses Hugging Face's ``outputs.loss`` for the token-level losses):
 
-* *token-level* losses (GA, IDK, GD, ME, FLAT, KL, both LLMU terms) average over all target tokens:
+* *token-level* losses (GA, IDK, GD, ME, LMF, KL, both LLMU terms) average over all target tokens:
   ``sum over targets / max(number of targets, 1)``;
 * *sequence-level* losses (NPO, SimNPO, DPO, AP) compute one value per row from the row's
   **summed** answer NLL ``NLL_b = -sum_t log p(y_t | y_<t)`` and average over rows.
@@ -55,7 +55,7 @@ Example:
 True
 >>> round(float(me_loss(logits, labels)), 6)             # uniform is ME's optimum
 0.0
->>> float(flat_loss(logits + 3.0, labels))               # and FLAT's, at any offset
+>>> float(lmf_loss(logits + 3.0, labels))               # and LMF's, at any offset
 0.0
 >>> config = LossConfig.from_spec("NPO+GD", beta=0.1)
 >>> config.spec, needs_reference_model(config), needs_idk_batch(config)
@@ -64,7 +64,7 @@ True
 
 from train.losses.forget import (
   dpo_loss,
-  flat_loss,
+  lmf_loss,
   ga_loss,
   idk_loss,
   me_loss,
@@ -114,7 +114,7 @@ __all__ = [
   "as_batch",
   "combined_loss",
   "dpo_loss",
-  "flat_loss",
+  "lmf_loss",
   "forget_loss",
   "ga_loss",
   "gd_loss",

@@ -1,4 +1,4 @@
-"""The forget losses: GA, NPO, SimNPO, DPO, ME, FLAT, IDK and SFT, as functions of logits."""
+"""The forget losses: GA, NPO, SimNPO, DPO, ME, LMF, IDK and SFT, as functions of logits."""
 
 from __future__ import annotations
 
@@ -176,10 +176,10 @@ def me_loss(logits: Array, batch: Any) -> Array:
   return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def flat_loss(logits: Array, batch: Any) -> Array:
+def lmf_loss(logits: Array, batch: Any) -> Array:
   """Logit-margin flattening (Entesari et al. 2025): the spread of the logits, softmax-free.
 
-  ``L_FLAT = sum_{b,t} m_bt flat(z_bt) / max(sum m, 1)``, with
+  ``L_LMF = sum_{b,t} m_bt flat(z_bt) / max(sum m, 1)``, with
   ``flat(z) = (1/V) sum_v (z_v - zbar)^2`` and ``zbar = (1/V) sum_v z_v``,
 
   where ``z_bt`` are the float32 logits at position ``t`` (which predicts answer token
@@ -199,6 +199,9 @@ def flat_loss(logits: Array, batch: Any) -> Array:
   max-minus-mean margin ``(max_v z_v - zbar)^2`` instead, over every position (prompt and
   padding included). This variance variant moves every logit toward the mean, not only the
   largest one down, and scores the answer positions only, as ME does.
+
+  Named LMF rather than FLAT: "FLAT" already names another unlearning method (Wang et al.
+  2024, loss adjustment with only forget data).
 
   Args:
     logits: Current model's logits on the forget batch (any float dtype; float32 inside).

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from train.losses.forget import (
   dpo_loss,
-  flat_loss,
+  lmf_loss,
   ga_loss,
   idk_loss,
   me_loss,
@@ -123,8 +123,8 @@ def forget_loss(
     )
   elif name == "ME":
     raw = me_loss(logits, forget)
-  elif name == "FLAT":
-    raw = flat_loss(logits, forget)
+  elif name == "LMF":
+    raw = lmf_loss(logits, forget)
   elif name == "SFT":
     raw = sft_loss(logits, forget)
   elif name == "IDK":

@@ -6,11 +6,11 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-FORGET_LOSSES: tuple[str, ...] = ("GA", "NPO", "SimNPO", "DPO", "ME", "IDK", "SFT", "FLAT")
+FORGET_LOSSES: tuple[str, ...] = ("GA", "NPO", "SimNPO", "DPO", "ME", "IDK", "SFT", "LMF")
 """Canonical names of the forget losses. ``SFT`` is supervised fine-tuning on the forget
 batch's own answers (descent, not ascent): the first objective of safety alignment, whose
-"forget" rows are harmful instructions with refusals (``scenario=safety``). ``FLAT`` is the
-logit-margin flattening loss (Entesari et al. 2025, see :func:`flat_loss`): like ME it pushes
+"forget" rows are harmful instructions with refusals (``scenario=safety``). ``LMF`` is the
+logit-margin flattening loss (Entesari et al. 2025, see :func:`lmf_loss`): like ME it pushes
 forget predictions toward uniform, from the logits alone (no reference model, no IDK
 answers)."""
 DESCENT_FORGET_LOSSES: tuple[str, ...] = ("IDK", "SFT")

@@ -1,4 +1,4 @@
-"""FLAT, the logit-margin flattening forget loss (train/losses/forget.py ``flat_loss``).
+"""LMF, the logit-margin flattening forget loss (train/losses/forget.py ``lmf_loss``).
 
 Checked against a float64 NumPy loop written from the docstring's formula, then property by
 property: zero exactly at equal logits, shift invariance, a gradient that grows with the
@@ -59,7 +59,7 @@ def _peaked(margin, vocab=8):
 
 def test_matches_numpy_and_is_positive():
   logits = _logits(0)
-  value = L.flat_loss(logits, LABELS)
+  value = L.lmf_loss(logits, LABELS)
   np.testing.assert_allclose(value, np_flat(logits, LABELS), **TOL)
   assert value.dtype == jnp.float32 and float(value) > 0
 
@@ -68,38 +68,38 @@ def test_large_common_offset_is_accurate():
   # Logits around 1e4 with a spread of ~1: mean(z^2) - mean^2 in float32 would be off by
   # units; the centred form keeps float32 accuracy.
   logits = (1e4 + _logits(1, scale=1.0)).astype(np.float32)
-  np.testing.assert_allclose(L.flat_loss(logits, LABELS), np_flat(logits, LABELS), rtol=1e-5)
+  np.testing.assert_allclose(L.lmf_loss(logits, LABELS), np_flat(logits, LABELS), rtol=1e-5)
 
 
 def test_zero_exactly_at_equal_logits_positive_otherwise():
   # A different constant at every position, including non-dyadic ones.
   consts = np.random.default_rng(2).uniform(-30, 30, (B, T, 1)).astype(np.float32)
   equal = jnp.broadcast_to(jnp.asarray(consts), (B, T, V))
-  value, grad = jax.value_and_grad(L.flat_loss)(equal, LABELS)
+  value, grad = jax.value_and_grad(L.lmf_loss)(equal, LABELS)
   assert float(value) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
   # Make exactly one scored position non-constant, by a tiny amount: strictly positive.
   for b, t in zip(*np.nonzero(SCORED)):
     bumped = equal.at[b, t, V - 1].add(1e-2)
-    assert float(L.flat_loss(bumped, LABELS)) > 0, (b, t)
+    assert float(L.lmf_loss(bumped, LABELS)) > 0, (b, t)
 
 
 def test_invariant_to_adding_a_constant():
   logits = _logits(3)
-  base = L.flat_loss(logits, LABELS)
+  base = L.lmf_loss(logits, LABELS)
   per_position = np.random.default_rng(4).uniform(-50, 50, (B, T, 1)).astype(np.float32)
-  np.testing.assert_allclose(L.flat_loss(logits + per_position, LABELS), base, rtol=1e-4)
-  np.testing.assert_allclose(L.flat_loss(logits + np.float32(37.5), LABELS), base, rtol=1e-5)
+  np.testing.assert_allclose(L.lmf_loss(logits + per_position, LABELS), base, rtol=1e-4)
+  np.testing.assert_allclose(L.lmf_loss(logits + np.float32(37.5), LABELS), base, rtol=1e-5)
   # And the gradient is orthogonal to the all-ones direction at every position.
-  grad = jax.grad(L.flat_loss)(jnp.asarray(logits), LABELS)
+  grad = jax.grad(L.lmf_loss)(jnp.asarray(logits), LABELS)
   np.testing.assert_allclose(np.sum(grad, axis=-1), 0.0, atol=1e-6)
 
 
 def test_bf16_logits_give_the_float32_value():
   bf16 = jnp.asarray(_logits(5, scale=4.0), jnp.bfloat16)
-  value = L.flat_loss(bf16, LABELS)
+  value = L.lmf_loss(bf16, LABELS)
   assert value.dtype == jnp.float32
-  np.testing.assert_allclose(value, L.flat_loss(bf16.astype(jnp.float32), LABELS), rtol=1e-6)
+  np.testing.assert_allclose(value, L.lmf_loss(bf16.astype(jnp.float32), LABELS), rtol=1e-6)
   np.testing.assert_allclose(value, np_flat(np.asarray(bf16, np.float32), LABELS), **TOL)
 
 
@@ -108,7 +108,7 @@ def test_bf16_logits_give_the_float32_value():
 
 def test_gradient_is_the_centred_logits():
   logits = jnp.asarray(_logits(6))
-  grad = jax.grad(L.flat_loss)(logits, LABELS)
+  grad = jax.grad(L.lmf_loss)(logits, LABELS)
   z = np.asarray(logits, np.float64)[:, :-1]
   expected = (2.0 / V) * (z - z.mean(-1, keepdims=True)) * SCORED[..., None] / SCORED.sum()
   np.testing.assert_allclose(grad[:, :-1], expected, rtol=1e-4, atol=1e-7)
@@ -116,12 +116,12 @@ def test_gradient_is_the_centred_logits():
 
 
 def test_peaked_gradient_grows_where_entropy_vanishes_and_me_saturates():
-  """At a sharp peak FLAT's gradient grows linearly with the margin; the entropy's vanishes
+  """At a sharp peak LMF's gradient grows linearly with the margin; the entropy's vanishes
   (exponentially) and ME's, ``softmax(z) - 1/V``, tends to a constant below norm 1."""
   norms = {}
   for margin in (10.0, 50.0):
     z, labels = _peaked(margin)
-    g_flat = jax.grad(L.flat_loss)(z, labels)
+    g_flat = jax.grad(L.lmf_loss)(z, labels)
     g_me = jax.grad(L.me_loss)(z, labels)
     g_ent = jax.grad(lambda a: _entropy(a[0, 0]))(z)
     for g in (g_flat, g_me, g_ent):
@@ -129,7 +129,7 @@ def test_peaked_gradient_grows_where_entropy_vanishes_and_me_saturates():
     norms[margin] = [float(jnp.linalg.norm(g)) for g in (g_flat, g_me, g_ent)]
   (flat10, me10, ent10), (flat50, me50, ent50) = norms[10.0], norms[50.0]
   vocab = 8
-  # FLAT: (2/V)(z - mean) exactly, so the norm is 2 M sqrt(V - 1) / V^(3/2): linear in M.
+  # LMF: (2/V)(z - mean) exactly, so the norm is 2 M sqrt(V - 1) / V^(3/2): linear in M.
   np.testing.assert_allclose(flat50, 2 * 50 * math.sqrt(vocab - 1) / vocab**1.5, rtol=1e-5)
   np.testing.assert_allclose(flat50 / flat10, 5.0, rtol=1e-5)
   # ME: does not vanish, but does not grow either; bounded by sqrt(1 - 1/V).
@@ -141,10 +141,10 @@ def test_peaked_gradient_grows_where_entropy_vanishes_and_me_saturates():
 
 
 def test_a_descent_step_raises_the_entropy():
-  """Descending FLAT shrinks every position's centred logits, i.e. raises the softmax
+  """Descending LMF shrinks every position's centred logits, i.e. raises the softmax
   temperature, so each scored prediction gets closer to uniform."""
   logits = jnp.asarray(_logits(7))
-  grad = jax.grad(L.flat_loss)(logits, LABELS)
+  grad = jax.grad(L.lmf_loss)(logits, LABELS)
   stepped = logits - 0.5 * grad
   ent = jax.vmap(jax.vmap(_entropy))
   before, after = ent(logits[:, :-1]), ent(stepped[:, :-1])
@@ -162,44 +162,44 @@ def test_unscored_positions_do_not_contribute():
   unscored = np.ones((B, T), bool)
   unscored[:, :-1] = ~SCORED  # prompt, padding, the masked row and the last position
   changed = np.where(unscored[..., None], logits + noise, logits)
-  np.testing.assert_allclose(L.flat_loss(changed, LABELS), L.flat_loss(logits, LABELS), **TOL)
-  grad = jax.grad(L.flat_loss)(jnp.asarray(logits), LABELS)
+  np.testing.assert_allclose(L.lmf_loss(changed, LABELS), L.lmf_loss(logits, LABELS), **TOL)
+  grad = jax.grad(L.lmf_loss)(jnp.asarray(logits), LABELS)
   assert np.all(np.asarray(grad)[unscored] == 0.0)
   # Label values do not matter, only which are -100.
   other = np.where(LABELS == IGN, IGN, (LABELS + 3) % V)
-  np.testing.assert_array_equal(L.flat_loss(logits, other), L.flat_loss(logits, LABELS))
+  np.testing.assert_array_equal(L.lmf_loss(logits, other), L.lmf_loss(logits, LABELS))
 
 
 def test_batch_without_targets_is_zero_with_zero_gradient():
   labels = np.full((2, 5), IGN, np.int32)
-  value, grad = jax.value_and_grad(L.flat_loss)(jnp.asarray(_logits(10, (2, 5, V))), labels)
+  value, grad = jax.value_and_grad(L.lmf_loss)(jnp.asarray(_logits(10, (2, 5, V))), labels)
   assert float(value) == 0.0
   assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad) == 0.0)
 
 
 def test_shape_errors_and_batch_forms():
   with pytest.raises(ValueError, match="does not match"):
-    L.flat_loss(_logits(11), LABELS[:, :-1])
+    L.lmf_loss(_logits(11), LABELS[:, :-1])
   logits = _logits(12)
   batch = L.LMBatch(jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32), LABELS)
-  value = L.flat_loss(logits, LABELS)
-  np.testing.assert_array_equal(L.flat_loss(logits, batch), value)
-  np.testing.assert_array_equal(L.flat_loss(logits, {"labels": LABELS}), value)
-  np.testing.assert_allclose(jax.jit(L.flat_loss)(logits, LABELS), value, **TOL)
+  value = L.lmf_loss(logits, LABELS)
+  np.testing.assert_array_equal(L.lmf_loss(logits, batch), value)
+  np.testing.assert_array_equal(L.lmf_loss(logits, {"labels": LABELS}), value)
+  np.testing.assert_allclose(jax.jit(L.lmf_loss)(logits, LABELS), value, **TOL)
 
 
 # ------------------------------------------------------------------ spec and objectives
 
 
 def test_spec_parses_and_needs_nothing_extra():
-  assert "FLAT" in L.FORGET_LOSSES and "FLAT" not in L.DESCENT_FORGET_LOSSES
-  assert L.parse_loss_spec("flat+gd") == ("FLAT", "GD")
-  assert L.parse_loss_spec(" Flat ") == ("FLAT", None)
+  assert "LMF" in L.FORGET_LOSSES and "LMF" not in L.DESCENT_FORGET_LOSSES
+  assert L.parse_loss_spec("flat+gd") == ("LMF", "GD")
+  assert L.parse_loss_spec(" Flat ") == ("LMF", None)
   for retain in ("GD", "KL", "AP", None):
-    spec = "FLAT" if retain is None else f"flat + {retain.lower()}"
+    spec = "LMF" if retain is None else f"flat + {retain.lower()}"
     config = L.LossConfig.from_spec(spec)
-    assert (config.forget, config.retain) == ("FLAT", retain)
-    assert config.spec == ("FLAT" if retain is None else f"FLAT+{retain}")
+    assert (config.forget, config.retain) == ("LMF", retain)
+    assert config.spec == ("LMF" if retain is None else f"LMF+{retain}")
     assert L.needs_reference_model(config) is (retain == "KL")
     assert L.needs_idk_batch(config, "forget") is False
     assert L.needs_idk_batch(config, "retain") is (retain == "AP")
@@ -237,14 +237,14 @@ RETAIN_IDK = _batch(np.roll(LABELS[:, ::-1], 1, axis=0), 22)
 
 
 def test_forget_loss_runs_flat_through_logits_fn_and_reports_metrics():
-  config = L.LossConfig.from_spec("FLAT+GD", forget_coeff=0.3)
+  config = L.LossConfig.from_spec("LMF+GD", forget_coeff=0.3)
   params = _params(0)
   loss, metrics = L.forget_loss(config, tiny_logits_fn, params, None, FORGET)
   logits = tiny_logits_fn(params, FORGET.input_ids, FORGET.attention_mask)
-  direct = L.flat_loss(logits, FORGET)
+  direct = L.lmf_loss(logits, FORGET)
   np.testing.assert_allclose(loss, 0.3 * direct, **TOL)
-  assert set(metrics) == {"forget/loss", "forget/FLAT", "forget/nll", "forget/tokens"}
-  np.testing.assert_allclose(metrics["forget/FLAT"], direct, **TOL)
+  assert set(metrics) == {"forget/loss", "forget/LMF", "forget/nll", "forget/tokens"}
+  np.testing.assert_allclose(metrics["forget/LMF"], direct, **TOL)
   np.testing.assert_allclose(metrics["forget/loss"], loss, **TOL)
   np.testing.assert_allclose(metrics["forget/nll"], L.mean_token_nll(logits, FORGET), **TOL)
   assert float(metrics["forget/tokens"]) == SCORED.sum()
@@ -257,7 +257,7 @@ def test_forget_loss_runs_flat_through_logits_fn_and_reports_metrics():
   assert all(np.all(np.isfinite(g)) and np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("spec", ["FLAT", "FLAT+GD", "FLAT+KL", "FLAT+AP"])
+@pytest.mark.parametrize("spec", ["LMF", "LMF+GD", "LMF+KL", "LMF+AP"])
 def test_combined_loss_with_every_retain(spec):
   config = L.LossConfig.from_spec(spec)
   params, ref = _params(1), _params(2)
@@ -271,4 +271,4 @@ def test_combined_loss_with_every_retain(spec):
     expected = f + r
     assert f"retain/{config.retain}" in metrics
   np.testing.assert_allclose(loss, expected, **TOL)
-  assert "forget/FLAT" in metrics and np.isfinite(float(loss))
+  assert "forget/LMF" in metrics and np.isfinite(float(loss))
