@@ -64,9 +64,9 @@ True
 
 from train.losses.forget import (
   dpo_loss,
-  lmf_loss,
   ga_loss,
   idk_loss,
+  lmf_loss,
   me_loss,
   npo_loss,
   sft_loss,
@@ -114,7 +114,6 @@ __all__ = [
   "as_batch",
   "combined_loss",
   "dpo_loss",
-  "lmf_loss",
   "forget_loss",
   "ga_loss",
   "gd_loss",
@@ -122,6 +121,7 @@ __all__ = [
   "kl_loss",
   "labels_from_target_mask",
   "llmu_terms",
+  "lmf_loss",
   "me_loss",
   "mean_token_nll",
   "needs_idk_batch",

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 
 from train.losses.forget import (
   dpo_loss,
-  lmf_loss,
   ga_loss,
   idk_loss,
+  lmf_loss,
   me_loss,
   npo_loss,
   sft_loss,
