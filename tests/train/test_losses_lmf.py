@@ -194,7 +194,7 @@ def test_shape_errors_and_batch_forms():
 def test_spec_parses_and_needs_nothing_extra():
   assert "LMF" in L.FORGET_LOSSES and "LMF" not in L.DESCENT_FORGET_LOSSES
   assert L.parse_loss_spec("lmf+gd") == ("LMF", "GD")
-  assert L.parse_loss_spec(" Flat ") == ("LMF", None)
+  assert L.parse_loss_spec(" Lmf ") == ("LMF", None)
   for retain in ("GD", "KL", "AP", None):
     spec = "LMF" if retain is None else f"lmf + {retain.lower()}"
     config = L.LossConfig.from_spec(spec)
