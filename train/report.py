@@ -72,7 +72,7 @@ def _plot_losses(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
         ax.plot(*zip(*points), label=label)
   axes[0].set(title="forget objective (loss; Adam: forget NLL)", xlabel="step")
   axes[1].set(title="retain NLL", xlabel="step")
-  axes[0].legend()
+  _legend(axes[0])
   _save(fig, path)
 
 
@@ -87,7 +87,7 @@ def _plot_conflict(histories: dict[str, list[dict]], path: pathlib.Path) -> None
       ax.plot(*zip(*grads), linestyle="--", color="gray", label="raw gradients")
   ax.axhline(0.0, color="black", linewidth=0.5)
   ax.set(title="forget vs retain cosine similarity", xlabel="step", ylabel="cosine")
-  ax.legend(fontsize=8)
+  _legend(ax, fontsize=8)
   _save(fig, path)
 
 
@@ -110,13 +110,29 @@ def write(
   _plot_losses(histories, plots / "losses.png")
   _plot_conflict(histories, plots / "conflict_cosine.png")
   _plot_tradeoff(rows, plots / "tradeoff.png")
-  path = out / "report.md"
-  path.write_text(
+  text = (
     "# Unlearning report\n\n" + markdown(rows) + "\n\n"
     "![losses](plots/losses.png)\n\n![conflict](plots/conflict_cosine.png)\n\n"
     "![trade-off](plots/tradeoff.png)\n"
   )
+  runs = {label: [history] for label, history in histories.items()}
+  if constraint_keys(runs):
+    plot_scalars_over_steps(runs, constraint_keys(runs), plots / "constraint.png", "constraint")
+    text += "\n![constraint](plots/constraint.png)\n"
+  path = out / "report.md"
+  path.write_text(text)
   return path
+
+
+CONSTRAINT_KEYS = ("multiplier", "slack", "last_forget_loss", "last_retain_loss")
+"""What primal-dual runs log each step (``train.program.step``): the multiplier lambda, the
+slack ``bound - retain loss`` and the last loss seen of each objective."""
+
+
+def constraint_keys(histories: dict[str, list[list[dict]]]) -> list[str]:
+  """The :data:`CONSTRAINT_KEYS` some run logged (none: no constrained run)."""
+  logged = {k for runs in histories.values() for run in runs for h in run for k in h}
+  return [k for k in CONSTRAINT_KEYS if k in logged]
 
 
 # ---------------------------------------------------------------- sweeps over seeds
@@ -567,6 +583,12 @@ def _loss_section(collected, aggregated, loss, keys, plots, references) -> list[
   ]
   if (plots / f"layer_cosines_{slug}.png").exists():
     parts += [f"![per-layer cosines](plots/layer_cosines_{slug}.png)", ""]
+  constrained = constraint_keys(histories)
+  if constrained:
+    name = f"constraint_{slug}.png"
+    title = f"{loss}: multiplier lambda, slack and losses per step"
+    plot_scalars_over_steps(histories, constrained, plots / name, title)
+    parts += [f"![constraint](plots/{name})", ""]
   per_step = conditioning_keys(histories)
   if per_step:
     name = f"conditioning_{slug}.png"

@@ -13,7 +13,8 @@ A sweep file (YAML) holds:
 * ``compilation_cache``: a folder for JAX's persistent compilation cache (null: off);
 * ``base``: :class:`train.config.RunConfig` fields (nested, as a run's YAML);
 * ``finetune``: how the target and the oracle are trained (:class:`FinetuneSpec`);
-* ``variants``: ``{label, overrides}`` with dotted RunConfig keys (``optimizer.name``);
+* ``variants``: ``{label, overrides, losses}`` with dotted RunConfig keys
+  (``optimizer.name``) and, optionally, the losses the variant runs with (default: all);
 * ``losses``: ``{name, overrides}``; ``seeds``: each sets ``training.seed`` and ``data.seed``.
 
 Every stage (a fine-tuned model, a reference evaluation, an unlearning run) lives in a
@@ -85,8 +86,12 @@ class FinetuneSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+  """A variant (or a loss) of the sweep: its label, its dotted RunConfig overrides and, for
+  a variant, the losses it runs with (empty: every loss of the sweep)."""
+
   label: str
   overrides: Mapping[str, Any]
+  losses: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +141,24 @@ def _variants(items: Any, what: str, name_key: str) -> tuple[Variant, ...]:
   for i, item in enumerate(items):
     if not isinstance(item, Mapping) or name_key not in item:
       raise ConfigError(f"{what}[{i}] must be a mapping with {name_key!r}, got {item!r}")
-    out.append(Variant(str(item[name_key]), dict(item.get("overrides") or {})))
+    only = item.get("losses") or []
+    if not isinstance(only, list):
+      raise ConfigError(f"{what}[{i}].losses must be a list of loss names, got {only!r}")
+    out.append(Variant(str(item[name_key]), dict(item.get("overrides") or {}), tuple(only)))
   if len({v.label for v in out}) != len(out):
     raise ConfigError(f"{what}: {name_key}s must be distinct")
   return tuple(out)
+
+
+def _check_variant_losses(variants: tuple[Variant, ...], losses: tuple[Variant, ...]) -> None:
+  """A variant's ``losses`` must name losses of the sweep."""
+  names = [loss.label for loss in losses]
+  for variant in variants:
+    unknown = [name for name in variant.losses if name not in names]
+    if unknown:
+      raise ConfigError(
+        f"variant {variant.label!r}: losses {unknown} are not among the sweep's losses {names}"
+      )
 
 
 def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> SweepSpec:
@@ -164,13 +183,16 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
   seeds = raw.get("seeds", [0])
   if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
     raise ConfigError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+  variants = _variants(raw.get("variants"), "variants", "label")
+  losses = _variants(raw.get("losses"), "losses", "name")
+  _check_variant_losses(variants, losses)
   return SweepSpec(
     output_root=str(raw.get("output_root", "runs/sweep")),
     report_dir=str(raw.get("report_dir", "runs/sweep/report")),
     base=dict(raw.get("base") or {}),
     finetune=FinetuneSpec(**finetune_raw),
-    variants=_variants(raw.get("variants"), "variants", "label"),
-    losses=_variants(raw.get("losses"), "losses", "name"),
+    variants=variants,
+    losses=losses,
     seeds=tuple(seeds),
     data_path=raw.get("data_path"),
     model_fetch=raw.get("model_fetch"),
@@ -272,6 +294,8 @@ def plan(spec: SweepSpec, base: RunConfig | None = None) -> dict[str, Any]:
   for seed in spec.seeds:
     for loss in spec.losses:
       for variant in spec.variants:
+        if variant.losses and loss.label not in variant.losses:
+          continue
         overrides = {"loss.name": loss.label, **loss.overrides, **variant.overrides}
         overrides.update({"training.seed": seed, "data.seed": seed, "model.path": target_model})
         config = apply_overrides(base, _flat_overrides(overrides))

@@ -79,6 +79,28 @@ def test_keys_are_stable_and_follow_every_setting(sweep_file):
   assert _keys(relabelled) == _keys(first)
 
 
+def test_a_variant_runs_with_the_losses_it_names_only(sweep_file):
+  only = "[{label: lmf, losses: [IDK+AP], overrides: {optimizer.name: adam}}]"
+  spec = sweep.load_sweep(sweep_file, [f"variants={only}"])
+  runs = sweep.plan(spec)["runs"]
+  assert [(r.loss, r.variant, r.seed) for r in runs] == [("IDK+AP", "lmf", 0), ("IDK+AP", "lmf", 1)]
+  with pytest.raises(ConfigError, match=r"variant 'x': losses \['GA'\] are not among"):
+    sweep.load_sweep(sweep_file, ["variants=[{label: x, losses: [GA]}]"])
+
+
+def test_constraint_runs_get_a_multiplier_plot(tmp_path):
+  history = [
+    {"step": s, "objective": 1, "loss": 1.0, "nll": 1.0, "multiplier": 1.0 + s, "slack": -0.1}
+    for s in (1, 2, 3)
+  ]
+  histories = {"primal-dual": [history]}
+  assert report.constraint_keys(histories) == ["multiplier", "slack"]
+  assert report.constraint_keys({"plain": [[{"step": 1, "loss": 1.0}]]}) == []
+  path = report.write(tmp_path, [], {"primal-dual": history})
+  assert "plots/constraint.png" in path.read_text()
+  assert (tmp_path / "plots" / "constraint.png").stat().st_size > 1000
+
+
 def test_load_sweep_rejects_unknown_keys_and_bad_seeds(sweep_file):
   with pytest.raises(ConfigError, match="unknown sweep key"):
     sweep.load_sweep(sweep_file, ["colour=red"])
