@@ -15,7 +15,8 @@ A sweep file (YAML) holds:
 * ``finetune``: how the target and the oracle are trained (:class:`FinetuneSpec`);
 * ``variants``: ``{label, overrides, losses}`` with dotted RunConfig keys
   (``optimizer.name``) and, optionally, the losses the variant runs with (default: all);
-* ``losses``: ``{name, overrides}``; ``seeds``: each sets ``training.seed`` and ``data.seed``.
+* ``losses``: ``{name, overrides}``; ``seeds``: each sets ``training.seed`` and ``data.seed``;
+* ``extends``: another sweep file whose keys this one's override (optional).
 
 Every stage (a fine-tuned model, a reference evaluation, an unlearning run) lives in a
 folder named by the hash of everything that determines its result, and is complete only
@@ -161,6 +162,21 @@ def _check_variant_losses(variants: tuple[Variant, ...], losses: tuple[Variant, 
       )
 
 
+def _read_sweep_file(path: pathlib.Path, seen: tuple[pathlib.Path, ...] = ()) -> dict[str, Any]:
+  """A sweep file's mapping; with ``extends: other.yaml`` (relative to this file), the
+  other file's mapping with this one's keys on top (nested mappings merged, lists replaced),
+  so a sweep can share another's setting, stages and cached runs."""
+  if not path.is_file():
+    raise FileNotFoundError(f"sweep file not found: {path}")
+  if path.resolve() in seen:
+    raise ConfigError(f"sweep file {path} extends itself (through {[str(p) for p in seen]})")
+  raw = yaml.safe_load(path.read_text()) or {}
+  parent = raw.pop("extends", None)
+  if parent is None:
+    return raw
+  return deep_merge(_read_sweep_file(path.parent / parent, (*seen, path.resolve())), raw)
+
+
 def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> SweepSpec:
   """Reads a sweep file and applies ``key.path=value`` overrides to it.
 
@@ -169,9 +185,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
     FileNotFoundError: ``path`` does not exist.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"sweep file not found: {path}")
-  raw = deep_merge(yaml.safe_load(path.read_text()) or {}, override_tree(overrides))
+  raw = deep_merge(_read_sweep_file(path), override_tree(overrides))
   known = {f.name for f in dataclasses.fields(SweepSpec)}
   unknown = sorted(set(raw) - known)
   if unknown:

@@ -88,6 +88,19 @@ def test_a_variant_runs_with_the_losses_it_names_only(sweep_file):
     sweep.load_sweep(sweep_file, ["variants=[{label: x, losses: [GA]}]"])
 
 
+def test_a_sweep_file_extends_another(sweep_file, tmp_path):
+  child = tmp_path / "child.yaml"
+  child.write_text("extends: sweep.yaml\nname: child\nseeds: [7]\nbase: {training: {steps: 5}}\n")
+  spec, parent = sweep.load_sweep(child), sweep.load_sweep(sweep_file)
+  assert (spec.name, spec.seeds) == ("child", (7,))
+  assert spec.base["training"] == {"steps": 5} and spec.base["data"] == parent.base["data"]
+  assert spec.variants == parent.variants and spec.output_root == parent.output_root
+  loop = tmp_path / "loop.yaml"
+  loop.write_text("extends: loop.yaml\n")
+  with pytest.raises(ConfigError, match="extends itself"):
+    sweep.load_sweep(loop)
+
+
 def test_constraint_runs_get_a_multiplier_plot(tmp_path):
   history = [
     {"step": s, "objective": 1, "loss": 1.0, "nll": 1.0, "multiplier": 1.0 + s, "slack": -0.1}
