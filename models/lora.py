@@ -2,11 +2,13 @@
 
 `apply_lora` puts a `LoRAAdapter` into the `lora` slot of every targeted
 `Dense`; the adapter adds `dropout(x) @ a @ b * alpha / rank` to the
-projection (dropout on the adapter's input, as in the LoRA paper's code, with
-a mask of its own per adapter). `b` starts at zero, so a fresh adapter leaves
-the model's output unchanged. Adapter weights are `LoRAParam`s (a subclass of
-`nnx.Param`) and live under a path component named "lora", which is how the
-optax helpers find them in any parameter tree (nnx State, pure dict, ...).
+projection (a bounded adapter, below, a sine of `a @ b` instead; dropout on the
+adapter's input, as in the LoRA paper's code, with a mask of its own per adapter).
+`b` starts at zero, so a fresh adapter leaves the model's output unchanged.
+Adapter weights are `LoRAParam`s (a subclass of `nnx.Param`) and live under a
+path component named "lora", which is how the optax helpers find them in any
+parameter tree (nnx State, pure dict, ...). Merging and export fold in each
+adapter's `delta_kernel()`, so they use the same update as the forward pass.
 
 Dropout masks come from one of two places (see `LoRAAdapter`): the adapter's
 own RNG stream (NNX style: each call of a `model.train()` model draws new
@@ -15,6 +17,26 @@ every adapter's mask from one key in one random-bits call. Functional training
 uses the latter: per-adapter draws cost XLA:CPU a threefry loop (or a Philox
 expansion) per adapter and call, which made a 420-adapter unlearning step
 compile 5-7x slower than without dropout; one draw costs about one adapter's.
+
+Bounded adapters (`LoRAConfig.bounded_targets`, `BoundedLoRAAdapter`): gradient
+difference (ascent on the forget set, descent on the retain set) with plain adapters can
+diverge, because ascent grows the MLP adapters without bound (Garg et al. 2025, "Stable
+Forgetting: Bounded Parameter-Efficient Unlearning", arXiv 2509.24166). A bounded adapter
+with frequency w passes the low-rank product through an elementwise sine (the
+sine-activated low-rank form of Ji et al. 2025):
+
+    dW = (alpha / rank) * sin(w * a @ b) / w
+
+  - near init it is the plain adapter: sin(w z) / w = z - w^2 z^3 / 6 + ..., so for small
+    a @ b, dW = (alpha / rank) a @ b to first order, with the same gradients (cos(w z) ~ 1);
+    `b = 0` still gives dW = 0;
+  - however large a and b grow, every |dW_ij| <= alpha / (rank * w), so the adapter's
+    output on any input x is bounded: |(x @ dW)_j| <= alpha / (rank * w) * ||x||_1.
+
+The bounded forward pass materialises dW as (in, out), whose logical sharding axes are the
+base kernel's (those of `a`'s rows and `b`'s columns), and multiplies `dropout(x)` by it:
+an (in x out) matmul per token, as costly as the base projection's, where a plain adapter
+costs (in + out) x rank.
 
 Projection names shared by all families: q_proj, k_proj, v_proj, o_proj (attention),
 up_proj, down_proj (every MLP), gate_proj (gated MLPs), lm_head (untied heads).
@@ -31,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from models import sharding
-from models.layers import Dense, param
+from models.layers import Dense, matmul, param
 
 
 class LoRAParam(nnx.Param):
@@ -47,12 +69,31 @@ class LoRAConfig:
     alpha: Scale numerator; the update is multiplied by alpha / rank.
     dropout: Dropout rate on the adapter input (active in `model.train()` mode).
     targets: Projection names to adapt (see module docstring).
+    bounded_targets: Those of `targets` whose adapters are bounded (`BoundedLoRAAdapter`):
+      for bounded unlearning, the MLP projections.
+    frequency: The bounded adapters' frequency w (> 0); their entries stay within
+      alpha / (rank * w).
+
+  Raises:
+    ValueError: If `frequency` is not positive, or `bounded_targets` names a projection
+      not in `targets` (it would get no adapter, bounded or not).
   """
 
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
   targets: tuple[str, ...] = ("q_proj", "v_proj")
+  bounded_targets: tuple[str, ...] = ()
+  frequency: float = 100.0
+
+  def __post_init__(self):
+    if not self.frequency > 0:
+      raise ValueError(f"LoRAConfig.frequency must be > 0, got {self.frequency!r}")
+    stray = [t for t in self.bounded_targets if t not in self.targets]
+    if stray:
+      raise ValueError(
+        f"LoRAConfig.bounded_targets {stray} are not among targets {list(self.targets)}"
+      )
 
 
 _BIT_VALUES = np.left_shift(np.uint8(1), np.arange(8, dtype=np.uint8))
@@ -112,11 +153,13 @@ class LoRAAdapter(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
+    return (self._drop(x) @ a) @ b * self.scaling
+
+  def _drop(self, x: jax.Array) -> jax.Array:
+    """`x` after the adapter's input dropout (`dropout_mask`, else its own stream)."""
     if self.drops and self.dropout_mask is not None:
-      x = jnp.where(self._keep(x.shape), x / (1.0 - self.dropout.rate), jnp.zeros_like(x))
-    else:
-      x = self.dropout(x)
-    return (x @ a) @ b * self.scaling
+      return jnp.where(self._keep(x.shape), x / (1.0 - self.dropout.rate), jnp.zeros_like(x))
+    return self.dropout(x)
 
   def _keep(self, shape: tuple[int, ...]) -> jax.Array:
     """`dropout_mask` unpacked to a bool array of `shape`."""
@@ -130,6 +173,38 @@ class LoRAAdapter(nnx.Module):
     return a @ b * self.scaling
 
 
+class BoundedLoRAAdapter(LoRAAdapter):
+  """A LoRA adapter whose update is bounded: `dropout(x) @ dW`, with
+
+      dW = scaling * sin(frequency * a @ b) / frequency      (elementwise sine)
+
+  To first order in `a @ b` this is the plain adapter (sin(w z) / w = z + O(w^2 z^3):
+  same init, same gradients near it), but |dW_ij| <= scaling / frequency for any `a`, `b`,
+  so each output entry |(x @ dW)_j| = |sum_i x_i dW_ij| <= scaling / frequency * ||x||_1:
+  gradient ascent cannot blow it up (see the module docstring). The sine is taken in
+  float32, then dW is cast to the compute dtype. Dropout is the plain adapter's.
+
+  Attributes:
+    frequency: w in the formula (`LoRAConfig.frequency`).
+  """
+
+  def __init__(
+    self, base: Dense, config: LoRAConfig, rngs: nnx.Rngs, b_init: Any = nnx.initializers.zeros
+  ):
+    super().__init__(base, config, rngs, b_init=b_init)
+    self.frequency = config.frequency
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # `matmul`: the fast kernel gradient on CPU; dW trains (through a and b), unlike a base
+    # kernel.
+    return matmul(self._drop(x), self.delta_kernel().astype(x.dtype))
+
+  def delta_kernel(self) -> jax.Array:
+    """The (in, out) float32 update `scaling * sin(frequency * a @ b) / frequency`."""
+    a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
+    return jnp.sin(self.frequency * (a @ b)) * (self.scaling / self.frequency)
+
+
 def _projections(model: nnx.Module) -> list[tuple[tuple[Any, ...], Dense]]:
   return [
     (path, node)
@@ -141,7 +216,8 @@ def _projections(model: nnx.Module) -> list[tuple[tuple[Any, ...], Dense]]:
 def apply_lora(
   model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs, **adapter_kwargs: Any
 ) -> nnx.Module:
-  """Adds adapters in place to every projection named in `config.targets`.
+  """Adds adapters in place to every projection named in `config.targets`: a
+  `BoundedLoRAAdapter` to those also in `config.bounded_targets`, else a `LoRAAdapter`.
 
   Args:
     model: A `CausalLM` (or any module built from `Dense`).
@@ -159,8 +235,9 @@ def apply_lora(
   if not targets:
     names = sorted({p[-1] for p, _ in _projections(model)})
     raise ValueError(f"No projection matches LoRA targets {config.targets}; available: {names}")
-  for _, dense in targets:
-    dense.lora = LoRAAdapter(dense, config, rngs, **adapter_kwargs)
+  for path, dense in targets:
+    kind = BoundedLoRAAdapter if path[-1] in config.bounded_targets else LoRAAdapter
+    dense.lora = kind(dense, config, rngs, **adapter_kwargs)
   return model
 
 

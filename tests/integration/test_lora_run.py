@@ -1,6 +1,10 @@
 """LoRA unlearning through the CLI: only the adapters train, the exported model is the base
 plus the merged adapters, the checkpoint holds no base weight, and a run resumed from a
-checkpoint repeats an uninterrupted one bit for bit (adapter dropout on, NPO's reference)."""
+checkpoint repeats an uninterrupted one bit for bit (adapter dropout on, NPO's reference).
+
+The run bounds its MLP adapter (``model.lora.bounded``, Garg et al. 2025): down_proj adds
+``sin(w a @ b) / w * alpha / rank`` while q_proj and v_proj stay plain, so one run checks
+both forms end to end (a second CLI run costs ~13 s, mostly start-up)."""
 
 import json
 import shutil
@@ -14,8 +18,10 @@ from cli_runs import ROOT, run_cli
 from flax import nnx
 from safetensors.numpy import load_file
 
-STEPS, RANK, ALPHA = 6, 4, 16.0
+STEPS, RANK, ALPHA, FREQUENCY = 6, 4, 16.0, 1000.0
 TARGETS = ("q_proj", "v_proj", "down_proj")
+BOUNDED = ("down_proj",)  # the MLP targets
+BOUND = ALPHA / (RANK * FREQUENCY)  # largest entry of a bounded adapter's update
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +61,8 @@ def _unlearn(out, root):
     f"model.lora.alpha={ALPHA}",
     "model.lora.dropout=0.1",
     f"model.lora.targets=[{', '.join(TARGETS)}]",
+    "model.lora.bounded=true",
+    f"model.lora.frequency={FREQUENCY}",
   ]
 
 
@@ -92,17 +100,42 @@ def test_only_adapters_train_and_export_merged(base_dir, whole):
     kernel = (*path[:4], "kernel")
     a, b = adapters[(*path[:5], "a", "value")], adapters[(*path[:5], "b", "value")]
     assert np.abs(b).max() > 0  # trained (b starts at zero)
-    delta = jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32) * (ALPHA / RANK)
+    delta = _update(a, b, bounded=path[3] in BOUNDED)
     targeted[kernel] = (jnp.asarray(base[kernel], jnp.float32) + delta).astype(base[kernel].dtype)
   assert {p[3] for p in targeted} == set(TARGETS)
   assert base.keys() == merged.keys()
   for path, value in base.items():
     # The base is frozen: untargeted weights come out bit-identical, targeted ones are
-    # exactly base + a @ b * alpha / rank.
+    # exactly base + a @ b * alpha / rank, or its sine form for the bounded ones.
     expected = targeted.get(path, value)
     np.testing.assert_array_equal(merged[path], expected, err_msg=str(path))
     if path in targeted:
       assert not np.array_equal(merged[path], value), path
+
+
+def _update(a, b, bounded):
+  """An adapter's update as `models.lora` computes it (float32)."""
+  product = jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)
+  if bounded:
+    return jnp.sin(FREQUENCY * product) * (ALPHA / RANK / FREQUENCY)
+  return product * (ALPHA / RANK)
+
+
+def test_bounded_mlp_update_stays_within_its_bound(base_dir, whole):
+  """The run's losses are finite and each exported MLP kernel is within alpha / (rank w) of
+  the base, although the plain update of the same trained factors is not."""
+  lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(v) for line in lines for v in line.values())
+  params = _checkpoint(whole, STEPS)["params"]
+  base, merged = _flat_params(base_dir / "base"), _flat_params(whole / "model")
+  for layer, layer_params in params["layers"].items():
+    lora = layer_params["mlp"]["down_proj"]["lora"]
+    a, b = np.asarray(lora["a"]["value"]), np.asarray(lora["b"]["value"])
+    kernel = ("layers", str(layer), "mlp", "down_proj", "kernel")
+    change = np.abs(merged[kernel].astype(np.float32) - base[kernel].astype(np.float32))
+    assert change.max() <= BOUND * (1 + 1e-3), change.max()
+    plain = np.abs(np.asarray(_update(a, b, bounded=False))).max()
+    assert plain > 2 * BOUND, plain  # the bound is active: the test can fail
 
 
 def test_resumed_lora_run_repeats_the_uninterrupted_one(base_dir, whole):

@@ -124,9 +124,15 @@ def check_vocabulary(path: str, vocab_size: int, tokenizer: Any) -> None:
 
 
 def lora_config(section: LoRASection) -> models.LoRAConfig:
-  """The ``models.LoRAConfig`` of a ``model.lora`` section."""
+  """The ``models.LoRAConfig`` of a ``model.lora`` section (with ``bounded``, its MLP
+  targets get bounded adapters: ``models.lora.BoundedLoRAAdapter``)."""
   return models.LoRAConfig(
-    rank=section.rank, alpha=section.alpha, dropout=section.dropout, targets=section.targets
+    rank=section.rank,
+    alpha=section.alpha,
+    dropout=section.dropout,
+    targets=section.targets,
+    bounded_targets=section.bounded_targets,
+    frequency=section.frequency,
   )
 
 
@@ -264,7 +270,9 @@ def save_model(model: FunctionalModel, params: Any, path: str, tokenizer: Any) -
   """Writes the model as a Hugging Face folder (config, safetensors, tokenizer).
 
   Adapters are merged into the weights they adapt (``models.save_pretrained``): a kernel
-  is written as ``base + a @ b * alpha / rank``.
+  is written as ``base + a @ b * alpha / rank``, or for a bounded adapter
+  ``base + sin(frequency * a @ b) / frequency * alpha / rank`` (the adapter's
+  ``delta_kernel``, as in training and evaluation).
 
   In a multi-process run every process must call this (the weights are gathered from all
   of them); process 0 writes.
