@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_lm import bag_logits_fn, bag_params
 
 from train import losses as L
 
@@ -447,23 +448,8 @@ def test_what_the_program_must_load(spec, ref, idk_forget, idk_retain):
 # ------------------------------------------------------------------ model-level losses
 
 
-D = 4
-
-
-def tiny_logits_fn(params, input_ids, attention_mask):
-  """A bag-of-embeddings causal 'model': enough to have real parameters to differentiate."""
-  h = params["emb"][input_ids]  # [B, T, D]
-  m = attention_mask[..., None].astype(h.dtype)
-  h = jnp.cumsum(h * m, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1.0)
-  return h @ params["out"]
-
-
 def _params(seed):
-  rng = np.random.default_rng(seed)
-  return {
-    "emb": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
-    "out": jnp.asarray(rng.standard_normal((D, V)), jnp.float32),
-  }
+  return bag_params(seed, V)
 
 
 def _batch(labels, seed):
@@ -482,7 +468,7 @@ RETAIN_IDK = _batch(np.roll(IDK_LABELS, 1, axis=0), 43)
 
 
 def _direct_forget(name, config, params, ref):
-  lg = lambda p, b: tiny_logits_fn(p, b.input_ids, b.attention_mask)
+  lg = lambda p, b: bag_logits_fn(p, b.input_ids, b.attention_mask)
   return {
     "GA": lambda: L.ga_loss(lg(params, FORGET), FORGET),
     "NPO": lambda: L.npo_loss(lg(params, FORGET), lg(ref, FORGET), FORGET, config.beta),
@@ -504,7 +490,7 @@ def _direct_forget(name, config, params, ref):
 
 
 def _direct_retain(name, config, params, ref):
-  lg = lambda p, b: tiny_logits_fn(p, b.input_ids, b.attention_mask)
+  lg = lambda p, b: bag_logits_fn(p, b.input_ids, b.attention_mask)
   return {
     "GD": lambda: L.gd_loss(lg(params, RETAIN), RETAIN),
     "KL": lambda: L.kl_loss(lg(params, RETAIN), lg(ref, RETAIN), RETAIN, config.kl_tokens),
@@ -518,7 +504,7 @@ def _direct_retain(name, config, params, ref):
 def test_forget_loss_matches_direct_and_jits(name):
   config = L.LossConfig(forget=name, retain="GD", forget_coeff=0.7, beta=0.5, simnpo_gamma=0.1)
   params, ref = _params(0), _params(1)
-  loss, metrics = L.forget_loss(config, tiny_logits_fn, params, ref, FORGET, FORGET_IDK)
+  loss, metrics = L.forget_loss(config, bag_logits_fn, params, ref, FORGET, FORGET_IDK)
   direct = _direct_forget(name, config, params, ref)
   np.testing.assert_allclose(loss, 0.7 * direct, **TOL)
   np.testing.assert_allclose(metrics[f"forget/{name}"], direct, **TOL)
@@ -531,11 +517,11 @@ def test_forget_loss_matches_direct_and_jits(name):
     "labels": b.labels,
   }
   loss_j, metrics_j = jitted(
-    config, tiny_logits_fn, params, ref, as_dict(FORGET), as_dict(FORGET_IDK)
+    config, bag_logits_fn, params, ref, as_dict(FORGET), as_dict(FORGET_IDK)
   )
   np.testing.assert_allclose(loss_j, loss, **TOL)
   assert set(metrics_j) == set(metrics)
-  grads = jax.grad(lambda p: L.forget_loss(config, tiny_logits_fn, p, ref, FORGET, FORGET_IDK)[0])(
+  grads = jax.grad(lambda p: L.forget_loss(config, bag_logits_fn, p, ref, FORGET, FORGET_IDK)[0])(
     params
   )
   assert all(np.all(np.isfinite(g)) and np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
@@ -547,17 +533,17 @@ def test_forget_loss_matches_direct_and_jits(name):
 def test_retain_loss_matches_direct_and_jits(name, kl_tokens):
   config = L.LossConfig(forget="GA", retain=name, retain_coeff=2.0, beta=0.5, kl_tokens=kl_tokens)
   params, ref = _params(2), _params(3)
-  loss, metrics = L.retain_loss(config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK)
+  loss, metrics = L.retain_loss(config, bag_logits_fn, params, ref, RETAIN, RETAIN_IDK)
   direct = _direct_retain(name, config, params, ref)
   np.testing.assert_allclose(loss, 2.0 * direct, **TOL)
   np.testing.assert_allclose(metrics[f"retain/{name}"], direct, **TOL)
   np.testing.assert_allclose(
     metrics["retain/nll"],
-    L.gd_loss(tiny_logits_fn(params, RETAIN.input_ids, RETAIN.attention_mask), RETAIN),
+    L.gd_loss(bag_logits_fn(params, RETAIN.input_ids, RETAIN.attention_mask), RETAIN),
     **TOL,
   )
   loss_j, _ = jax.jit(L.retain_loss, static_argnums=(0, 1))(
-    config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK
+    config, bag_logits_fn, params, ref, RETAIN, RETAIN_IDK
   )
   np.testing.assert_allclose(loss_j, loss, **TOL)
 
@@ -565,18 +551,18 @@ def test_retain_loss_matches_direct_and_jits(name, kl_tokens):
 def test_reference_model_is_frozen_and_npo_starts_at_2_log2_over_beta():
   config = L.LossConfig.from_spec("NPO+KL", beta=0.1, forget_coeff=0.5)
   params = _params(4)
-  loss, _ = L.forget_loss(config, tiny_logits_fn, params, params, FORGET)
+  loss, _ = L.forget_loss(config, bag_logits_fn, params, params, FORGET)
   np.testing.assert_allclose(loss, 0.5 * 2 / 0.1 * math.log(2), rtol=1e-6)
   # Gradient w.r.t. ref_params is zero, and passing params as their own reference gives the
   # same gradient as passing a detached copy.
-  g_ref = jax.grad(lambda r: L.forget_loss(config, tiny_logits_fn, params, r, FORGET)[0])(params)
+  g_ref = jax.grad(lambda r: L.forget_loss(config, bag_logits_fn, params, r, FORGET)[0])(params)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_ref))
-  g_self = jax.grad(lambda p: L.forget_loss(config, tiny_logits_fn, p, p, FORGET)[0])(params)
+  g_self = jax.grad(lambda p: L.forget_loss(config, bag_logits_fn, p, p, FORGET)[0])(params)
   copy = jax.tree.map(jnp.array, params)
-  g_copy = jax.grad(lambda p: L.forget_loss(config, tiny_logits_fn, p, copy, FORGET)[0])(params)
+  g_copy = jax.grad(lambda p: L.forget_loss(config, bag_logits_fn, p, copy, FORGET)[0])(params)
   for a, b in zip(jax.tree.leaves(g_self), jax.tree.leaves(g_copy)):
     np.testing.assert_allclose(a, b, atol=1e-6)
-  r_loss, _ = L.retain_loss(config, tiny_logits_fn, params, params, RETAIN)
+  r_loss, _ = L.retain_loss(config, bag_logits_fn, params, params, RETAIN)
   assert abs(float(r_loss)) < 1e-6
 
 
@@ -584,32 +570,32 @@ def test_combined_loss_is_sum_of_both():
   config = L.LossConfig.from_spec("DPO+AP", forget_coeff=0.3, retain_coeff=1.5)
   params, ref = _params(5), _params(6)
   loss, metrics = L.combined_loss(
-    config, tiny_logits_fn, params, ref, FORGET, RETAIN, FORGET_IDK, RETAIN_IDK
+    config, bag_logits_fn, params, ref, FORGET, RETAIN, FORGET_IDK, RETAIN_IDK
   )
-  f, _ = L.forget_loss(config, tiny_logits_fn, params, ref, FORGET, FORGET_IDK)
-  r, _ = L.retain_loss(config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK)
+  f, _ = L.forget_loss(config, bag_logits_fn, params, ref, FORGET, FORGET_IDK)
+  r, _ = L.retain_loss(config, bag_logits_fn, params, ref, RETAIN, RETAIN_IDK)
   np.testing.assert_allclose(loss, f + r, **TOL)
   assert {"loss", "forget/DPO", "retain/AP"} <= set(metrics)
   only_forget = L.LossConfig.from_spec("GA")
-  loss_ga, metrics_ga = L.combined_loss(only_forget, tiny_logits_fn, params, None, FORGET, None)
+  loss_ga, metrics_ga = L.combined_loss(only_forget, bag_logits_fn, params, None, FORGET, None)
   np.testing.assert_allclose(loss_ga, metrics_ga["forget/GA"], **TOL)
 
 
 def test_missing_inputs_are_named():
   params = _params(7)
   with pytest.raises(ValueError, match="NPO loss needs ref_params"):
-    L.forget_loss(L.LossConfig.from_spec("NPO+GD"), tiny_logits_fn, params, None, FORGET)
+    L.forget_loss(L.LossConfig.from_spec("NPO+GD"), bag_logits_fn, params, None, FORGET)
   with pytest.raises(ValueError, match="DPO loss needs an IDK batch"):
-    L.forget_loss(L.LossConfig.from_spec("DPO+GD"), tiny_logits_fn, params, params, FORGET)
+    L.forget_loss(L.LossConfig.from_spec("DPO+GD"), bag_logits_fn, params, params, FORGET)
   with pytest.raises(ValueError, match="AP loss needs an IDK batch"):
-    L.retain_loss(L.LossConfig.from_spec("IDK+AP"), tiny_logits_fn, params, None, RETAIN)
+    L.retain_loss(L.LossConfig.from_spec("IDK+AP"), bag_logits_fn, params, None, RETAIN)
   with pytest.raises(ValueError, match="KL loss needs ref_params"):
-    L.retain_loss(L.LossConfig.from_spec("GA+KL"), tiny_logits_fn, params, None, RETAIN)
+    L.retain_loss(L.LossConfig.from_spec("GA+KL"), bag_logits_fn, params, None, RETAIN)
   with pytest.raises(ValueError, match="'GA' has no retain loss"):
-    L.retain_loss(L.LossConfig.from_spec("GA"), tiny_logits_fn, params, None, RETAIN)
+    L.retain_loss(L.LossConfig.from_spec("GA"), bag_logits_fn, params, None, RETAIN)
   # IDK needs no forget batch at all.
   loss, _ = L.forget_loss(
-    L.LossConfig.from_spec("IDK+AP"), tiny_logits_fn, params, None, None, FORGET_IDK
+    L.LossConfig.from_spec("IDK+AP"), bag_logits_fn, params, None, None, FORGET_IDK
   )
   assert np.isfinite(float(loss))
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_lm import bag_logits_fn, bag_params
 
 from train import losses as L
 
@@ -205,23 +206,8 @@ def test_spec_parses_and_needs_nothing_extra():
     assert L.needs_idk_batch(config, "retain") is (retain == "AP")
 
 
-D = 4
-
-
-def tiny_logits_fn(params, input_ids, attention_mask):
-  """A bag-of-embeddings causal 'model': real parameters to differentiate."""
-  h = params["emb"][input_ids]
-  m = attention_mask[..., None].astype(h.dtype)
-  h = jnp.cumsum(h * m, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1.0)
-  return h @ params["out"]
-
-
 def _params(seed):
-  rng = np.random.default_rng(seed)
-  return {
-    "emb": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
-    "out": jnp.asarray(rng.standard_normal((D, V)), jnp.float32),
-  }
+  return bag_params(seed, V)
 
 
 def _batch(labels, seed):
@@ -239,8 +225,8 @@ RETAIN_IDK = _batch(np.roll(LABELS[:, ::-1], 1, axis=0), 22)
 def test_forget_loss_runs_flat_through_logits_fn_and_reports_metrics():
   config = L.LossConfig.from_spec("LMF+GD", forget_coeff=0.3)
   params = _params(0)
-  loss, metrics = L.forget_loss(config, tiny_logits_fn, params, None, FORGET)
-  logits = tiny_logits_fn(params, FORGET.input_ids, FORGET.attention_mask)
+  loss, metrics = L.forget_loss(config, bag_logits_fn, params, None, FORGET)
+  logits = bag_logits_fn(params, FORGET.input_ids, FORGET.attention_mask)
   direct = L.lmf_loss(logits, FORGET)
   np.testing.assert_allclose(loss, 0.3 * direct, **TOL)
   assert set(metrics) == {"forget/loss", "forget/LMF", "forget/nll", "forget/tokens"}
@@ -249,11 +235,11 @@ def test_forget_loss_runs_flat_through_logits_fn_and_reports_metrics():
   np.testing.assert_allclose(metrics["forget/nll"], L.mean_token_nll(logits, FORGET), **TOL)
   assert float(metrics["forget/tokens"]) == SCORED.sum()
   loss_j, metrics_j = jax.jit(L.forget_loss, static_argnums=(0, 1))(
-    config, tiny_logits_fn, params, None, FORGET
+    config, bag_logits_fn, params, None, FORGET
   )
   np.testing.assert_allclose(loss_j, loss, **TOL)
   assert set(metrics_j) == set(metrics)
-  grads = jax.grad(lambda p: L.forget_loss(config, tiny_logits_fn, p, None, FORGET)[0])(params)
+  grads = jax.grad(lambda p: L.forget_loss(config, bag_logits_fn, p, None, FORGET)[0])(params)
   assert all(np.all(np.isfinite(g)) and np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
@@ -262,12 +248,12 @@ def test_combined_loss_with_every_retain(spec):
   config = L.LossConfig.from_spec(spec)
   params, ref = _params(1), _params(2)
   loss, metrics = L.combined_loss(
-    config, tiny_logits_fn, params, ref, FORGET, RETAIN, None, RETAIN_IDK
+    config, bag_logits_fn, params, ref, FORGET, RETAIN, None, RETAIN_IDK
   )
-  f, _ = L.forget_loss(config, tiny_logits_fn, params, ref, FORGET)
+  f, _ = L.forget_loss(config, bag_logits_fn, params, ref, FORGET)
   expected = f
   if config.retain is not None:
-    r, _ = L.retain_loss(config, tiny_logits_fn, params, ref, RETAIN, RETAIN_IDK)
+    r, _ = L.retain_loss(config, bag_logits_fn, params, ref, RETAIN, RETAIN_IDK)
     expected = f + r
     assert f"retain/{config.retain}" in metrics
   np.testing.assert_allclose(loss, expected, **TOL)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toy_lm import table_inputs, table_logits_fn, table_params
 
 import dualoptax
 from train import losses, program
@@ -25,30 +26,9 @@ from train.config import (
   TrainingConfig,
 )
 from train.program.optimizer import make_optimizer, with_constraint
-from train.program.step import StepInputs, TrainStep
+from train.program.step import TrainStep
 
-V, T, B = 11, 6, 4
-
-
-def _logits_fn(params, ids, mask):
-  del mask
-  return params["embed"][ids] @ params["out"]
-
-
-def _params():
-  rng = np.random.default_rng(0)
-  return {
-    "embed": jnp.asarray(rng.normal(size=(V, 5)), jnp.float32),
-    "out": jnp.asarray(rng.normal(size=(5, V)), jnp.float32),
-  }
-
-
-def _inputs(seed):
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(0, V, size=(1, B, T)).astype(np.int32)
-  labels = np.where(np.arange(T) >= 3, ids, losses.IGNORE_INDEX).astype(np.int32)
-  lm = losses.LMBatch(jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), jnp.asarray(labels))
-  return StepInputs(answers=lm, idk=lm)
+_logits_fn, _params, _inputs = table_logits_fn, table_params, table_inputs
 
 
 def _retain_loss_after(name, multiplier=None, retain_coeff=1.0, steps=6):

@@ -8,35 +8,17 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from toy_lm import LENGTH as T
+from toy_lm import VOCAB as V
+from toy_lm import table_inputs, table_logits_fn, table_params
 
 import dualoptax
 from train import losses
 from train.config import OptimizerConfig
 from train.program.optimizer import make_optimizer
-from train.program.step import StepInputs, StepShardings, TrainStep, compile_steps
+from train.program.step import StepShardings, TrainStep, compile_steps
 
-V, T, B = 11, 6, 4
-
-
-def _logits_fn(params, ids, mask):
-  del mask
-  return params["embed"][ids] @ params["out"]
-
-
-def _params():
-  rng = np.random.default_rng(0)
-  return {
-    "embed": jnp.asarray(rng.normal(size=(V, 5)), jnp.float32),
-    "out": jnp.asarray(rng.normal(size=(5, V)), jnp.float32),
-  }
-
-
-def _inputs(seed, micro=1, batch=B):
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(0, V, size=(micro, batch, T)).astype(np.int32)
-  labels = np.where(np.arange(T) >= 3, ids, losses.IGNORE_INDEX).astype(np.int32)
-  lm = losses.LMBatch(jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), jnp.asarray(labels))
-  return StepInputs(answers=lm, idk=lm)
+_logits_fn, _params, _inputs = table_logits_fn, table_params, table_inputs
 
 
 def _step(tx=None):

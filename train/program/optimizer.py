@@ -176,6 +176,17 @@ def make_optimizer(
   return tx
 
 
+def run_optimizer(
+  config: RunConfig, *, total_steps: int | None = None, steps_per_epoch: int | None = None
+) -> optax.GradientTransformation:
+  """An unlearning run's optimizer: :func:`make_optimizer` of ``config.optimizer``, followed
+  by the retain constraint's multiplier when ``config.constraint`` is enabled."""
+  tx = make_optimizer(config.optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  if not config.constraint.enabled:
+    return tx
+  return with_constraint(tx, config.constraint, joint=config.training.mode == "joint")
+
+
 def with_constraint(
   tx: optax.GradientTransformation, section: ConstraintSection, *, joint: bool
 ) -> optax.GradientTransformationExtraArgs:

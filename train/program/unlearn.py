@@ -132,9 +132,7 @@ def unlearn(
   """
   opt_config, train_config = config.optimizer, config.training
   schedule = schedule_args(config, forget_stream, retain_stream)
-  tx = optimizer_lib.make_optimizer(opt_config, **schedule)
-  if config.constraint.enabled:
-    tx = optimizer_lib.with_constraint(tx, config.constraint, joint=train_config.mode == "joint")
+  tx = optimizer_lib.run_optimizer(config, **schedule)
   part = trained_part(config, model, params, ref_params)
   opt_state = tx.init(part.params) if opt_state is None else opt_state
   placed = place_on_mesh(config.mesh, part.params, part.fixed, opt_state)

@@ -150,7 +150,7 @@ def run(config: RunConfig, override: bool = False) -> dict[str, Any]:
   tokenizer, data_dir = scenarios.prepare_data(config)
   module, model_config = build_model(config.model, tokenizer, seed=config.training.seed)
   model, params = FunctionalModel.split(module, model_config)
-  state = _TaskState(params, None, optimizer_lib.make_optimizer(config.optimizer).init(params))
+  state = _TaskState(params, None, optimizer_lib.run_optimizer(config).init(params))
   rows = []
   for position, task in enumerate(config.continual.task_ids, 1):
     rows.append(_run_task(config, position, task, state, (model, tokenizer, data_dir), override))
