@@ -104,7 +104,7 @@ def _run_config(tmp_path, data_dir, mode, name):
     model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2),
     data=DataConfig(path=str(data_dir), template="phi", max_length=48, batch_size=4),
     optimizer=OptimizerConfig(name=name, learning_rate=1e-2, retain_steps=2, warmup_steps=0),
-    loss=LossSection(name="ME+GD"),
+    loss=LossSection(name="LMF+GD"),
     training=TrainingConfig(steps=6, mode=mode, diagnostics_every=100, checkpoint_every=2),
     constraint=ConstraintSection(enabled=True, bound_ratio=0.999, dual_learning_rate=2.0),
   ).validate()
