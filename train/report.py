@@ -116,8 +116,9 @@ def write(
     "![trade-off](plots/tradeoff.png)\n"
   )
   runs = {label: [history] for label, history in histories.items()}
-  if constraint_keys(runs):
-    plot_scalars_over_steps(runs, constraint_keys(runs), plots / "constraint.png", "constraint")
+  constrained = constraint_keys(runs)
+  if constrained:
+    plot_scalars_over_steps(runs, constrained, plots / "constraint.png", "constraint")
     text += "\n![constraint](plots/constraint.png)\n"
   path = out / "report.md"
   path.write_text(text)

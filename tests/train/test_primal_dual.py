@@ -94,6 +94,8 @@ def test_joint_step_weights_the_retain_loss_by_the_multiplier():
 def test_constraint_needs_a_retain_loss_and_refuses_multitask():
   with pytest.raises(ConfigError, match="loss.name 'GA' has none"):
     RunConfig(loss=LossSection(name="GA"), constraint=ConstraintSection(enabled=True)).validate()
+  with pytest.raises(ConfigError, match="not supported with scenario=multitask"):
+    RunConfig(scenario="multitask", constraint=ConstraintSection(enabled=True)).validate()
   with pytest.raises(ConfigError, match="constraint.max_multiplier"):
     ConstraintSection(enabled=True, max_multiplier=0.5).validate("constraint")
 

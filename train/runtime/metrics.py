@@ -67,8 +67,9 @@ class MetricsLogger:
         e.errno, f"cannot write the metrics log: {e.strerror or e}", str(self.path)
       ) from e
     for tag, value in record.items():
-      # NaN marks a value not observed yet (e.g. a constraint's bound before the first
-      # retain step): the JSON log keeps it, TensorBoard's curves skip it.
+      # Non-finite values (a constraint's bound before the first retain step, NaN until
+      # observed; a skipped step's loss, which the non-finite guard reports) stay in the
+      # JSON log; TensorBoard's curves skip them.
       if isinstance(value, float) and tag != "step" and math.isfinite(value):
         self._tensorboard.add_scalar(tag, value, record["step"])
 
